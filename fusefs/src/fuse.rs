@@ -1,0 +1,494 @@
+//! The thin fuser adapter: kernel requests in, [`Model`] calls, replies out. Also the mount's
+//! life: the flusher thread that bounds how long the kernel's writeback cache may hold lines,
+//! and the unmount.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
+};
+use tracing::{info, warn};
+
+use crate::capture::Capture;
+use crate::model::{Attr, FsResult, Kind, Model, Owner, SetAttr};
+
+/// How long the kernel may trust attributes and names it was given.
+const TTL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// The kernel's writeback cache: large write requests instead of one per write().
+    pub writeback_cache: bool,
+    /// Largest write request, in bytes (the kernel caps it at 1 MiB).
+    pub max_write: u32,
+    /// Let other users (containers' users) use the mount; permissions are then checked by the
+    /// kernel against each file's mode (`default_permissions`).
+    pub allow_other: bool,
+    /// How often dirty pages are pushed out of the writeback cache and partial records
+    /// are checked for timeouts.
+    pub flush_interval: Duration,
+}
+
+type Shared<C> = Arc<Mutex<Model<C>>>;
+
+fn lock<C: Capture>(model: &Shared<C>) -> MutexGuard<'_, Model<C>> {
+    // A panic in one request must not take the whole filesystem down with a poisoned lock.
+    model.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Adapter<C: Capture> {
+    model: Shared<C>,
+    options: MountOptions,
+}
+
+fn errno(e: i32) -> Errno {
+    Errno::from_i32(e)
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.ctime,
+        kind: match a.kind {
+            Kind::Dir => FileType::Directory,
+            Kind::File => FileType::RegularFile,
+        },
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn time(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+fn owner(req: &Request) -> Owner {
+    Owner { uid: req.uid(), gid: req.gid() }
+}
+
+fn reply_entry(reply: ReplyEntry, r: FsResult<Attr>) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: FsResult<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+impl<C: Capture> Adapter<C> {
+    fn model(&self) -> MutexGuard<'_, Model<C>> {
+        lock(&self.model)
+    }
+}
+
+impl<C: Capture> Filesystem for Adapter<C> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if self.options.writeback_cache {
+            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
+                warn!(?missing, "the kernel does not offer the writeback cache; every write() becomes a request");
+            }
+        }
+        if let Err(nearest) = config.set_max_write(self.options.max_write) {
+            warn!(asked = self.options.max_write, nearest, "max_write not accepted; using the nearest value");
+            let _ = config.set_max_write(nearest);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_entry(reply, self.model().lookup(parent.0, name));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.model().forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.model().getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr { mode, uid, gid, size, atime: atime.map(time), mtime: mtime.map(time) };
+        match self.model().setattr(ino.0, set) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            // FIFOs, sockets and devices have no place in a log directory.
+            return reply.error(Errno::EPERM);
+        }
+        reply_entry(reply, self.model().create(parent.0, name, mode & !umask, owner(req), false));
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        reply_entry(reply, self.model().mkdir(parent.0, name, mode & !umask, owner(req)));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.model().unlink(parent.0, name));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.model().rmdir(parent.0, name));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        if !(flags - RenameFlags::RENAME_NOREPLACE).is_empty() {
+            // RENAME_EXCHANGE and RENAME_WHITEOUT are not supported.
+            return reply.error(Errno::EINVAL);
+        }
+        reply_empty(reply, self.model().rename(parent.0, name, newparent.0, newname, noreplace));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        match self.model().open(ino.0, write) {
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.model().create(parent.0, name, mode & !umask, owner(req), true) {
+            Ok(a) => reply.created(&TTL, &file_attr(&a), Generation(0), FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.model().read(ino.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.model().write(ino.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        // The kernel has written dirty pages before it sends FLUSH; records end at release.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.model().release(ino.0));
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply_empty(reply, self.model().fsync(ino.0));
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.model().readdir(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(e)),
+        };
+        for (i, entry) in entries.iter().enumerate().skip(offset as usize) {
+            let kind = match entry.kind {
+                Kind::Dir => FileType::Directory,
+                Kind::File => FileType::RegularFile,
+            };
+            if reply.add(INodeNo(entry.ino), (i + 1) as u64, kind, &entry.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // Contents are not stored, so space never runs out; report plenty rather than zero,
+        // which some loggers take for a full disk.
+        let blocks = 1 << 32;
+        reply.statfs(blocks, blocks, blocks, 1 << 24, 1 << 24, 4096, crate::model::NAME_MAX as u32, 4096);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks modes itself.
+        reply.ok();
+    }
+
+    // Extended attributes are not kept. ENOSYS tells the kernel once for the whole mount, so it
+    // stops asking (it would otherwise look up security.capability on every write).
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EOPNOTSUPP);
+    }
+}
+
+/// A mounted logtap filesystem. Dropping it without [`MountedFs::unmount`] leaves the kernel
+/// to clean up when the process exits.
+pub struct MountedFs<C: Capture> {
+    model: Shared<C>,
+    mountpoint: PathBuf,
+    session: Option<fuser::BackgroundSession>,
+    flusher: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+}
+
+fn cpath(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))
+}
+
+/// Detaches a mount that is busy or whose daemon died ("Transport endpoint is not connected").
+fn detach(path: &Path) -> io::Result<()> {
+    let c = cpath(path)?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Asks the kernel to write back the mount's dirty pages now.
+fn syncfs(dir: &std::fs::File) {
+    // SAFETY: the fd is open for the duration of the call.
+    unsafe { libc::syncfs(dir.as_raw_fd()) };
+}
+
+/// Mounts `model` at `mountpoint` (made if missing; a dead mount left there is detached first)
+/// and starts the flusher.
+pub fn mount<C: Capture>(model: Model<C>, mountpoint: &Path, options: MountOptions) -> io::Result<MountedFs<C>> {
+    match std::fs::metadata(mountpoint) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            warn!(mountpoint = %mountpoint.display(), "a dead mount was left here by an earlier run; detaching it");
+            detach(mountpoint)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir_all(mountpoint)?,
+        Err(e) => return Err(e),
+        Ok(m) if !m.is_dir() => {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "mountpoint is not a directory"));
+        }
+        Ok(_) => {}
+    }
+    let model = Arc::new(Mutex::new(model));
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("logtap".into()),
+        MountOption::Subtype("logtap".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoExec,
+        MountOption::NoAtime,
+    ];
+    config.acl = if options.allow_other { SessionACL::All } else { SessionACL::Owner };
+    // One request loop: writes to a file are handled in the order the kernel sent them.
+    config.n_threads = Some(1);
+    let adapter = Adapter { model: model.clone(), options: options.clone() };
+    let session = fuser::spawn_mount(adapter, mountpoint, &config)?;
+    info!(mountpoint = %mountpoint.display(), writeback_cache = options.writeback_cache, "volumes mounted");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let dir = std::fs::File::open(mountpoint)?;
+    let flusher = {
+        let stop = stop.clone();
+        let model = model.clone();
+        let writeback = options.writeback_cache;
+        std::thread::Builder::new().name("volume-flusher".into()).spawn(move || {
+            // A thread apart from the request loop: syncfs waits for the loop to take the pages.
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(options.flush_interval);
+                if writeback {
+                    syncfs(&dir);
+                }
+                lock(&model).tick(Instant::now());
+            }
+        })?
+    };
+    Ok(MountedFs { model, mountpoint: mountpoint.to_owned(), session: Some(session), flusher: Some((stop, flusher)) })
+}
+
+impl<C: Capture> MountedFs<C> {
+    pub fn model(&self) -> MutexGuard<'_, Model<C>> {
+        lock(&self.model)
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Shutdown begins: dirty pages are pushed out, partial records end, and from here on
+    /// writes are refused (and counted) rather than taken and lost.
+    pub fn close(&mut self) {
+        if let Some((stop, thread)) = self.flusher.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
+        if let Ok(dir) = std::fs::File::open(&self.mountpoint) {
+            syncfs(&dir);
+        }
+        self.model().close();
+    }
+
+    /// Unmounts (lazily if the mount is still in use) and waits up to `wait` for the request
+    /// loop to end.
+    pub fn unmount(mut self, wait: Duration) -> io::Result<()> {
+        self.close();
+        let Some(session) = self.session.take() else { return Ok(()) };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(session.umount_and_join());
+        });
+        match rx.recv_timeout(wait) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::EBUSY) => {
+                warn!(mountpoint = %self.mountpoint.display(), "volumes still in use; detaching lazily");
+                detach(&self.mountpoint)?;
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => warn!("the FUSE request loop did not end in time; leaving it to the kernel"),
+        }
+        info!(mountpoint = %self.mountpoint.display(), "volumes unmounted");
+        Ok(())
+    }
+}

@@ -1,0 +1,423 @@
+//! The agent's configuration: a TOML file whose every key has a default.
+//!
+//! `config/logtap.toml` is the documented default file (printed by `logtap config default`); a
+//! test keeps it equal to [`Config::default`]. Unknown keys and bad values are rejected with the
+//! file, line and reason, and the agent does not start.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// The documented default configuration.
+pub const DEFAULT_TOML: &str = include_str!("../config/logtap.toml");
+/// Where the daemon looks when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/logtap/logtap.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Host name put on every record; empty means the machine's host name.
+    pub host: String,
+    /// How long SIGTERM may spend draining the ring into the sinks.
+    pub shutdown_timeout: Dur,
+    pub volumes: VolumesConfig,
+    pub ring: RingConfig,
+    pub control: ControlConfig,
+    /// Named sinks; all of them receive every record.
+    pub sinks: BTreeMap<String, SinkConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumesConfig {
+    pub mount: PathBuf,
+    pub allow_other: bool,
+    pub writeback_cache: bool,
+    pub max_write: ByteSize,
+    pub flush_interval: Dur,
+    pub partial_flush: Dur,
+    pub max_record_bytes: ByteSize,
+    pub tail_bytes: ByteSize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RingConfig {
+    pub capacity: ByteSize,
+    pub policy: Policy,
+    pub block_timeout: Dur,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Writers never wait: the oldest records are dropped and counted.
+    DropOldest,
+    /// Writers wait for room up to `block_timeout`; then the newest are dropped and counted.
+    Block,
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::DropOldest => "drop_oldest",
+            Policy::Block => "block",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+    pub mode: Mode,
+    /// Group that owns the socket; empty keeps root's group.
+    pub group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    Files(FilesSinkConfig),
+    Stdout(StdoutSinkConfig),
+}
+
+impl SinkConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Files(_) => "files",
+            SinkConfig::Stdout(_) => "stdout",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesSinkConfig {
+    pub dir: PathBuf,
+    /// Zone that decides the day in `{service}/{module}.{YYYYMMDD}`.
+    pub timezone: Timezone,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutSinkConfig {}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: String::new(),
+            shutdown_timeout: Dur(Duration::from_secs(10)),
+            volumes: VolumesConfig::default(),
+            ring: RingConfig::default(),
+            control: ControlConfig::default(),
+            sinks: BTreeMap::from([("files".to_string(), SinkConfig::Files(FilesSinkConfig::default()))]),
+        }
+    }
+}
+
+impl Default for VolumesConfig {
+    fn default() -> Self {
+        Self {
+            mount: "/run/logtap/volumes".into(),
+            allow_other: true,
+            writeback_cache: true,
+            max_write: ByteSize(1 << 20),
+            flush_interval: Dur(Duration::from_millis(200)),
+            partial_flush: Dur(Duration::from_secs(1)),
+            max_record_bytes: ByteSize(256 << 10),
+            tail_bytes: ByteSize(64 << 10),
+        }
+    }
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        Self { capacity: ByteSize(64 << 20), policy: Policy::DropOldest, block_timeout: Dur(Duration::from_secs(5)) }
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self { socket: "/run/logtap/logtap.sock".into(), mode: Mode(0o660), group: String::new() }
+    }
+}
+
+impl Default for FilesSinkConfig {
+    fn default() -> Self {
+        Self { dir: "/var/log/logtap".into(), timezone: Timezone(chrono_tz::UTC) }
+    }
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks config text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        config.validate().map_err(|message| ConfigError::Invalid { path: path.into(), message })?;
+        Ok(config)
+    }
+
+    /// Checks what single values cannot: bounds and relations between keys.
+    pub fn validate(&self) -> Result<(), String> {
+        let v = &self.volumes;
+        if !v.mount.is_absolute() {
+            return Err(format!("volumes.mount must be an absolute path, not {:?}", v.mount));
+        }
+        if !(4096..=1 << 20).contains(&v.max_write.0) {
+            return Err(format!("volumes.max_write must be between 4KiB and 1MiB, not {}", v.max_write));
+        }
+        if v.tail_bytes.0 < 4096 {
+            return Err(format!(
+                "volumes.tail_bytes must be at least 4KiB (the kernel reads partly written pages back), not {}",
+                v.tail_bytes
+            ));
+        }
+        if v.max_record_bytes.0 == 0 {
+            return Err("volumes.max_record_bytes must be at least 1 byte".into());
+        }
+        if v.flush_interval.0 < Duration::from_millis(10) {
+            return Err(format!("volumes.flush_interval must be at least 10ms, not {}", v.flush_interval));
+        }
+        if self.ring.capacity.0 < 2 * v.max_record_bytes.0 {
+            return Err(format!(
+                "ring.capacity ({}) must hold at least two records of volumes.max_record_bytes ({})",
+                self.ring.capacity, v.max_record_bytes
+            ));
+        }
+        if self.sinks.is_empty() {
+            return Err("no sinks: configure at least one [sinks.NAME]".into());
+        }
+        for (name, sink) in &self.sinks {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(format!("sink name {name:?} may use only ASCII letters, digits, '_' and '-'"));
+            }
+            if let SinkConfig::Files(f) = sink {
+                if !f.dir.is_absolute() {
+                    return Err(format!("sinks.{name}.dir must be an absolute path, not {:?}", f.dir));
+                }
+                if f.dir.starts_with(&v.mount) {
+                    return Err(format!(
+                        "sinks.{name}.dir ({}) is inside volumes.mount ({}): the sink would capture its own output",
+                        f.dir.display(),
+                        v.mount.display()
+                    ));
+                }
+            }
+        }
+        if !self.control.socket.is_absolute() {
+            return Err(format!("control.socket must be an absolute path, not {:?}", self.control.socket));
+        }
+        Ok(())
+    }
+}
+
+/// A size in bytes: an integer, or a string such as `"64MiB"`, `"256KiB"`, `"1GB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(digits);
+        let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected a number and a unit like 64MiB"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "KB" => 1000,
+            "MB" => 1000 * 1000,
+            "GB" => 1000 * 1000 * 1000,
+            other => return Err(format!("invalid size unit {other:?} in {s:?}: use B, KiB, MiB, GiB, KB, MB or GB")),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (mult, unit) in [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")] {
+            if n >= mult && n % mult == 0 {
+                return write!(f, "{}{unit}", n / mult);
+            }
+        }
+        write!(f, "{n}B")
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)
+            .map_err(|_| de::Error::custom("expected a size: bytes as an integer, or a string like \"64MiB\""))?
+        {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => ByteSize::parse(&s).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// A duration written as a string: `"200ms"`, `"1s"`, `"5m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)
+            .map_err(|_| de::Error::custom("expected a duration string like \"200ms\" or \"5s\""))?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+}
+
+/// A named time zone such as `"UTC"` or `"Asia/Shanghai"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timezone(pub chrono_tz::Tz);
+
+impl<'de> Deserialize<'de> for Timezone {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse::<chrono_tz::Tz>().map(Timezone).map_err(|_| {
+            de::Error::custom(format!("unknown time zone {s:?}: use an IANA name like \"UTC\" or \"Asia/Shanghai\""))
+        })
+    }
+}
+
+/// A Unix file mode written as an octal string (`"0660"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode(pub u32);
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d).map_err(|_| de::Error::custom("expected an octal mode string like \"0660\""))?;
+        match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+            Ok(m) if m <= 0o7777 => Ok(Mode(m)),
+            _ => Err(de::Error::custom(format!("invalid mode {s:?}: expected octal like \"0660\""))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn the_documented_defaults_are_the_defaults() {
+        assert_eq!(parse(DEFAULT_TOML).unwrap(), Config::default());
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn values_parse() {
+        let c = parse(
+            r#"
+            host = "h1"
+            [ring]
+            capacity = "1MiB"
+            policy = "block"
+            block_timeout = "250ms"
+            [sinks.out]
+            type = "stdout"
+            [sinks.archive]
+            type = "files"
+            dir = "/tmp/x"
+            timezone = "Asia/Shanghai"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.ring.capacity, ByteSize(1 << 20));
+        assert_eq!(c.ring.policy, Policy::Block);
+        assert_eq!(c.ring.block_timeout, Dur(Duration::from_millis(250)));
+        assert_eq!(c.sinks.len(), 2);
+        match &c.sinks["archive"] {
+            SinkConfig::Files(f) => assert_eq!(f.timezone, Timezone(chrono_tz::Asia::Shanghai)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_file_line_and_reason() {
+        let e = parse("[ring]\n\ncapacity = \"lots\"\n").unwrap_err().to_string();
+        assert!(e.starts_with("test.toml: "), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("invalid size"), "{e}");
+
+        let e = parse("[volumes]\nmount_point = \"/x\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("unknown field `mount_point`"), "{e}");
+
+        // Sink tables are tagged by `type`, so their errors point at the table's line.
+        let e = parse("\n[sinks.a]\ntype = \"files\"\ntimezone = \"Mars/Olympus\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("unknown time zone"), "{e}");
+
+        let e = parse("[sinks.a]\ntype = \"kafkaa\"\n").unwrap_err().to_string();
+        assert!(e.contains("unknown variant `kafkaa`"), "{e}");
+
+        let e = parse("[ring]\npolicy = \"sometimes\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("unknown variant"), "{e}");
+
+        let e = parse("[volumes]\nflush_interval = 5\n").unwrap_err().to_string();
+        assert!(e.contains("expected a duration"), "{e}");
+
+        let e = parse("[ring\n").unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn relations_are_checked() {
+        let e = parse("[ring]\ncapacity = \"300KiB\"\n").unwrap_err().to_string();
+        assert!(e.contains("ring.capacity"), "{e}");
+        let e = parse("[sinks.f]\ntype = \"files\"\ndir = \"/run/logtap/volumes/x\"\n").unwrap_err().to_string();
+        assert!(e.contains("capture its own output"), "{e}");
+        let e = parse("[volumes]\ntail_bytes = 100\n").unwrap_err().to_string();
+        assert!(e.contains("tail_bytes"), "{e}");
+        let e = parse("[volumes]\nmount = \"rel/path\"\n").unwrap_err().to_string();
+        assert!(e.contains("absolute"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("64MiB"), Ok(ByteSize(64 << 20)));
+        assert_eq!(ByteSize::parse("10"), Ok(ByteSize(10)));
+        assert_eq!(ByteSize::parse("2KB"), Ok(ByteSize(2000)));
+        assert!(ByteSize::parse("1XB").is_err());
+        assert!(ByteSize::parse("99999999999999GiB").is_err());
+        assert_eq!(ByteSize(256 << 10).to_string(), "256KiB");
+    }
+}

@@ -1,0 +1,178 @@
+//! The daemon's side of the control socket.
+//!
+//! `GET /v1/stats`, `GET /v1/volumes`, `POST /v1/volumes`, `GET /metrics`, `GET /v1/health`.
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::UnixListener;
+use tracing::{debug, info, warn};
+
+use crate::config::ControlConfig;
+use crate::sources::volume::{SpecError, VolumeSource, VolumeSpec};
+use crate::stats::{prometheus, Stats};
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 << 10;
+
+pub struct Control {
+    pub stats: Arc<Stats>,
+    pub volumes: Arc<VolumeSource>,
+    pub mountpoint: PathBuf,
+}
+
+/// Binds the socket: refuses to start beside a live agent, replaces a stale socket file,
+/// and sets the configured mode and group.
+pub fn bind(config: &ControlConfig) -> anyhow::Result<UnixListener> {
+    let path = &config.socket;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another logtap is already serving {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.mode.0))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    if !config.group.is_empty() {
+        let gid = group_id(&config.group)?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("cannot give {} to group {}", path.display(), config.group))?;
+    }
+    Ok(listener)
+}
+
+fn group_id(name: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = name.parse() {
+        return Ok(gid);
+    }
+    let c = std::ffi::CString::new(name).context("group name has a NUL byte")?;
+    // SAFETY: getgrnam reads a valid C string; the result is used before any other call.
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    if gr.is_null() {
+        bail!("control.group: no group named {name:?}");
+    }
+    // SAFETY: non-null pointer returned by getgrnam.
+    Ok(unsafe { (*gr).gr_gid })
+}
+
+/// Serves connections until the task is dropped.
+pub async fn serve(listener: UnixListener, control: Arc<Control>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!("control socket accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let control = control.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| handle(req, control.clone()));
+            if let Err(e) =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+            {
+                debug!("control connection ended: {e}");
+            }
+        });
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec_pretty(body).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json(status, &ErrorBody { error: message.into() })
+}
+
+async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let response = match (req.method(), path.as_str()) {
+        (&Method::GET, "/v1/stats") => json(StatusCode::OK, &control.stats.snapshot()),
+        (&Method::GET, "/v1/volumes") => json(StatusCode::OK, &control.stats.volumes()),
+        (&Method::POST, "/v1/volumes") => create_volume(req, &control).await,
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(prometheus(&control.stats.snapshot()))));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        (&Method::GET, "/v1/health") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        (_, "/v1/stats" | "/v1/volumes" | "/metrics" | "/v1/health") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+    };
+    Ok(response)
+}
+
+async fn create_volume(req: Request<Incoming>, control: &Control) -> Response<Full<Bytes>> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
+    };
+    let spec: VolumeSpec = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid volume request: {e}")),
+    };
+    let existed = control.volumes.get(&spec.name).is_some();
+    if let Err(e) = control.volumes.define(&spec) {
+        let status = if matches!(e, SpecError::Conflict(_)) { StatusCode::CONFLICT } else { StatusCode::BAD_REQUEST };
+        return error(status, e.to_string());
+    }
+    let name = spec.name.clone();
+    let dir = control.mountpoint.join(&spec.name);
+    let made = tokio::task::spawn_blocking(move || make_dir(&dir, &spec)).await;
+    match made {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("volume creation failed: {e}")),
+    }
+    let snapshot = control.stats.volumes().into_iter().find(|v| v.name == name);
+    if !existed {
+        info!(volume = %name, "volume created through the control socket");
+    }
+    json(if existed { StatusCode::OK } else { StatusCode::CREATED }, &snapshot)
+}
+
+/// Makes the volume's directory through the mount, so the kernel sees it like any mkdir.
+fn make_dir(dir: &Path, spec: &VolumeSpec) -> anyhow::Result<()> {
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot make {}", dir.display())),
+    }
+    if spec.uid.is_some() || spec.gid.is_some() {
+        std::os::unix::fs::chown(dir, spec.uid, spec.gid).with_context(|| format!("cannot chown {}", dir.display()))?;
+    }
+    if let Some(mode) = spec.mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o7777))
+            .with_context(|| format!("cannot chmod {}", dir.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! The daemon: wires config, ring, sinks, the volume source and the control socket, then
+//! waits for a signal and shuts down in order (stop taking writes, drain, unmount).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use logtap_fusefs::{Model, MountOptions, Options, Owner};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::control::server::{self, Control};
+use crate::ring::Ring;
+use crate::sinks;
+use crate::sources::volume::{Framing, VolumeCapture, VolumeSource};
+use crate::stats::Stats;
+
+/// The machine's host name.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn usize_of(n: u64, what: &str) -> anyhow::Result<usize> {
+    usize::try_from(n).with_context(|| format!("{what} is too large for this machine"))
+}
+
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let host = if config.host.is_empty() { hostname() } else { config.host.clone() };
+    let v = &config.volumes;
+    let ring = Arc::new(Ring::new(
+        usize_of(config.ring.capacity.0, "ring.capacity")?,
+        config.ring.policy,
+        config.ring.block_timeout.0,
+    ));
+    let stats = Arc::new(Stats::new(host.clone(), ring.clone()));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("logtap-control")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    // The socket first: a second agent must fail before it touches the mount.
+    let listener = {
+        let _guard = rt.enter();
+        server::bind(&config.control)?
+    };
+
+    let sink_threads = sinks::start(&config.sinks, &ring, &stats)?;
+    let framing = Framing {
+        host: host.as_str().into(),
+        max_record_bytes: usize_of(v.max_record_bytes.0, "volumes.max_record_bytes")?,
+        partial_flush: v.partial_flush.0,
+    };
+    let source = VolumeSource::new(framing, ring.clone());
+    stats.set_volumes(source.clone());
+    // SAFETY: geteuid/getegid cannot fail.
+    let me = unsafe { Owner { uid: libc::geteuid(), gid: libc::getegid() } };
+    let model = Model::new(
+        VolumeCapture(source.clone()),
+        Options { tail_bytes: usize_of(v.tail_bytes.0, "volumes.tail_bytes")? },
+        me,
+    );
+    let options = MountOptions {
+        writeback_cache: v.writeback_cache,
+        max_write: u32::try_from(v.max_write.0).context("volumes.max_write")?,
+        allow_other: v.allow_other,
+        flush_interval: v.flush_interval.0,
+    };
+    let mut fs = logtap_fusefs::mount(model, &v.mount, options).with_context(|| {
+        format!("cannot mount the volumes at {} (root and /dev/fuse are needed)", v.mount.display())
+    })?;
+
+    let control = Arc::new(Control { stats: stats.clone(), volumes: source.clone(), mountpoint: v.mount.clone() });
+    rt.spawn(server::serve(listener, control));
+    info!(
+        host = %host,
+        mount = %v.mount.display(),
+        socket = %config.control.socket.display(),
+        ring = %config.ring.capacity,
+        policy = %config.ring.policy,
+        "logtap is running"
+    );
+
+    let (mut term, mut int) = {
+        let _guard = rt.enter();
+        (
+            signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        )
+    };
+    rt.block_on(async {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+        }
+    });
+    // A second signal: leave at once.
+    let mountpoint = v.mount.clone();
+    rt.spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        error!("second signal: exiting without draining");
+        if let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) {
+            // SAFETY: valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        std::process::exit(130);
+    });
+
+    // Stop taking writes: dirty pages are pushed out, partial lines end, later writes are refused.
+    fs.close();
+    ring.close();
+    let left = ring.wait_drained(config.shutdown_timeout.0);
+    if left > 0 {
+        warn!(records = left, timeout = %config.shutdown_timeout, "records not delivered before shutdown_timeout; they are lost");
+    } else {
+        info!("ring drained into the sinks");
+    }
+    let refused: u64 = stats.volumes().iter().map(|v| v.totals.refused_bytes_total).sum();
+    if refused > 0 {
+        warn!(bytes = refused, "writes refused while shutting down");
+    }
+    if let Err(e) = fs.unmount(Duration::from_secs(2)) {
+        warn!("unmount: {e}");
+    }
+    if left == 0 {
+        for t in sink_threads {
+            let _ = t.join();
+        }
+    }
+    let _ = std::fs::remove_file(&config.control.socket);
+    rt.shutdown_timeout(Duration::from_millis(200));
+    info!("logtap stopped");
+    Ok(())
+}

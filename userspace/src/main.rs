@@ -1,0 +1,291 @@
+//! The `logtap` command: the daemon and the CLI that talks to it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use hyper::Method;
+use logtap::config::{self, Config};
+use logtap::control::client;
+use logtap::sources::volume::VolumeSpec;
+use logtap::stats::{Snapshot, VolumeSnapshot};
+
+#[derive(Parser)]
+#[command(name = "logtap", version, about = "Diskless container log capture")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct SocketArg {
+    /// The agent's control socket.
+    #[arg(long, env = "LOGTAP_SOCKET", default_value = "/run/logtap/logtap.sock")]
+    socket: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Daemon {
+        /// Config file; without it /etc/logtap/logtap.toml is read if present, else the
+        /// built-in defaults apply.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Manage volumes.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
+    /// Show capture statistics.
+    Stats {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check or print configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create a volume (a directory of the logtap mount) with its identity.
+    Create {
+        name: String,
+        /// Service of its records (default: the volume name).
+        #[arg(long)]
+        service: Option<String>,
+        /// A label KEY=VALUE (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Owner of the volume directory, UID or UID:GID (e.g. a container's user).
+        #[arg(long, value_parser = parse_owner)]
+        owner: Option<(u32, Option<u32>)>,
+        /// Mode of the volume directory, in octal (e.g. 0777).
+        #[arg(long, value_parser = parse_mode)]
+        mode: Option<u32>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// List volumes with their counters.
+    List {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file.
+    Check { file: PathBuf },
+    /// Print the documented default config.
+    Default,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+fn parse_owner(s: &str) -> Result<(u32, Option<u32>), String> {
+    let bad = || format!("expected UID or UID:GID, got {s:?}");
+    match s.split_once(':') {
+        Some((u, g)) => Ok((u.parse().map_err(|_| bad())?, Some(g.parse().map_err(|_| bad())?))),
+        None => Ok((s.parse().map_err(|_| bad())?, None)),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("expected an octal mode like 0777, got {s:?}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("logtap: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Ok(Config::load(&p)?),
+        None => {
+            let p = PathBuf::from(config::DEFAULT_PATH);
+            if p.exists() {
+                Ok(Config::load(&p)?)
+            } else {
+                tracing::info!("no {} here: using the built-in defaults", p.display());
+                Ok(Config::default())
+            }
+        }
+    }
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Daemon { config } => logtap::daemon::run(load_config(config)?),
+        Command::Config { command: ConfigCommand::Default } => {
+            print!("{}", config::DEFAULT_TOML);
+            Ok(())
+        }
+        Command::Config { command: ConfigCommand::Check { file } } => {
+            Config::load(&file)?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Stats { socket, json } => {
+            let body = block_on(client::call(&socket.socket, Method::GET, "/v1/stats", None))?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&body));
+            } else {
+                let snapshot: Snapshot =
+                    serde_json::from_slice(&body).context("the agent sent stats this CLI cannot read")?;
+                print!("{}", render_stats(&snapshot));
+            }
+            Ok(())
+        }
+        Command::Volume { command: VolumeCommand::List { socket, json } } => {
+            let body = block_on(client::call(&socket.socket, Method::GET, "/v1/volumes", None))?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&body));
+            } else {
+                let volumes: Vec<VolumeSnapshot> = serde_json::from_slice(&body).context("unreadable volume list")?;
+                print!("{}", render_volumes(&volumes));
+            }
+            Ok(())
+        }
+        Command::Volume { command: VolumeCommand::Create { name, service, labels, owner, mode, socket } } => {
+            let spec = VolumeSpec {
+                name,
+                service,
+                labels: labels.into_iter().collect(),
+                uid: owner.map(|o| o.0),
+                gid: owner.and_then(|o| o.1),
+                mode,
+            };
+            if let Err(e) = spec.validate() {
+                bail!("{e}");
+            }
+            let body = serde_json::to_vec(&spec).context("encoding the request")?;
+            block_on(client::call(&socket.socket, Method::POST, "/v1/volumes", Some(body)))?;
+            println!("volume {} is ready: bind-mount it into a container as its log directory", spec.name);
+            Ok(())
+        }
+    }
+}
+
+fn bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn render_volumes(volumes: &[VolumeSnapshot]) -> String {
+    let mut out = format!(
+        "{:<24} {:<16} {:>12} {:>11} {:>10} {:>8} {:>12} {:>10}\n",
+        "VOLUME / FILE", "SERVICE", "RECORDS", "BYTES", "DROPPED", "SPLIT", "OVERWRITTEN", "REFUSED"
+    );
+    for v in volumes {
+        let t = &v.totals;
+        out += &format!(
+            "{:<24} {:<16} {:>12} {:>11} {:>10} {:>8} {:>12} {:>10}\n",
+            v.name,
+            v.service,
+            t.captured_records_total,
+            bytes(t.captured_bytes_total),
+            t.dropped_records_total,
+            t.split_records_total,
+            bytes(t.overwritten_bytes_total),
+            bytes(t.refused_bytes_total)
+        );
+        for (path, c) in &v.files {
+            out += &format!(
+                "  {:<22} {:<16} {:>12} {:>11} {:>10} {:>8} {:>12} {:>10}\n",
+                path,
+                "",
+                c.captured_records_total,
+                bytes(c.captured_bytes_total),
+                c.dropped_records_total,
+                c.split_records_total,
+                bytes(c.overwritten_bytes_total),
+                bytes(c.refused_bytes_total)
+            );
+        }
+    }
+    out
+}
+
+fn render_stats(s: &Snapshot) -> String {
+    let r = &s.ring;
+    let mut out = format!("logtap {} on {}, up {:.0}s\n\n", s.version, s.host, s.uptime_seconds);
+    out += &format!(
+        "ring: {} of {} used, {} records, policy {}; dropped {} records ({})\n\n",
+        bytes(r.used_bytes),
+        bytes(r.capacity_bytes),
+        r.records,
+        r.policy,
+        r.dropped_records_total,
+        bytes(r.dropped_bytes_total)
+    );
+    out += &render_volumes(&s.volumes);
+    out += &format!(
+        "\n{:<16} {:<8} {:>12} {:>11} {:>8} {:>10} {:>10} {:>10}\n",
+        "SINK", "TYPE", "DELIVERED", "BYTES", "ERRORS", "P50", "P99", "MAX"
+    );
+    for k in &s.sinks {
+        out += &format!(
+            "{:<16} {:<8} {:>12} {:>11} {:>8} {:>9.1}ms {:>9.1}ms {:>9.1}ms\n",
+            k.name,
+            k.kind,
+            k.delivered_records_total,
+            bytes(k.delivered_bytes_total),
+            k.errors_total,
+            k.latency.p50_seconds * 1e3,
+            k.latency.p99_seconds * 1e3,
+            k.latency.max_seconds * 1e3
+        );
+        if let Some(e) = &k.last_error {
+            out += &format!("  last error: {e}\n");
+        }
+    }
+    out
+}

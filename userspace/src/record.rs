@@ -1,0 +1,132 @@
+//! A record: one line (or a piece of an over-long one) with where and when it was captured.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use base64::Engine;
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::stats::StreamCounters;
+
+/// Whose bytes these are. Shared by every record of a stream, so a record costs one `Arc`.
+#[derive(Debug)]
+pub struct Origin {
+    pub host: Arc<str>,
+    pub volume: Arc<str>,
+    pub service: Arc<str>,
+    pub module: Arc<str>,
+    /// Path of the file inside its volume.
+    pub path: Arc<str>,
+    pub counters: StreamCounters,
+}
+
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub captured_at: SystemTime,
+    pub origin: Arc<Origin>,
+    /// Per-stream sequence number, from 0.
+    pub seq: u64,
+    /// The line without its newline, unchanged (binary and invalid UTF-8 included).
+    pub bytes: Bytes,
+    /// A piece of a line longer than `max_record_bytes`.
+    pub split: bool,
+    /// Ended by close, fsync, truncate, unlink or `partial_flush` rather than a newline.
+    pub unterminated: bool,
+}
+
+/// The JSON form of a record: `message` when the bytes are UTF-8, else `message_base64`,
+/// so that no byte is lost or altered.
+#[derive(Serialize)]
+pub struct Envelope<'a> {
+    pub timestamp: String,
+    pub host: &'a str,
+    pub volume: &'a str,
+    pub service: &'a str,
+    pub module: &'a str,
+    pub path: &'a str,
+    pub seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_base64: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub split: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unterminated: bool,
+}
+
+impl Record {
+    pub fn envelope(&self) -> Envelope<'_> {
+        let (message, message_base64) = match std::str::from_utf8(&self.bytes) {
+            Ok(s) => (Some(s), None),
+            Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(&self.bytes))),
+        };
+        let ts: chrono::DateTime<chrono::Utc> = self.captured_at.into();
+        let o = &*self.origin;
+        Envelope {
+            timestamp: ts.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            host: &o.host,
+            volume: &o.volume,
+            service: &o.service,
+            module: &o.module,
+            path: &o.path,
+            seq: self.seq,
+            message,
+            message_base64,
+            split: self.split,
+            unterminated: self.unterminated,
+        }
+    }
+
+    /// The record as one JSON line (with the newline).
+    pub fn to_json_line(&self, out: &mut Vec<u8>) {
+        // Serialising plain strings and numbers into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &self.envelope());
+        out.push(b'\n');
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn origin(path: &str) -> Arc<Origin> {
+        Arc::new(Origin {
+            host: "h".into(),
+            volume: "v".into(),
+            service: "svc".into(),
+            module: "app".into(),
+            path: path.into(),
+            counters: StreamCounters::detached(),
+        })
+    }
+
+    pub fn record(bytes: &[u8]) -> Record {
+        Record {
+            captured_at: SystemTime::UNIX_EPOCH,
+            origin: origin("app.log"),
+            seq: 0,
+            bytes: Bytes::copy_from_slice(bytes),
+            split: false,
+            unterminated: false,
+        }
+    }
+
+    #[test]
+    fn json_is_lossless_for_any_bytes() {
+        let mut out = Vec::new();
+        record("héllo \"q\"".as_bytes()).to_json_line(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["message"], "héllo \"q\"");
+        assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000000000Z");
+
+        let raw = [0xff, 0x00, b'a', 0xc3];
+        out.clear();
+        record(&raw).to_json_line(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(v.get("message").is_none());
+        let back = base64::engine::general_purpose::STANDARD.decode(v["message_base64"].as_str().unwrap()).unwrap();
+        assert_eq!(back, raw);
+    }
+}

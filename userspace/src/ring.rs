@@ -1,0 +1,416 @@
+//! The one shared ring: every source pushes records in, every sink reads them out.
+//!
+//! Bounded in bytes. Each sink is a reader with its own cursor; a record's space comes back
+//! only when every reader has acknowledged it. When the slowest reader holds the ring full,
+//! the policy decides: `drop_oldest` evicts from the head (counted against each reader that
+//! had not read the record yet, and against the record's source), `block` makes the pushing
+//! source wait up to `block_timeout` and then drops the newest records (counted).
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::config::Policy;
+use crate::record::Record;
+
+/// Memory a record costs beyond its bytes: the record itself and its slot.
+pub const RECORD_OVERHEAD: usize = std::mem::size_of::<Record>() + 16;
+
+pub fn cost(r: &Record) -> usize {
+    r.bytes.len() + RECORD_OVERHEAD
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReaderId(usize);
+
+/// Records handed to a reader, starting at ring sequence `first`.
+#[derive(Debug)]
+pub struct Batch {
+    pub first: u64,
+    pub records: Vec<Record>,
+}
+
+impl Batch {
+    /// The sequence after the last record: what to acknowledge.
+    pub fn end(&self) -> u64 {
+        self.first + self.records.len() as u64
+    }
+}
+
+#[derive(Debug)]
+struct Reader {
+    name: String,
+    /// Next sequence to hand out.
+    next: u64,
+    /// Every sequence below this is acknowledged.
+    acked: u64,
+    dropped_records: u64,
+    dropped_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    records: VecDeque<Record>,
+    /// Sequence of `records[0]`.
+    head: u64,
+    used: usize,
+    readers: Vec<Reader>,
+    closed: bool,
+    pushed_records: u64,
+    dropped_records: u64,
+    dropped_bytes: u64,
+    /// Pushes that had to wait for room (block policy).
+    blocked_pushes: u64,
+}
+
+impl State {
+    fn tail(&self) -> u64 {
+        self.head + self.records.len() as u64
+    }
+
+    /// Evicts the oldest record; counts it as dropped for every reader that had not read it.
+    fn evict_front(&mut self) {
+        let Some(record) = self.records.pop_front() else { return };
+        let seq = self.head;
+        self.head += 1;
+        self.used -= cost(&record);
+        let len = record.bytes.len() as u64;
+        let mut missed = false;
+        for r in &mut self.readers {
+            if r.next <= seq {
+                r.next = seq + 1;
+                r.dropped_records += 1;
+                r.dropped_bytes += len;
+                missed = true;
+            }
+            r.acked = r.acked.max(seq + 1);
+        }
+        if missed {
+            self.drop_record(&record);
+        }
+    }
+
+    fn drop_record(&mut self, record: &Record) {
+        self.dropped_records += 1;
+        self.dropped_bytes += record.bytes.len() as u64;
+        record.origin.counters.dropped(1, record.bytes.len() as u64);
+    }
+
+    fn reclaim(&mut self) -> bool {
+        let floor = self.readers.iter().map(|r| r.acked).min().unwrap_or(self.head);
+        let mut freed = false;
+        while self.head < floor {
+            if let Some(record) = self.records.pop_front() {
+                self.used -= cost(&record);
+            }
+            self.head += 1;
+            freed = true;
+        }
+        freed
+    }
+}
+
+pub struct Ring {
+    state: Mutex<State>,
+    /// Signalled when space is freed (block policy waits on it) or the ring drains.
+    room: Condvar,
+    /// Wakes readers waiting for records.
+    readable: Notify,
+    capacity: usize,
+    policy: Policy,
+    block_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RingSnapshot {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub records: u64,
+    pub policy: String,
+    pub pushed_records_total: u64,
+    pub dropped_records_total: u64,
+    pub dropped_bytes_total: u64,
+    pub blocked_pushes_total: u64,
+    pub readers: Vec<ReaderSnapshot>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReaderSnapshot {
+    pub name: String,
+    /// Records pushed but not yet handed to this reader.
+    pub lag_records: u64,
+    /// Records handed out but not yet acknowledged.
+    pub in_flight_records: u64,
+    pub dropped_records_total: u64,
+    pub dropped_bytes_total: u64,
+}
+
+impl Ring {
+    pub fn new(capacity: usize, policy: Policy, block_timeout: Duration) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            room: Condvar::new(),
+            readable: Notify::new(),
+            capacity,
+            policy,
+            block_timeout,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a reader that sees every record pushed from now on.
+    pub fn add_reader(&self, name: &str) -> ReaderId {
+        let mut s = self.lock();
+        let tail = s.tail();
+        s.readers.push(Reader { name: name.into(), next: tail, acked: tail, dropped_records: 0, dropped_bytes: 0 });
+        ReaderId(s.readers.len() - 1)
+    }
+
+    /// Pushes records in order, applying the policy when the ring is full.
+    pub fn push(&self, batch: Vec<Record>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut s = self.lock();
+        let deadline = Instant::now() + self.block_timeout;
+        let mut waited = false;
+        for record in batch {
+            let c = cost(&record);
+            loop {
+                if s.used + c <= self.capacity || s.records.is_empty() {
+                    s.used += c;
+                    s.pushed_records += 1;
+                    s.records.push_back(record);
+                    break;
+                }
+                match self.policy {
+                    Policy::DropOldest => s.evict_front(),
+                    Policy::Block => {
+                        let now = Instant::now();
+                        if now >= deadline || s.closed {
+                            s.drop_record(&record);
+                            break;
+                        }
+                        if !waited {
+                            waited = true;
+                            s.blocked_pushes += 1;
+                        }
+                        s = self.room.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+                    }
+                }
+            }
+        }
+        drop(s);
+        self.readable.notify_waiters();
+    }
+
+    /// Up to `max_records` records (and about `max_bytes`) for `reader`, without waiting.
+    pub fn try_read(&self, reader: ReaderId, max_records: usize, max_bytes: usize) -> Option<Batch> {
+        let mut s = self.lock();
+        let head = s.head;
+        let tail = s.tail();
+        let r = &s.readers[reader.0];
+        let first = r.next.max(head);
+        if first >= tail {
+            return None;
+        }
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        for record in s.records.range((first - head) as usize..) {
+            if records.len() >= max_records || (bytes >= max_bytes && !records.is_empty()) {
+                break;
+            }
+            bytes += record.bytes.len();
+            records.push(record.clone());
+        }
+        s.readers[reader.0].next = first + records.len() as u64;
+        Some(Batch { first, records })
+    }
+
+    /// Waits for records for `reader`; `None` once the ring is closed and this reader has
+    /// had everything.
+    pub async fn read(&self, reader: ReaderId, max_records: usize, max_bytes: usize) -> Option<Batch> {
+        loop {
+            let notified = self.readable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(batch) = self.try_read(reader, max_records, max_bytes) {
+                return Some(batch);
+            }
+            if self.lock().closed {
+                return None;
+            }
+            notified.await;
+        }
+    }
+
+    /// `reader` has delivered everything below `end`.
+    pub fn ack(&self, reader: ReaderId, end: u64) {
+        let mut s = self.lock();
+        let r = &mut s.readers[reader.0];
+        r.acked = r.acked.max(end);
+        s.reclaim();
+        drop(s);
+        self.room.notify_all();
+    }
+
+    /// No more records will come; readers finish what is there.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.room.notify_all();
+        self.readable.notify_waiters();
+    }
+
+    /// Waits until every reader has acknowledged every record, or `timeout` passes.
+    /// Returns the records still unacknowledged.
+    pub fn wait_drained(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        loop {
+            let tail = s.tail();
+            let left = tail - s.readers.iter().map(|r| r.acked.min(tail)).min().unwrap_or(tail);
+            let now = Instant::now();
+            if left == 0 || now >= deadline {
+                return left;
+            }
+            s = self
+                .room
+                .wait_timeout(s, (deadline - now).min(Duration::from_millis(50)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    pub fn snapshot(&self) -> RingSnapshot {
+        let s = self.lock();
+        let tail = s.tail();
+        RingSnapshot {
+            capacity_bytes: self.capacity as u64,
+            used_bytes: s.used as u64,
+            records: s.records.len() as u64,
+            policy: self.policy.to_string(),
+            pushed_records_total: s.pushed_records,
+            dropped_records_total: s.dropped_records,
+            dropped_bytes_total: s.dropped_bytes,
+            blocked_pushes_total: s.blocked_pushes,
+            readers: s
+                .readers
+                .iter()
+                .map(|r| ReaderSnapshot {
+                    name: r.name.clone(),
+                    lag_records: tail.saturating_sub(r.next),
+                    in_flight_records: r.next.saturating_sub(r.acked),
+                    dropped_records_total: r.dropped_records,
+                    dropped_bytes_total: r.dropped_bytes,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::record::tests::record;
+
+    fn ring(records: usize, policy: Policy) -> Ring {
+        Ring::new(records * (RECORD_OVERHEAD + 1), policy, Duration::from_millis(50))
+    }
+
+    fn rec(b: u8) -> Record {
+        record(&[b])
+    }
+
+    fn bytes(batch: &Batch) -> Vec<u8> {
+        batch.records.iter().map(|r| r.bytes[0]).collect()
+    }
+
+    #[test]
+    fn drop_oldest_counts_what_each_reader_missed() {
+        let ring = ring(3, Policy::DropOldest);
+        let a = ring.add_reader("a");
+        let b = ring.add_reader("b");
+        ring.push(vec![rec(1), rec(2)]);
+        // a reads 1 and 2 (in flight), b reads nothing yet.
+        let batch = ring.try_read(a, 10, 1 << 20).unwrap();
+        assert_eq!(bytes(&batch), vec![1, 2]);
+        ring.push(vec![rec(3), rec(4), rec(5)]);
+        let snap = ring.snapshot();
+        assert_eq!(snap.records, 3);
+        assert_eq!(snap.readers[0].dropped_records_total, 0, "a had 1 and 2 in flight");
+        assert_eq!(snap.readers[1].dropped_records_total, 2);
+        assert_eq!(snap.dropped_records_total, 2);
+        assert_eq!(bytes(&ring.try_read(b, 10, 1 << 20).unwrap()), vec![3, 4, 5]);
+        assert_eq!(bytes(&ring.try_read(a, 10, 1 << 20).unwrap()), vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn space_returns_only_when_every_reader_acked() {
+        let ring = ring(2, Policy::Block);
+        let a = ring.add_reader("a");
+        let b = ring.add_reader("b");
+        ring.push(vec![rec(1), rec(2)]);
+        let ba = ring.try_read(a, 10, 1 << 20).unwrap();
+        ring.ack(a, ba.end());
+        assert_eq!(ring.snapshot().records, 2);
+        let bb = ring.try_read(b, 10, 1 << 20).unwrap();
+        ring.ack(b, bb.end());
+        assert_eq!(ring.snapshot().records, 0);
+        assert_eq!(ring.snapshot().used_bytes, 0);
+    }
+
+    #[test]
+    fn block_waits_for_room_then_drops_the_newest() {
+        let ring = Arc::new(ring(2, Policy::Block));
+        let a = ring.add_reader("a");
+        ring.push(vec![rec(1), rec(2)]);
+        // Nobody acks: after block_timeout the newest is dropped.
+        ring.push(vec![rec(3)]);
+        let snap = ring.snapshot();
+        assert_eq!((snap.records, snap.dropped_records_total, snap.blocked_pushes_total), (2, 1, 1));
+
+        // A reader acking in time lets the push through.
+        let r2 = ring.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            let batch = r2.try_read(a, 1, 1 << 20).unwrap();
+            r2.ack(a, batch.end());
+        });
+        ring.push(vec![rec(4)]);
+        t.join().unwrap();
+        assert_eq!(ring.snapshot().dropped_records_total, 1);
+        assert_eq!(bytes(&ring.try_read(a, 10, 1 << 20).unwrap()), vec![2, 4]);
+    }
+
+    #[test]
+    fn readers_wake_and_finish_after_close() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let ring = Arc::new(ring(8, Policy::DropOldest));
+        let a = ring.add_reader("a");
+        let r2 = ring.clone();
+        let pusher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            r2.push(vec![rec(7)]);
+            r2.close();
+        });
+        let got = rt.block_on(async {
+            let mut got = Vec::new();
+            while let Some(batch) = ring.read(a, 10, 1 << 20).await {
+                got.extend(bytes(&batch));
+                ring.ack(a, batch.end());
+            }
+            got
+        });
+        pusher.join().unwrap();
+        assert_eq!(got, vec![7]);
+        assert_eq!(ring.wait_drained(Duration::from_millis(1)), 0);
+    }
+}

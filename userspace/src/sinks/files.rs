@@ -1,0 +1,173 @@
+//! The files sink: `{dir}/{service}/{module}.{YYYYMMDD}`, one record per line, the day taken
+//! in the configured time zone (the Flume consumer layout).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+
+use super::{DeliveryError, Sink};
+use crate::config::FilesSinkConfig;
+use crate::record::Record;
+
+/// Files kept open at most; the least recently used is closed beyond this.
+const MAX_OPEN: usize = 256;
+/// A file unused this long is closed.
+const IDLE_CLOSE: Duration = Duration::from_secs(300);
+
+struct OpenFile {
+    day: String,
+    writer: BufWriter<File>,
+    last_used: Instant,
+}
+
+pub struct FilesSink {
+    dir: PathBuf,
+    tz: chrono_tz::Tz,
+    open: HashMap<(Arc<str>, Arc<str>), OpenFile>,
+}
+
+/// A name made safe as one path component: no separators, no leading dot, bounded length.
+pub fn path_component(name: &str) -> String {
+    let mut s: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .take(200)
+        .collect();
+    if s.is_empty() || s.starts_with('.') {
+        s.insert(0, '_');
+    }
+    s
+}
+
+impl FilesSink {
+    pub fn new(config: &FilesSinkConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.dir).with_context(|| format!("cannot create {}", config.dir.display()))?;
+        Ok(Self { dir: config.dir.clone(), tz: config.timezone.0, open: HashMap::new() })
+    }
+
+    fn day(&self, at: SystemTime) -> String {
+        let utc: chrono::DateTime<chrono::Utc> = at.into();
+        utc.with_timezone(&self.tz).format("%Y%m%d").to_string()
+    }
+
+    pub fn path_for(dir: &Path, service: &str, module: &str, day: &str) -> PathBuf {
+        dir.join(path_component(service)).join(format!("{}.{day}", path_component(module)))
+    }
+
+    fn writer(&mut self, r: &Record, day: String) -> anyhow::Result<&mut OpenFile> {
+        let key = (r.origin.service.clone(), r.origin.module.clone());
+        let stale = self.open.get(&key).is_some_and(|f| f.day != day);
+        if stale {
+            if let Some(mut old) = self.open.remove(&key) {
+                old.writer.flush().context("flushing the previous day's file")?;
+            }
+        }
+        if !self.open.contains_key(&key) {
+            if self.open.len() >= MAX_OPEN {
+                self.close_least_recent()?;
+            }
+            let path = Self::path_for(&self.dir, &key.0, &key.1, &day);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            self.open.insert(
+                key.clone(),
+                OpenFile { day, writer: BufWriter::with_capacity(256 << 10, file), last_used: Instant::now() },
+            );
+        }
+        self.open.get_mut(&key).context("file just opened is missing")
+    }
+
+    fn close_least_recent(&mut self) -> anyhow::Result<()> {
+        if let Some(key) = self.open.iter().min_by_key(|(_, f)| f.last_used).map(|(k, _)| k.clone()) {
+            if let Some(mut f) = self.open.remove(&key) {
+                f.writer.flush().context("flushing a file being closed")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_all(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        for f in self.open.values_mut() {
+            f.writer.flush().context("flushing")?;
+        }
+        self.open.retain(|_, f| now.duration_since(f.last_used) < IDLE_CLOSE);
+        Ok(())
+    }
+
+    fn write(&mut self, records: &[Record]) -> Result<(), DeliveryError> {
+        let mut last_day: Option<(u64, String)> = None;
+        for (i, r) in records.iter().enumerate() {
+            let fail = |error: anyhow::Error| DeliveryError { delivered: i, error };
+            // Records of one batch mostly share a second: compute the day once per second.
+            let secs = r.captured_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let day = match &last_day {
+                Some((s, d)) if *s == secs => d.clone(),
+                _ => {
+                    let d = self.day(r.captured_at);
+                    last_day = Some((secs, d.clone()));
+                    d
+                }
+            };
+            let f = self.writer(r, day).map_err(fail)?;
+            f.last_used = Instant::now();
+            f.writer
+                .write_all(&r.bytes)
+                .and_then(|()| f.writer.write_all(b"\n"))
+                .map_err(|e| fail(anyhow::Error::new(e).context("writing a record")))?;
+        }
+        // Buffered lines of earlier records may be lost with the error: offer the whole batch again.
+        self.flush_all().map_err(|error| DeliveryError { delivered: 0, error })
+    }
+}
+
+impl Sink for FilesSink {
+    async fn deliver(&mut self, records: &[Record]) -> Result<(), DeliveryError> {
+        // Plain blocking file I/O: this sink runs on its own thread.
+        self.write(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Timezone;
+    use crate::record::tests::record;
+
+    #[test]
+    fn components_cannot_escape_the_directory() {
+        assert_eq!(path_component("../../etc"), "_.._.._etc");
+        assert_eq!(path_component(".."), "_..");
+        assert_eq!(path_component(""), "_");
+        assert_eq!(path_component("a/b"), "a_b");
+        assert_eq!(path_component("web-1"), "web-1");
+        assert_eq!(path_component(&"x".repeat(300)).len(), 200);
+    }
+
+    #[test]
+    fn writes_one_line_per_record_by_service_module_and_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink =
+            FilesSink::new(&FilesSinkConfig { dir: dir.path().into(), timezone: Timezone(chrono_tz::Asia::Shanghai) })
+                .unwrap();
+        let mut a = record(b"first");
+        // 2024-01-31 20:00 UTC is 2024-02-01 04:00 in Shanghai.
+        a.captured_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_706_731_200);
+        let mut b = record(&[0xff, b'x']);
+        b.captured_at = a.captured_at;
+        sink.write(&[a, b]).unwrap();
+        let text = std::fs::read(dir.path().join("svc/app.20240201")).unwrap();
+        assert_eq!(text, b"first\n\xffx\n");
+    }
+}

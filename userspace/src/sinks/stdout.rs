@@ -1,0 +1,37 @@
+//! The stdout sink: one JSON line per record on the agent's stdout, for debugging and pipes.
+
+use std::io::Write;
+
+use super::{DeliveryError, Sink};
+use crate::record::Record;
+
+pub struct StdoutSink {
+    buf: Vec<u8>,
+}
+
+impl StdoutSink {
+    pub fn new() -> Self {
+        Self { buf: Vec::with_capacity(1 << 20) }
+    }
+}
+
+impl Default for StdoutSink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sink for StdoutSink {
+    async fn deliver(&mut self, records: &[Record]) -> Result<(), DeliveryError> {
+        self.buf.clear();
+        for r in records {
+            r.to_json_line(&mut self.buf);
+        }
+        // A blocking write: this sink has its own thread, and a reader that stops reading
+        // stalls this sink only.
+        let mut out = std::io::stdout().lock();
+        out.write_all(&self.buf)
+            .and_then(|()| out.flush())
+            .map_err(|e| DeliveryError { delivered: 0, error: anyhow::Error::new(e).context("writing to stdout") })
+    }
+}

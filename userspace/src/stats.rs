@@ -1,0 +1,461 @@
+//! The one stats registry: every stage counts into it, the control socket reads it.
+//!
+//! Counters are monotonic `*_total` values, as in Vector's component specs. Per volume there
+//! are totals and per-file counters; the ring and each sink have their own.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ring::{Ring, RingSnapshot};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a source counts about one stream of bytes (a file, a volume).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub captured_records: AtomicU64,
+    pub captured_bytes: AtomicU64,
+    pub dropped_records: AtomicU64,
+    pub dropped_bytes: AtomicU64,
+    pub split_records: AtomicU64,
+    pub overwritten_bytes: AtomicU64,
+    pub refused_bytes: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    pub captured_records_total: u64,
+    pub captured_bytes_total: u64,
+    pub dropped_records_total: u64,
+    pub dropped_bytes_total: u64,
+    pub split_records_total: u64,
+    pub overwritten_bytes_total: u64,
+    pub refused_bytes_total: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> CountersSnapshot {
+        CountersSnapshot {
+            captured_records_total: self.captured_records.load(Relaxed),
+            captured_bytes_total: self.captured_bytes.load(Relaxed),
+            dropped_records_total: self.dropped_records.load(Relaxed),
+            dropped_bytes_total: self.dropped_bytes.load(Relaxed),
+            split_records_total: self.split_records.load(Relaxed),
+            overwritten_bytes_total: self.overwritten_bytes.load(Relaxed),
+            refused_bytes_total: self.refused_bytes.load(Relaxed),
+        }
+    }
+}
+
+/// The counters a stream updates: its own and its volume's totals.
+#[derive(Debug, Clone)]
+pub struct StreamCounters {
+    pub file: Arc<Counters>,
+    pub volume: Arc<Counters>,
+}
+
+impl StreamCounters {
+    /// Counters attached to no registry (tests, benchmarks).
+    pub fn detached() -> Self {
+        Self { file: Arc::default(), volume: Arc::default() }
+    }
+
+    fn add(&self, pick: impl Fn(&Counters) -> &AtomicU64, n: u64) {
+        pick(&self.file).fetch_add(n, Relaxed);
+        pick(&self.volume).fetch_add(n, Relaxed);
+    }
+
+    pub fn captured(&self, records: u64, bytes: u64, split: u64) {
+        self.add(|c| &c.captured_records, records);
+        self.add(|c| &c.captured_bytes, bytes);
+        if split > 0 {
+            self.add(|c| &c.split_records, split);
+        }
+    }
+
+    pub fn dropped(&self, records: u64, bytes: u64) {
+        self.add(|c| &c.dropped_records, records);
+        self.add(|c| &c.dropped_bytes, bytes);
+    }
+
+    pub fn overwritten(&self, bytes: u64) {
+        self.add(|c| &c.overwritten_bytes, bytes);
+    }
+
+    pub fn refused(&self, bytes: u64) {
+        self.add(|c| &c.refused_bytes, bytes);
+    }
+}
+
+/// A volume's totals and its files' counters, by path.
+#[derive(Debug, Default)]
+pub struct VolumeCounters {
+    pub totals: Arc<Counters>,
+    files: Mutex<BTreeMap<String, Arc<Counters>>>,
+}
+
+impl VolumeCounters {
+    /// Counters for a new file at `path`.
+    pub fn file(&self, path: &str) -> StreamCounters {
+        let file = Arc::new(Counters::default());
+        lock(&self.files).insert(path.to_string(), file.clone());
+        StreamCounters { file, volume: self.totals.clone() }
+    }
+
+    /// A file was renamed: its counters follow it.
+    pub fn file_moved(&self, from: &str, to: &str, counters: &Arc<Counters>) {
+        let mut files = lock(&self.files);
+        if files.get(from).is_some_and(|c| Arc::ptr_eq(c, counters)) {
+            files.remove(from);
+        }
+        files.insert(to.to_string(), counters.clone());
+    }
+
+    /// A file is gone for good; its counts stay in the volume totals.
+    pub fn file_gone(&self, path: &str, counters: &Arc<Counters>) {
+        let mut files = lock(&self.files);
+        if files.get(path).is_some_and(|c| Arc::ptr_eq(c, counters)) {
+            files.remove(path);
+        }
+    }
+
+    pub fn files(&self) -> BTreeMap<String, CountersSnapshot> {
+        lock(&self.files).iter().map(|(k, v)| (k.clone(), v.snapshot())).collect()
+    }
+}
+
+/// Latency histogram: log-linear buckets (8 per power of two, about 9 % wide) over
+/// microseconds, cheap enough to update per record.
+pub struct Histogram {
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    max_us: AtomicU64,
+}
+
+const SUB: u32 = 8;
+const BUCKETS: usize = (SUB as usize) * 40;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            max_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl std::fmt::Debug for Histogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Histogram").field("count", &self.count.load(Relaxed)).finish()
+    }
+}
+
+fn bucket_of(us: u64) -> usize {
+    if us < u64::from(SUB) {
+        return us as usize;
+    }
+    let exp = 63 - us.leading_zeros(); // >= 3
+    let mantissa = (us >> (exp - 3)) & u64::from(SUB - 1);
+    (((exp - 2) * SUB) as usize + mantissa as usize).min(BUCKETS - 1)
+}
+
+/// Upper bound (exclusive) of a bucket, in microseconds.
+fn bucket_upper(i: usize) -> u64 {
+    if i < SUB as usize {
+        return i as u64 + 1;
+    }
+    let exp = (i / SUB as usize) as u32 + 2;
+    let mantissa = (i % SUB as usize) as u64;
+    ((u64::from(SUB) + mantissa + 1) << (exp - 3)).min(u64::MAX >> 1)
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LatencySnapshot {
+    pub count: u64,
+    pub p50_seconds: f64,
+    pub p90_seconds: f64,
+    pub p99_seconds: f64,
+    pub max_seconds: f64,
+}
+
+impl Histogram {
+    pub fn record(&self, d: Duration) {
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        self.buckets[bucket_of(us)].fetch_add(1, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+        self.max_us.fetch_max(us, Relaxed);
+    }
+
+    /// The `q` quantile in seconds (bucket upper bound, capped by the maximum seen).
+    pub fn quantile(&self, q: f64) -> f64 {
+        let count = self.count.load(Relaxed);
+        if count == 0 {
+            return 0.0;
+        }
+        let rank = ((q * count as f64).ceil() as u64).clamp(1, count);
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Relaxed);
+            if seen >= rank {
+                return bucket_upper(i).min(self.max_us.load(Relaxed).max(1)) as f64 / 1e6;
+            }
+        }
+        self.max_us.load(Relaxed) as f64 / 1e6
+    }
+
+    pub fn snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot {
+            count: self.count.load(Relaxed),
+            p50_seconds: self.quantile(0.5),
+            p90_seconds: self.quantile(0.9),
+            p99_seconds: self.quantile(0.99),
+            max_seconds: self.max_us.load(Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+/// What a sink counts.
+#[derive(Debug, Default)]
+pub struct SinkCounters {
+    pub name: String,
+    pub kind: String,
+    pub delivered_records: AtomicU64,
+    pub delivered_bytes: AtomicU64,
+    pub errors: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    /// From capture to delivery.
+    pub latency: Histogram,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SinkSnapshot {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub delivered_records_total: u64,
+    pub delivered_bytes_total: u64,
+    pub errors_total: u64,
+    pub last_error: Option<String>,
+    pub latency: LatencySnapshot,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeSnapshot {
+    pub name: String,
+    pub service: String,
+    pub labels: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub totals: CountersSnapshot,
+    pub files: BTreeMap<String, CountersSnapshot>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub host: String,
+    pub version: String,
+    pub uptime_seconds: f64,
+    pub ring: RingSnapshot,
+    pub volumes: Vec<VolumeSnapshot>,
+    pub sinks: Vec<SinkSnapshot>,
+}
+
+/// Something that can list volumes with their counters (the volume source).
+pub trait VolumeList: Send + Sync {
+    fn volumes(&self) -> Vec<VolumeSnapshot>;
+}
+
+pub struct Stats {
+    pub host: String,
+    started: Instant,
+    pub started_at: SystemTime,
+    ring: Arc<Ring>,
+    sinks: Mutex<Vec<Arc<SinkCounters>>>,
+    volumes: Mutex<Option<Arc<dyn VolumeList>>>,
+}
+
+impl Stats {
+    pub fn new(host: String, ring: Arc<Ring>) -> Self {
+        Self {
+            host,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            ring,
+            sinks: Mutex::default(),
+            volumes: Mutex::default(),
+        }
+    }
+
+    pub fn sink(&self, name: &str, kind: &str) -> Arc<SinkCounters> {
+        let c = Arc::new(SinkCounters { name: name.into(), kind: kind.into(), ..Default::default() });
+        lock(&self.sinks).push(c.clone());
+        c
+    }
+
+    pub fn set_volumes(&self, list: Arc<dyn VolumeList>) {
+        *lock(&self.volumes) = Some(list);
+    }
+
+    pub fn volumes(&self) -> Vec<VolumeSnapshot> {
+        lock(&self.volumes).as_ref().map(|v| v.volumes()).unwrap_or_default()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            host: self.host.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            ring: self.ring.snapshot(),
+            volumes: self.volumes(),
+            sinks: lock(&self.sinks)
+                .iter()
+                .map(|s| SinkSnapshot {
+                    name: s.name.clone(),
+                    kind: s.kind.clone(),
+                    delivered_records_total: s.delivered_records.load(Relaxed),
+                    delivered_bytes_total: s.delivered_bytes.load(Relaxed),
+                    errors_total: s.errors.load(Relaxed),
+                    last_error: lock(&s.last_error).clone(),
+                    latency: s.latency.snapshot(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Prometheus text exposition (version 0.0.4) of a snapshot.
+pub fn prometheus(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP logtap_{name} {help}\n# TYPE logtap_{name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(out, "logtap_{name}{labels} {v}");
+        }
+    };
+    let vol =
+        |v: &VolumeSnapshot| format!("{{volume=\"{}\",service=\"{}\"}}", label_value(&v.name), label_value(&v.service));
+    let file =
+        |v: &VolumeSnapshot, p: &str| format!("{{volume=\"{}\",path=\"{}\"}}", label_value(&v.name), label_value(p));
+    type Pick = fn(&CountersSnapshot) -> u64;
+    let fields: [(&str, &str, Pick); 7] = [
+        ("captured_records_total", "Records captured.", |c| c.captured_records_total),
+        ("captured_bytes_total", "Bytes captured.", |c| c.captured_bytes_total),
+        ("dropped_records_total", "Records dropped by the ring.", |c| c.dropped_records_total),
+        ("dropped_bytes_total", "Bytes dropped by the ring.", |c| c.dropped_bytes_total),
+        ("split_records_total", "Records that are pieces of over-long lines.", |c| c.split_records_total),
+        ("overwritten_bytes_total", "Bytes written again below the captured high-water mark.", |c| {
+            c.overwritten_bytes_total
+        }),
+        ("refused_bytes_total", "Bytes refused because the agent was shutting down.", |c| c.refused_bytes_total),
+    ];
+    for (name, help, pick) in fields {
+        metric(
+            &format!("volume_{name}"),
+            "counter",
+            help,
+            s.volumes.iter().map(|v| (vol(v), pick(&v.totals) as f64)).collect(),
+        );
+        metric(
+            &format!("file_{name}"),
+            "counter",
+            help,
+            s.volumes.iter().flat_map(|v| v.files.iter().map(move |(p, c)| (file(v, p), pick(c) as f64))).collect(),
+        );
+    }
+    let r = &s.ring;
+    metric("ring_capacity_bytes", "gauge", "Ring capacity.", vec![(String::new(), r.capacity_bytes as f64)]);
+    metric("ring_used_bytes", "gauge", "Ring bytes in use.", vec![(String::new(), r.used_bytes as f64)]);
+    metric("ring_records", "gauge", "Records in the ring.", vec![(String::new(), r.records as f64)]);
+    metric(
+        "ring_dropped_records_total",
+        "counter",
+        "Records dropped by the ring.",
+        vec![(String::new(), r.dropped_records_total as f64)],
+    );
+    metric(
+        "ring_dropped_bytes_total",
+        "counter",
+        "Bytes dropped by the ring.",
+        vec![(String::new(), r.dropped_bytes_total as f64)],
+    );
+    let sink = |n: &str| format!("{{sink=\"{}\"}}", label_value(n));
+    metric(
+        "sink_delivered_records_total",
+        "counter",
+        "Records delivered.",
+        s.sinks.iter().map(|k| (sink(&k.name), k.delivered_records_total as f64)).collect(),
+    );
+    metric(
+        "sink_delivered_bytes_total",
+        "counter",
+        "Bytes delivered.",
+        s.sinks.iter().map(|k| (sink(&k.name), k.delivered_bytes_total as f64)).collect(),
+    );
+    metric(
+        "sink_errors_total",
+        "counter",
+        "Delivery errors (each retried).",
+        s.sinks.iter().map(|k| (sink(&k.name), k.errors_total as f64)).collect(),
+    );
+    let mut rows = Vec::new();
+    for k in &s.sinks {
+        for (q, v) in [("0.5", k.latency.p50_seconds), ("0.9", k.latency.p90_seconds), ("0.99", k.latency.p99_seconds)]
+        {
+            rows.push((format!("{{sink=\"{}\",quantile=\"{q}\"}}", label_value(&k.name)), v));
+        }
+    }
+    metric("sink_latency_seconds", "summary", "Capture-to-delivery latency.", rows);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_ordered_and_tight() {
+        let mut last = 0;
+        for us in [0u64, 1, 7, 8, 9, 15, 16, 100, 1000, 12_345, 1 << 30] {
+            let b = bucket_of(us);
+            assert!(b >= last);
+            last = b;
+            let upper = bucket_upper(b);
+            assert!(us < upper, "{us} < {upper}");
+            assert!(upper as f64 <= (us as f64 + 1.0) * 1.13, "{us} -> {upper}");
+        }
+    }
+
+    #[test]
+    fn quantiles() {
+        let h = Histogram::default();
+        for ms in 1..=100 {
+            h.record(Duration::from_millis(ms));
+        }
+        let p50 = h.quantile(0.5);
+        let p99 = h.quantile(0.99);
+        assert!((0.050..0.056).contains(&p50), "{p50}");
+        assert!((0.099..0.101).contains(&p99), "{p99}");
+        assert_eq!(h.snapshot().count, 100);
+    }
+
+    #[test]
+    fn prometheus_text_has_labels_escaped() {
+        let ring = Arc::new(Ring::new(1024, crate::config::Policy::DropOldest, Duration::from_secs(1)));
+        let stats = Stats::new("h".into(), ring);
+        stats.sink("out\"x", "stdout").delivered_records.fetch_add(3, Relaxed);
+        let text = prometheus(&stats.snapshot());
+        assert!(text.contains("logtap_sink_delivered_records_total{sink=\"out\\\"x\"} 3"), "{text}");
+        assert!(text.contains("# TYPE logtap_ring_capacity_bytes gauge"));
+    }
+}
