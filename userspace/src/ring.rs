@@ -178,10 +178,11 @@ impl Ring {
             return;
         }
         let mut s = self.lock();
-        let deadline = Instant::now() + self.block_timeout;
         let mut waited = false;
         for record in batch {
             let c = cost(&record);
+            // block_timeout bounds the wait for each record, not for the whole batch.
+            let mut deadline = None;
             loop {
                 if s.used + c <= self.capacity || s.records.is_empty() {
                     s.used += c;
@@ -193,6 +194,7 @@ impl Ring {
                     Policy::DropOldest => s.evict_front(),
                     Policy::Block => {
                         let now = Instant::now();
+                        let deadline = *deadline.get_or_insert(now + self.block_timeout);
                         if now >= deadline || s.closed {
                             s.drop_record(&record);
                             break;
@@ -201,6 +203,8 @@ impl Ring {
                             waited = true;
                             s.blocked_pushes += 1;
                         }
+                        // Readers may be asleep, waiting for what this push already added.
+                        self.readable.notify_waiters();
                         s = self.room.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
                     }
                 }
@@ -388,6 +392,31 @@ mod tests {
         t.join().unwrap();
         assert_eq!(ring.snapshot().dropped_records_total, 1);
         assert_eq!(bytes(&ring.try_read(a, 10, 1 << 20).unwrap()), vec![2, 4]);
+    }
+
+    #[test]
+    fn a_blocked_push_wakes_sleeping_readers() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let ring = Arc::new(Ring::new(2 * (RECORD_OVERHEAD + 1), Policy::Block, Duration::from_secs(30)));
+        let a = ring.add_reader("a");
+        let r2 = ring.clone();
+        // Three records into room for two: the push blocks after the second.
+        let pusher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            r2.push(vec![rec(1), rec(2), rec(3)]);
+            r2.close();
+        });
+        let got = rt.block_on(async {
+            let mut got = Vec::new();
+            while let Some(batch) = ring.read(a, 10, 1 << 20).await {
+                got.extend(bytes(&batch));
+                ring.ack(a, batch.end());
+            }
+            got
+        });
+        pusher.join().unwrap();
+        assert_eq!(got, vec![1, 2, 3]);
+        assert_eq!(ring.snapshot().dropped_records_total, 0);
     }
 
     #[test]

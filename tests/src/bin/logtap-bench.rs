@@ -1,0 +1,253 @@
+//! Side-by-side benchmarks: the same writers into tmpfs and into a logtap volume, in one run.
+//! Prints a Markdown table (recorded in docs/BENCHMARKS.md). Run with `cargo xtask bench`.
+//!
+//! Options: `--lines N` (default 1000000), `--dd-mib N` (default 256), `--rounds N` (default 3).
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use logtap_e2e::{read_json_lines, Agent, Setup, Sink};
+
+struct Args {
+    lines: usize,
+    dd_mib: usize,
+    rounds: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args { lines: 1_000_000, dd_mib: 256, rounds: 3 };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    for pair in argv.chunks(2) {
+        let value = |i: usize| pair.get(1).and_then(|v| v.parse().ok()).unwrap_or(i);
+        match pair[0].as_str() {
+            "--lines" => a.lines = value(a.lines),
+            "--dd-mib" => a.dd_mib = value(a.dd_mib),
+            "--rounds" => a.rounds = value(a.rounds),
+            other => panic!("unknown option {other}"),
+        }
+    }
+    a
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // SAFETY: sysconf is always safe to call.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn peak_rss_mib(pid: i32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// One write() per 100-byte line, like a line-buffered logger.
+fn write_lines(path: &Path, n: usize) -> Duration {
+    let mut line = vec![b'x'; 99];
+    line.push(b'\n');
+    let mut f = OpenOptions::new().create(true).append(true).open(path).expect("open");
+    let start = Instant::now();
+    for _ in 0..n {
+        f.write_all(&line).expect("write");
+    }
+    drop(f);
+    start.elapsed()
+}
+
+fn dd(src: &Path, dst: &Path, bs: &str) -> Duration {
+    let start = Instant::now();
+    let ok = Command::new("dd")
+        .arg(format!("if={}", src.display()))
+        .arg(format!("of={}", dst.display()))
+        .arg(format!("bs={bs}"))
+        .arg("status=none")
+        .status()
+        .expect("dd");
+    assert!(ok.success());
+    start.elapsed()
+}
+
+fn captured_records(agent: &Agent) -> u64 {
+    agent.stats()["volumes"]
+        .as_array()
+        .map_or(0, |v| v.iter().map(|v| v["captured_records_total"].as_u64().unwrap_or(0)).sum())
+}
+
+fn wait_captured(agent: &Agent, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while captured_records(agent) < n {
+        assert!(Instant::now() < deadline, "capture did not complete");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(dir: &Path) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        assert!(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2g", "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount")
+            .success());
+        Tmpfs(dir.into())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn main() {
+    logtap_e2e::require_root_and_fuse();
+    let a = args();
+    let work = tempfile::Builder::new().prefix("logtap-bench-").tempdir().expect("tempdir");
+    let tmpfs = Tmpfs::new(&work.path().join("tmpfs"));
+    let agent = Agent::start(Setup::default());
+    let vol = agent.volume("bench");
+    let pid = agent.pid();
+    let mut rows: Vec<String> = Vec::new();
+    let cpu0 = cpu_seconds(pid);
+
+    // 1. 100-byte lines, one write() each.
+    let (mut base, mut ours, mut ours_captured) = (Vec::new(), Vec::new(), Vec::new());
+    let mut expected = captured_records(&agent);
+    for round in 0..a.rounds {
+        let t = write_lines(&tmpfs.0.join(format!("lines{round}.log")), a.lines);
+        base.push(a.lines as f64 / t.as_secs_f64());
+        std::fs::remove_file(tmpfs.0.join(format!("lines{round}.log"))).ok();
+        let start = Instant::now();
+        let t = write_lines(&vol.join(format!("lines{round}.log")), a.lines);
+        ours.push(a.lines as f64 / t.as_secs_f64());
+        expected += a.lines as u64;
+        wait_captured(&agent, expected);
+        ours_captured.push(a.lines as f64 / start.elapsed().as_secs_f64());
+        std::fs::remove_file(vol.join(format!("lines{round}.log"))).ok();
+    }
+    let (b, o, c) = (median(base), median(ours), median(ours_captured));
+    rows.push(format!(
+        "| 100-byte lines, 1 write() each ({} lines) | {:.0} lines/s | {:.0} lines/s ({:.0} captured/s) | {:.0} % |",
+        a.lines,
+        b,
+        o,
+        c,
+        100.0 * o / b
+    ));
+
+    // 2. dd with 4 KiB, 64 KiB and 1 MiB blocks, from a source in memory.
+    let src = tmpfs.0.join("src.txt");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&src).expect("src"));
+        let line = [b'y'; 99];
+        for _ in 0..(a.dd_mib << 20) / 100 {
+            f.write_all(&line).and_then(|()| f.write_all(b"\n")).expect("src write");
+        }
+    }
+    let src_lines = ((a.dd_mib << 20) / 100) as u64;
+    let mib = (src_lines * 100) as f64 / (1 << 20) as f64;
+    for bs in ["4k", "64k", "1M"] {
+        let (mut base, mut ours) = (Vec::new(), Vec::new());
+        for round in 0..a.rounds {
+            let dst = tmpfs.0.join(format!("dd{round}"));
+            base.push(mib / dd(&src, &dst, bs).as_secs_f64());
+            std::fs::remove_file(dst).ok();
+            let dst = vol.join(format!("dd{bs}{round}.log"));
+            let start = Instant::now();
+            dd(&src, &dst, bs);
+            expected += src_lines;
+            wait_captured(&agent, expected);
+            ours.push(mib / start.elapsed().as_secs_f64());
+            std::fs::remove_file(dst).ok();
+        }
+        let (b, o) = (median(base), median(ours));
+        rows.push(format!(
+            "| dd bs={bs} ({mib:.0} MiB), until captured | {b:.0} MiB/s | {o:.0} MiB/s | {:.0} % |",
+            100.0 * o / b
+        ));
+    }
+
+    let cpu = cpu_seconds(pid) - cpu0;
+    let stats = agent.stats();
+    let bytes: u64 = stats["volumes"]
+        .as_array()
+        .map_or(0, |v| v.iter().map(|v| v["captured_bytes_total"].as_u64().unwrap_or(0)).sum());
+    let dropped = stats["ring"]["dropped_records_total"].as_u64().unwrap_or(0);
+    let rss = peak_rss_mib(pid);
+    let capacity_mib = stats["ring"]["capacity_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+    drop(agent);
+
+    // 3. write()-to-capture latency, one line every 10 ms into a file that stays open.
+    let mut lat_agent = Agent::start(Setup { sink: Sink::Stdout, ..Setup::default() });
+    let out = read_json_lines(lat_agent.take_stdout());
+    let lvol = lat_agent.volume("lat");
+    let mut f = OpenOptions::new().create(true).append(true).open(lvol.join("app.log")).expect("open");
+    for i in 0..500 {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        writeln!(f, "{i} {now}").expect("write");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    lat_agent.stop();
+    drop(f);
+    let mut lat: Vec<f64> = out
+        .join()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| {
+            let written: f64 = r["message"].as_str()?.split(' ').nth(1)?.parse::<f64>().ok()? / 1e9;
+            let captured: chrono::DateTime<chrono::Utc> = r["timestamp"].as_str()?.parse().ok()?;
+            let captured = SystemTime::from(captured).duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs_f64();
+            Some(captured - written)
+        })
+        .collect();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(f64::NAN)
+    };
+
+    println!("| workload | tmpfs | logtap volume | logtap / tmpfs |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    println!();
+    println!("| agent figure | value |");
+    println!("|---|---|");
+    println!(
+        "| CPU per GB captured (user+sys, whole run, files sink included) | {:.2} s/GB |",
+        cpu / (bytes as f64 / 1e9)
+    );
+    println!("| bytes captured in the run | {:.2} GB |", bytes as f64 / 1e9);
+    println!("| records dropped by the ring | {dropped} |");
+    println!(
+        "| peak RSS (VmHWM) | {rss:.1} MiB (ring capacity {capacity_mib:.0} MiB + 32 MiB = {:.0} MiB allowed) |",
+        capacity_mib + 32.0
+    );
+    println!(
+        "| write()-to-capture latency, 1 line / 10 ms, {} lines | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms |",
+        lat.len(),
+        q(0.5) * 1e3,
+        q(0.99) * 1e3,
+        lat.last().copied().unwrap_or(f64::NAN) * 1e3
+    );
+}

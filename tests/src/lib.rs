@@ -1,0 +1,299 @@
+//! A harness for end-to-end tests: starts the real `logtap` binary on a private mount,
+//! socket and sink directory, and reads back what it delivered.
+//!
+//! The binary is `$LOGTAP_BIN`, else `target/debug/logtap` (`cargo xtask test` builds it).
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn logtap_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LOGTAP_BIN") {
+        return p.into();
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/logtap");
+    assert!(p.exists(), "{} is missing: build it first (`cargo xtask test` does)", p.display());
+    p
+}
+
+/// Fails the test clearly when the machine cannot run it, instead of skipping it.
+pub fn require_root_and_fuse() {
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests mount FUSE filesystems and must run as root");
+    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
+}
+
+#[derive(Debug, Clone)]
+pub enum Sink {
+    /// The files sink into `<tmp>/out`.
+    Files,
+    /// The stdout sink; the test reads the agent's stdout.
+    Stdout,
+}
+
+/// The parts of the config tests vary.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub sink: Sink,
+    pub ring_capacity: String,
+    pub policy: String,
+    pub block_timeout: String,
+    pub max_record_bytes: String,
+    pub partial_flush: String,
+    pub writeback_cache: bool,
+    pub shutdown_timeout: String,
+    pub timezone: String,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            sink: Sink::Files,
+            ring_capacity: "64MiB".into(),
+            policy: "drop_oldest".into(),
+            block_timeout: "5s".into(),
+            max_record_bytes: "256KiB".into(),
+            partial_flush: "1s".into(),
+            writeback_cache: true,
+            shutdown_timeout: "10s".into(),
+            timezone: "UTC".into(),
+        }
+    }
+}
+
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub mount: PathBuf,
+    pub socket: PathBuf,
+    pub out: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Setup {
+    pub fn toml(&self, dir: &Path) -> String {
+        let sink = match self.sink {
+            Sink::Files => format!(
+                "[sinks.files]\ntype = \"files\"\ndir = \"{}\"\ntimezone = \"{}\"\n",
+                dir.join("out").display(),
+                self.timezone
+            ),
+            Sink::Stdout => "[sinks.stdout]\ntype = \"stdout\"\n".to_string(),
+        };
+        format!(
+            "shutdown_timeout = \"{}\"\n\
+             [volumes]\nmount = \"{}\"\nwriteback_cache = {}\nmax_record_bytes = \"{}\"\npartial_flush = \"{}\"\n\
+             [ring]\ncapacity = \"{}\"\npolicy = \"{}\"\nblock_timeout = \"{}\"\n\
+             [control]\nsocket = \"{}\"\n{sink}",
+            self.shutdown_timeout,
+            dir.join("volumes").display(),
+            self.writeback_cache,
+            self.max_record_bytes,
+            self.partial_flush,
+            self.ring_capacity,
+            self.policy,
+            self.block_timeout,
+            dir.join("logtap.sock").display(),
+        )
+    }
+}
+
+impl Agent {
+    pub fn start(setup: Setup) -> Agent {
+        require_root_and_fuse();
+        let dir = tempfile::Builder::new().prefix("logtap-e2e-").tempdir().expect("tempdir");
+        let config = dir.path().join("logtap.toml");
+        std::fs::write(&config, setup.toml(dir.path())).expect("write config");
+        let stdout = match setup.sink {
+            Sink::Stdout => Stdio::piped(),
+            Sink::Files => Stdio::null(),
+        };
+        let child = Command::new(logtap_bin())
+            .args(["daemon", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(stdout)
+            .spawn()
+            .expect("spawn logtap");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let agent = Agent {
+            mount: dir.path().join("volumes"),
+            socket: dir.path().join("logtap.sock"),
+            out: dir.path().join("out"),
+            config,
+            dir,
+            child: Some(child),
+            rt,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.get("/v1/health").is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("logtap did not answer on {} within 20 s", self.socket.display());
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        Ok(self.rt.block_on(logtap::control::client::call(&self.socket, hyper::Method::GET, path, None))?.to_vec())
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<Vec<u8>> {
+        let body = serde_json::to_vec(body)?;
+        Ok(self
+            .rt
+            .block_on(logtap::control::client::call(&self.socket, hyper::Method::POST, path, Some(body)))?
+            .to_vec())
+    }
+
+    pub fn stats(&self) -> Value {
+        serde_json::from_slice(&self.get("/v1/stats").expect("stats")).expect("stats JSON")
+    }
+
+    /// Makes a volume with mkdir, as a user would.
+    pub fn volume(&self, name: &str) -> PathBuf {
+        let p = self.mount.join(name);
+        std::fs::create_dir(&p).expect("mkdir volume");
+        p
+    }
+
+    /// The volume's stats entry.
+    pub fn volume_stats(&self, name: &str) -> Value {
+        let s = self.stats();
+        s["volumes"].as_array().and_then(|v| v.iter().find(|v| v["name"] == name).cloned()).unwrap_or(Value::Null)
+    }
+
+    /// Lines the files sink wrote for `service`/`module`, over all days, in order.
+    pub fn sink_lines(&self, service: &str, module: &str) -> Vec<Vec<u8>> {
+        let dir = self.out.join(service);
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(&dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+        files.retain(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{module}."))));
+        files.sort();
+        let mut lines = Vec::new();
+        for f in files {
+            let data = std::fs::read(&f).unwrap_or_default();
+            let mut parts: Vec<Vec<u8>> = data.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+            parts.pop(); // after the last newline
+            lines.extend(parts);
+        }
+        lines
+    }
+
+    /// Waits until the files sink holds `n` lines for `service`/`module` (or the timeout).
+    pub fn wait_lines(&self, service: &str, module: &str, n: usize, timeout: Duration) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.sink_lines(service, module);
+            if lines.len() >= n || Instant::now() >= deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the ring is empty and every sink has acknowledged everything.
+    pub fn wait_idle(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.stats();
+            let ring = &s["ring"];
+            let busy = ring["records"].as_u64() != Some(0)
+                || ring["readers"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|r| r["lag_records"] != 0 || r["in_flight_records"] != 0));
+            if !busy {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the agent did not go idle: {ring}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's stdout (the stdout sink); taken once.
+    pub fn take_stdout(&mut self) -> ChildStdout {
+        self.child.as_mut().and_then(|c| c.stdout.take()).expect("stdout sink output")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).expect("running agent")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running agent");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "logtap did not exit within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Leave no mount behind, whatever happened.
+        if let Ok(c) = std::ffi::CString::new(self.mount.as_os_str().as_encoded_bytes()) {
+            // SAFETY: valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Reads JSON lines (the stdout sink) on a thread; returns them when the stream ends.
+pub fn read_json_lines(out: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<Value>> {
+    std::thread::spawn(move || {
+        BufReader::new(out).lines().map_while(Result::ok).filter_map(|l| serde_json::from_str(&l).ok()).collect()
+    })
+}
+
+/// Whether the exit was a clean 0.
+pub fn exited_cleanly(status: &ExitStatus) -> bool {
+    status.code() == Some(0) && status.signal().is_none()
+}
+
+/// `n` numbered lines `"{prefix}{i:08} {padding}"` of about `len` bytes each.
+pub fn numbered(prefix: &str, n: usize, len: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let mut s = format!("{prefix}{i:08} ");
+            while s.len() < len {
+                s.push('x');
+            }
+            s
+        })
+        .collect()
+}
+
+pub fn as_strings(lines: &[Vec<u8>]) -> Vec<String> {
+    lines.iter().map(|l| String::from_utf8_lossy(l).into_owned()).collect()
+}

@@ -1,0 +1,229 @@
+//! The agent as a whole: ring policies under a stalled sink, the control socket, bad input,
+//! shutdown.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use logtap_e2e::{logtap_bin, numbered, read_json_lines, Agent, Setup, Sink};
+use serde_json::json;
+
+/// A sink that stops reading: the stdout sink on a pipe nobody drains. A small ring.
+fn stalled(policy: &str) -> Setup {
+    Setup {
+        sink: Sink::Stdout,
+        ring_capacity: "256KiB".into(),
+        max_record_bytes: "4KiB".into(),
+        policy: policy.into(),
+        block_timeout: "60s".into(),
+        ..Setup::default()
+    }
+}
+
+#[test]
+fn drop_oldest_counts_exactly_what_the_sink_missed() {
+    let mut agent = Agent::start(stalled("drop_oldest"));
+    let stdout = agent.take_stdout();
+    let vol = agent.volume("drop");
+    let lines = numbered("d ", 50_000, 100);
+    let mut f = OpenOptions::new().create(true).append(true).open(vol.join("app.log")).unwrap();
+    for l in &lines {
+        writeln!(f, "{l}").unwrap();
+    }
+    drop(f);
+    // Writers never waited; the ring overflowed.
+    let v = agent.volume_stats("drop");
+    assert_eq!(v["captured_records_total"], lines.len() as u64);
+    assert!(v["dropped_records_total"].as_u64().unwrap() > 0, "{v}");
+
+    // Unstall the sink and let it deliver what the ring still holds.
+    let reader = read_json_lines(stdout);
+    agent.wait_idle(Duration::from_secs(60));
+    let stats = agent.stats();
+    assert_eq!(agent.stop().code(), Some(0));
+    let delivered = reader.join().unwrap();
+    let v = stats["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "drop").unwrap().clone();
+    let dropped = v["dropped_records_total"].as_u64().unwrap();
+    assert_eq!(delivered.len() as u64, stats["sinks"][0]["delivered_records_total"].as_u64().unwrap());
+    assert_eq!(dropped, lines.len() as u64 - delivered.len() as u64, "dropped = written - delivered, exactly");
+    assert_eq!(stats["ring"]["dropped_records_total"].as_u64().unwrap(), dropped);
+    // What was delivered is in order, a suffix-biased subsequence: the oldest were dropped.
+    let msgs: Vec<&str> = delivered.iter().filter_map(|r| r["message"].as_str()).collect();
+    let mut expected = lines.iter().map(String::as_str);
+    assert!(msgs.iter().all(|m| expected.any(|e| e == *m)), "delivered lines keep their order");
+    assert_eq!(msgs.last().copied(), lines.last().map(String::as_str), "the newest survive");
+}
+
+#[test]
+fn block_policy_loses_nothing() {
+    let mut agent = Agent::start(stalled("block"));
+    let mut stdout = agent.take_stdout();
+    let vol = agent.volume("blk");
+    let lines = numbered("b ", 30_000, 100);
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (lines, done, path) = (lines.clone(), done.clone(), vol.join("app.log"));
+        std::thread::spawn(move || {
+            let mut f = OpenOptions::new().create(true).append(true).open(path).unwrap();
+            for l in &lines {
+                writeln!(f, "{l}").unwrap();
+            }
+            drop(f);
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!done.load(Ordering::SeqCst), "the writer is held back while the sink is stalled");
+    let blocked = agent.stats()["ring"]["blocked_pushes_total"].as_u64().unwrap();
+    assert!(blocked > 0);
+    // Unstall.
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).unwrap();
+    let reader = read_json_lines(stdout);
+    writer.join().unwrap();
+    agent.wait_idle(Duration::from_secs(60));
+    let stats = agent.stats();
+    assert_eq!(agent.stop().code(), Some(0));
+    let delivered = reader.join().unwrap();
+    // The first record lost its first byte to the unstalling read above; count it.
+    assert_eq!(delivered.len() + 1, lines.len());
+    let msgs: Vec<&str> = delivered.iter().filter_map(|r| r["message"].as_str()).collect();
+    assert!(msgs.iter().copied().eq(lines[1..].iter().map(String::as_str)));
+    assert_eq!(stats["ring"]["dropped_records_total"], 0);
+    assert_eq!(stats["volumes"][0]["dropped_records_total"], 0);
+}
+
+#[test]
+fn control_socket_serves_stats_metrics_and_volumes() {
+    let agent = Agent::start(Setup::default());
+    let created =
+        agent.post("/v1/volumes", &json!({"name": "web", "service": "shop", "labels": {"team": "a"}})).unwrap();
+    let created: serde_json::Value = serde_json::from_slice(&created).unwrap();
+    assert_eq!(created["service"], "shop");
+    std::fs::write(agent.mount.join("web/access.log"), "GET /\n").unwrap();
+    let lines = agent.wait_lines("shop", "access", 1, Duration::from_secs(30));
+    assert_eq!(lines, vec![b"GET /".to_vec()]);
+    // Same identity again is fine; another identity is a conflict; bad names are refused.
+    assert!(agent.post("/v1/volumes", &json!({"name": "web", "service": "shop", "labels": {"team": "a"}})).is_ok());
+    let e = agent.post("/v1/volumes", &json!({"name": "web", "service": "other"})).unwrap_err().to_string();
+    assert!(e.contains("409"), "{e}");
+    for bad in ["../etc", "a/b", "", ".x", &"v".repeat(200)] {
+        let e = agent.post("/v1/volumes", &json!({"name": bad})).unwrap_err().to_string();
+        assert!(e.contains("400") && e.contains("invalid volume name"), "{bad}: {e}");
+    }
+    let e = agent.post("/v1/volumes", &json!({"nam": "x"})).unwrap_err().to_string();
+    assert!(e.contains("400"), "{e}");
+
+    let metrics = String::from_utf8(agent.get("/metrics").unwrap()).unwrap();
+    assert!(metrics.contains("logtap_volume_captured_records_total{volume=\"web\",service=\"shop\"} 1"), "{metrics}");
+    assert!(metrics.contains("logtap_sink_delivered_records_total{sink=\"files\"} 1"), "{metrics}");
+    assert!(agent.get("/nope").unwrap_err().to_string().contains("404"));
+
+    // The CLI: stats table, JSON, volume create and list.
+    let bin = logtap_bin();
+    let out = Command::new(&bin).arg("stats").arg("--socket").arg(&agent.socket).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("web") && table.contains("shop") && table.contains("files"),
+        "{table}"
+    );
+    let out = Command::new(&bin)
+        .args(["volume", "create", "api", "--service", "billing", "--label", "tier=1"])
+        .arg("--socket")
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(agent.mount.join("api").is_dir());
+    let out =
+        Command::new(&bin).args(["volume", "create", "bad/name"]).arg("--socket").arg(&agent.socket).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid volume name"));
+    let out =
+        Command::new(&bin).args(["volume", "list", "--json"]).arg("--socket").arg(&agent.socket).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == "api" && v["service"] == "billing" && v["labels"]["tier"] == "1"));
+    let socket_mode =
+        std::fs::metadata(&agent.socket).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+    assert_eq!(socket_mode.unwrap(), 0o660);
+}
+
+#[test]
+fn bad_config_is_refused_with_file_line_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[ring]\ncapacity = \"64MiB\"\npolicy = \"whenever\"\n").unwrap();
+    let out = Command::new(logtap_bin()).args(["daemon", "--config"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("line 3") && err.contains("unknown variant `whenever`"), "{err}");
+    std::fs::write(&bad, "[volumes]\nmoutn = \"/x\"\n").unwrap();
+    let out = Command::new(logtap_bin()).args(["config", "check"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `moutn`"));
+    let missing = Command::new(logtap_bin()).args(["daemon", "--config", "/nonexistent/logtap.toml"]).output().unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read /nonexistent/logtap.toml"));
+    // The documented default config is valid.
+    let default = Command::new(logtap_bin()).args(["config", "default"]).output().unwrap();
+    std::fs::write(&bad, &default.stdout).unwrap();
+    assert!(Command::new(logtap_bin()).args(["config", "check"]).arg(&bad).status().unwrap().success());
+}
+
+#[test]
+fn a_second_agent_on_the_same_socket_is_refused() {
+    let agent = Agent::start(Setup::default());
+    let out = Command::new(logtap_bin()).args(["daemon", "--config"]).arg(&agent.config).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already serving"));
+    // The first one is unharmed.
+    assert!(agent.get("/v1/health").is_ok());
+}
+
+#[test]
+fn shutdown_delivers_what_was_accepted_and_refuses_later_writes() {
+    let mut agent = Agent::start(Setup::default());
+    let vol = agent.volume("bye");
+    let path = vol.join("app.log");
+    let writer = std::thread::spawn(move || {
+        // open, write, close per line: close() reports whether the agent took the line.
+        let mut accepted = Vec::new();
+        let mut refused = 0;
+        for i in 0..1_000_000 {
+            let line = format!("bye {i:08}\n");
+            let ok = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|()| f.sync_all()));
+            match ok {
+                Ok(()) => accepted.push(line.trim_end().to_string()),
+                Err(_) => {
+                    refused += 1;
+                    if refused > 20 {
+                        break;
+                    }
+                }
+            }
+        }
+        (accepted, refused)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = agent.stop();
+    let (accepted, refused) = writer.join().unwrap();
+    assert_eq!(status.code(), Some(0), "clean exit");
+    assert!(refused > 0, "writes after shutdown began were refused");
+    assert!(!accepted.is_empty());
+    let delivered: Vec<String> =
+        agent.sink_lines("bye", "app").iter().map(|l| String::from_utf8_lossy(l).into_owned()).collect();
+    assert_eq!(delivered, accepted, "every accepted line was delivered, once, in order");
+    // The mount is gone.
+    assert!(!agent.mount.join("bye").exists());
+}

@@ -1,0 +1,135 @@
+//! `cargo xtask run | test | bench`: everything a fresh machine needs, installed idempotently
+//! and said out loud, then the job itself.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+  run [-- DAEMON ARGS]   build logtap (release) and run the agent; with no --config it uses
+                         /etc/logtap/logtap.toml if present, else the built-in defaults
+  test                   set up, then fmt check, clippy, and every test (real FUSE mounts, as root)
+  bench [-- BENCH ARGS]  build release and run the side-by-side benchmarks
+  setup                  install what the other commands need, and nothing else";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => run(&args[1..]),
+        Some("test") => test(),
+        Some("bench") => bench(&args[1..]),
+        Some("setup") => setup(),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn say(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+fn sh(cmd: &mut Command) -> anyhow::Result<()> {
+    say(&format!("running {cmd:?}"));
+    let status = cmd.current_dir(root()).status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Debian packages the tests and the agent use, installed only when missing.
+fn apt_install(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().filter(|(_, program)| !have(program)).map(|(p, _)| *p).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !have("apt-get") {
+        bail!("missing {missing:?} and no apt-get to install them");
+    }
+    say(&format!("installing {missing:?} with apt-get"));
+    sh(Command::new("apt-get").arg("update").arg("-q"))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn rustup_components(components: &[&str]) -> anyhow::Result<()> {
+    let installed = Command::new("rustup").args(["component", "list", "--installed"]).output();
+    let installed = installed.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    for c in components {
+        if !installed.lines().any(|l| l.starts_with(c)) {
+            say(&format!("adding rustup component {c}"));
+            sh(Command::new("rustup").args(["component", "add", c]))?;
+        }
+    }
+    Ok(())
+}
+
+fn setup() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("logtap mounts FUSE filesystems: run as root");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse is missing: this machine cannot mount FUSE filesystems");
+    }
+    // python3: the rotating-logger test; dd, truncate: coreutils.
+    apt_install(&[("python3", "python3"), ("coreutils", "truncate")])?;
+    rustup_components(&["rustfmt", "clippy"])?;
+    say("setup done");
+    Ok(())
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    setup()?;
+    sh(Command::new("cargo").args(["build", "--release", "-p", "logtap"]))?;
+    let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    let mut cmd = Command::new(root().join("target/release/logtap"));
+    cmd.arg("daemon").args(args);
+    say("starting the agent (Ctrl-C or SIGTERM drains and stops it)");
+    sh(&mut cmd)
+}
+
+fn test() -> anyhow::Result<()> {
+    setup()?;
+    sh(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    sh(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    sh(Command::new("cargo").args(["build", "-p", "logtap"]))?;
+    let bin = root().join("target/debug/logtap");
+    sh(Command::new("cargo").args(["test", "--workspace"]).env("LOGTAP_BIN", bin))
+}
+
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    setup()?;
+    sh(Command::new("cargo").args(["build", "--release", "-p", "logtap", "-p", "logtap-e2e", "--bins"]))?;
+    let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    sh(Command::new(root().join("target/release/logtap-bench"))
+        .args(args)
+        .env("LOGTAP_BIN", root().join("target/release/logtap")))
+}
