@@ -16,8 +16,9 @@ use tokio::sync::Notify;
 use crate::config::Policy;
 use crate::record::Record;
 
-/// Memory a record costs beyond its bytes: the record itself and its slot.
-pub const RECORD_OVERHEAD: usize = std::mem::size_of::<Record>() + 16;
+/// Memory a record costs beyond its bytes: its slot in the deque, counted twice because the
+/// deque grows by doubling, which also covers the shared buffer headers.
+pub const RECORD_OVERHEAD: usize = 2 * std::mem::size_of::<Record>();
 
 pub fn cost(r: &Record) -> usize {
     r.bytes.len() + RECORD_OVERHEAD
@@ -179,23 +180,25 @@ impl Ring {
         }
         let mut s = self.lock();
         let mut waited = false;
+        // block_timeout bounds the wait since the last progress: a sink that is slow but
+        // moving loses nothing, a stalled one costs one timeout per batch, not one per record.
+        let mut deadline: Option<Instant> = None;
         for record in batch {
             let c = cost(&record);
-            // block_timeout bounds the wait for each record, not for the whole batch.
-            let mut deadline = None;
             loop {
                 if s.used + c <= self.capacity || s.records.is_empty() {
                     s.used += c;
                     s.pushed_records += 1;
                     s.records.push_back(record);
+                    deadline = None;
                     break;
                 }
                 match self.policy {
                     Policy::DropOldest => s.evict_front(),
                     Policy::Block => {
                         let now = Instant::now();
-                        let deadline = *deadline.get_or_insert(now + self.block_timeout);
-                        if now >= deadline || s.closed {
+                        let until = *deadline.get_or_insert(now + self.block_timeout);
+                        if now >= until || s.closed {
                             s.drop_record(&record);
                             break;
                         }
@@ -205,7 +208,7 @@ impl Ring {
                         }
                         // Readers may be asleep, waiting for what this push already added.
                         self.readable.notify_waiters();
-                        s = self.room.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+                        s = self.room.wait_timeout(s, until - now).unwrap_or_else(|e| e.into_inner()).0;
                     }
                 }
             }
@@ -376,10 +379,12 @@ mod tests {
         let ring = Arc::new(ring(2, Policy::Block));
         let a = ring.add_reader("a");
         ring.push(vec![rec(1), rec(2)]);
-        // Nobody acks: after block_timeout the newest is dropped.
-        ring.push(vec![rec(3)]);
+        // Nobody acks: after one block_timeout the newest are dropped, all of them at once.
+        let start = Instant::now();
+        ring.push(vec![rec(3), rec(30), rec(31)]);
+        assert!(start.elapsed() < Duration::from_millis(500), "one timeout for the batch, not one per record");
         let snap = ring.snapshot();
-        assert_eq!((snap.records, snap.dropped_records_total, snap.blocked_pushes_total), (2, 1, 1));
+        assert_eq!((snap.records, snap.dropped_records_total, snap.blocked_pushes_total), (2, 3, 1));
 
         // A reader acking in time lets the push through.
         let r2 = ring.clone();
@@ -390,7 +395,7 @@ mod tests {
         });
         ring.push(vec![rec(4)]);
         t.join().unwrap();
-        assert_eq!(ring.snapshot().dropped_records_total, 1);
+        assert_eq!(ring.snapshot().dropped_records_total, 3);
         assert_eq!(bytes(&ring.try_read(a, 10, 1 << 20).unwrap()), vec![2, 4]);
     }
 

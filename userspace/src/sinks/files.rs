@@ -107,25 +107,27 @@ impl FilesSink {
     }
 
     fn write(&mut self, records: &[Record]) -> Result<(), DeliveryError> {
-        let mut last_day: Option<(u64, String)> = None;
-        for (i, r) in records.iter().enumerate() {
-            let fail = |error: anyhow::Error| DeliveryError { delivered: i, error };
-            // Records of one batch mostly share a second: compute the day once per second.
-            let secs = r.captured_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            let day = match &last_day {
-                Some((s, d)) if *s == secs => d.clone(),
-                _ => {
-                    let d = self.day(r.captured_at);
-                    last_day = Some((secs, d.clone()));
-                    d
-                }
-            };
-            let f = self.writer(r, day).map_err(fail)?;
+        let mut at = 0;
+        while at < records.len() {
+            // A run: records of one stream captured within the same second share a file.
+            let first = &records[at];
+            let secs =
+                |r: &Record| r.captured_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let second = secs(first);
+            let run =
+                records[at..].iter().take_while(|r| Arc::ptr_eq(&r.origin, &first.origin) && secs(r) == second).count();
+            // What is buffered is not yet delivered: on error the whole batch is offered again.
+            let fail = |error: anyhow::Error| DeliveryError { delivered: 0, error };
+            let day = self.day(first.captured_at);
+            let f = self.writer(first, day).map_err(fail)?;
             f.last_used = Instant::now();
-            f.writer
-                .write_all(&r.bytes)
-                .and_then(|()| f.writer.write_all(b"\n"))
-                .map_err(|e| fail(anyhow::Error::new(e).context("writing a record")))?;
+            for r in &records[at..at + run] {
+                f.writer
+                    .write_all(&r.bytes)
+                    .and_then(|()| f.writer.write_all(b"\n"))
+                    .map_err(|e| fail(anyhow::Error::new(e).context("writing a record")))?;
+            }
+            at += run;
         }
         // Buffered lines of earlier records may be lost with the error: offer the whole batch again.
         self.flush_all().map_err(|error| DeliveryError { delivered: 0, error })
