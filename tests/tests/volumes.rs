@@ -286,3 +286,23 @@ fn filesystem_behaves_like_a_log_directory() {
     // Nothing of the captured data was written to the disk under the mount point.
     assert!(agent.dir.path().join("volumes").read_dir().is_ok());
 }
+
+#[test]
+fn without_the_writeback_cache_every_write_is_captured_the_same() {
+    let agent = Agent::start(Setup { writeback_cache: false, ..Setup::default() });
+    let vol = agent.volume("wt");
+    let lines = numbered("wt ", 20_000, 70);
+    let mut f = append(&vol.join("app.log"));
+    for (i, l) in lines.iter().enumerate() {
+        // Lines split across write() calls, as unbuffered writers do.
+        let (a, b) = l.split_at(i % l.len());
+        f.write_all(a.as_bytes()).unwrap();
+        f.write_all(b.as_bytes()).unwrap();
+        f.write_all(b"\n").unwrap();
+    }
+    drop(f);
+    let got = agent.wait_lines("wt", "app", lines.len(), WAIT);
+    assert!(as_strings(&got) == lines);
+    // Offsets are exact without the cache: nothing is sent twice.
+    assert_eq!(agent.volume_stats("wt")["overwritten_bytes_total"], 0);
+}
