@@ -37,6 +37,7 @@ pub struct Config {
     pub volumes: VolumesConfig,
     pub ring: RingConfig,
     pub control: ControlConfig,
+    pub pipes: PipesConfig,
     /// Named sinks; all of them receive every record.
     pub sinks: BTreeMap<String, SinkConfig>,
 }
@@ -60,6 +61,30 @@ pub struct RingConfig {
     pub capacity: ByteSize,
     pub policy: Policy,
     pub block_timeout: Dur,
+}
+
+/// The eBPF source: stdout/stderr pipe writes of watched processes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipesConfig {
+    pub enabled: bool,
+    /// Bytes copied per write() at most; the rest is counted as truncated.
+    pub max_write_capture: ByteSize,
+    /// Size of the BPF ring buffer between the kernel and the agent (a power of two).
+    pub ring_buffer: ByteSize,
+    /// Processes or cgroups watched from the start.
+    pub targets: Vec<crate::sources::pipes::TargetSpec>,
+}
+
+impl Default for PipesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_write_capture: ByteSize(64 << 10),
+            ring_buffer: ByteSize(16 << 20),
+            targets: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -125,6 +150,7 @@ impl Default for Config {
             volumes: VolumesConfig::default(),
             ring: RingConfig::default(),
             control: ControlConfig::default(),
+            pipes: PipesConfig::default(),
             sinks: BTreeMap::from([("files".to_string(), SinkConfig::Files(FilesSinkConfig::default()))]),
         }
     }
@@ -204,6 +230,26 @@ impl Config {
                 "ring.capacity ({}) must hold at least two records of volumes.max_record_bytes ({})",
                 self.ring.capacity, v.max_record_bytes
             ));
+        }
+        let p = &self.pipes;
+        let max_capture = (logtap_common::CHUNK as u64) * u64::from(logtap_common::MAX_CHUNKS);
+        if !(1..=max_capture).contains(&p.max_write_capture.0) {
+            return Err(format!(
+                "pipes.max_write_capture must be between 1B and {} (what the eBPF programs copy per write), not {}",
+                ByteSize(max_capture),
+                p.max_write_capture
+            ));
+        }
+        if !p.ring_buffer.0.is_power_of_two() || !(64 << 10..=1 << 30).contains(&p.ring_buffer.0) {
+            return Err(format!(
+                "pipes.ring_buffer must be a power of two between 64KiB and 1GiB, not {}",
+                p.ring_buffer
+            ));
+        }
+        for t in &p.targets {
+            if t.pid.is_some() == t.cgroup.is_some() {
+                return Err("each [[pipes.targets]] names exactly one of pid or cgroup".into());
+            }
         }
         if self.sinks.is_empty() {
             return Err("no sinks: configure at least one [sinks.NAME]".into());
@@ -407,6 +453,12 @@ mod tests {
         assert!(e.contains("capture its own output"), "{e}");
         let e = parse("[volumes]\ntail_bytes = 100\n").unwrap_err().to_string();
         assert!(e.contains("tail_bytes"), "{e}");
+        let e = parse("[pipes]\nring_buffer = \"3MiB\"\n").unwrap_err().to_string();
+        assert!(e.contains("power of two"), "{e}");
+        let e = parse("[pipes]\nmax_write_capture = \"1MiB\"\n").unwrap_err().to_string();
+        assert!(e.contains("max_write_capture"), "{e}");
+        let e = parse("[[pipes.targets]]\nservice = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("exactly one of pid or cgroup"), "{e}");
         let e = parse("[volumes]\nmount = \"rel/path\"\n").unwrap_err().to_string();
         assert!(e.contains("absolute"), "{e}");
     }

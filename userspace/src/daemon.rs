@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::control::server::{self, Control};
 use crate::ring::Ring;
 use crate::sinks;
+use crate::sources::pipes::PipeSource;
 use crate::sources::volume::{Framing, VolumeCapture, VolumeSource};
 use crate::stats::Stats;
 
@@ -59,8 +60,22 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         max_record_bytes: usize_of(v.max_record_bytes.0, "volumes.max_record_bytes")?,
         partial_flush: v.partial_flush.0,
     };
-    let source = VolumeSource::new(framing, ring.clone());
+    let source = VolumeSource::new(framing.clone(), ring.clone());
     stats.set_volumes(source.clone());
+    let p = &config.pipes;
+    let pipes = if p.enabled {
+        let _guard = rt.enter();
+        let ring_buffer = u32::try_from(p.ring_buffer.0).context("pipes.ring_buffer")?;
+        PipeSource::start(framing, ring.clone(), p.max_write_capture.0, ring_buffer)
+    } else {
+        PipeSource::new(framing, ring.clone(), p.max_write_capture.0, "disabled", None)
+    };
+    for target in &p.targets {
+        if let Err(e) = pipes.watch(target) {
+            warn!(?target, "cannot watch a configured target: {e:#}");
+        }
+    }
+    stats.set_pipes(pipes.clone());
     // SAFETY: geteuid/getegid cannot fail.
     let me = unsafe { Owner { uid: libc::geteuid(), gid: libc::getegid() } };
     let model = Model::new(
@@ -78,7 +93,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         format!("cannot mount the volumes at {} (root and /dev/fuse are needed)", v.mount.display())
     })?;
 
-    let control = Arc::new(Control { stats: stats.clone(), volumes: source.clone(), mountpoint: v.mount.clone() });
+    let control = Arc::new(Control {
+        stats: stats.clone(),
+        volumes: source.clone(),
+        pipes: pipes.clone(),
+        mountpoint: v.mount.clone(),
+    });
     rt.spawn(server::serve(listener, control));
     info!(
         host = %host,
@@ -119,6 +139,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     // Stop taking writes: dirty pages are pushed out, partial lines end, later writes are refused.
     fs.close();
+    rt.block_on(async {
+        if tokio::time::timeout(Duration::from_secs(2), pipes.close()).await.is_err() {
+            warn!("the eBPF event reader did not finish in time");
+        }
+    });
     ring.close();
     let left = ring.wait_drained(config.shutdown_timeout.0);
     if left > 0 {

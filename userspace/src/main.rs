@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use hyper::Method;
 use logtap::config::{self, Config};
 use logtap::control::client;
+use logtap::sources::pipes::{TargetSpec, UnwatchSpec};
 use logtap::sources::volume::VolumeSpec;
 use logtap::stats::{Snapshot, VolumeSnapshot};
 
@@ -47,11 +48,56 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a command with its stdout/stderr captured (and passed through to this terminal).
+    Run {
+        /// Service of its records (default: pid-<PID>).
+        #[arg(long)]
+        service: Option<String>,
+        /// Module of its records (default: stdout / stderr).
+        #[arg(long)]
+        module: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Capture the stdout/stderr pipe writes of a process (and its children) or a cgroup.
+    Watch {
+        #[command(flatten)]
+        target: WatchArgs,
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long)]
+        module: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Stop capturing a process, a cgroup or a whole target.
+    Unwatch {
+        #[command(flatten)]
+        target: WatchArgs,
+        /// A target id, as `logtap watch` printed it.
+        #[arg(long, conflicts_with_all = ["pid", "cgroup"])]
+        target_id: Option<u32>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Check or print configuration.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct WatchArgs {
+    /// A process id (tgid).
+    #[arg(long, conflicts_with = "cgroup")]
+    pid: Option<u32>,
+    /// A cgroup v2 directory.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -174,6 +220,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Run { service, module, socket, command } => {
+            let code = run_command(&socket.socket, service, module, &command)?;
+            std::process::exit(code);
+        }
+        Command::Watch { target, service, module, socket } => {
+            let spec = TargetSpec { pid: target.pid, cgroup: target.cgroup, service, module };
+            if spec.pid.is_none() && spec.cgroup.is_none() {
+                bail!("name a --pid or a --cgroup");
+            }
+            let body = serde_json::to_vec(&spec).context("encoding the request")?;
+            let answer = block_on(client::call(&socket.socket, Method::POST, "/v1/watch", Some(body)))?;
+            println!("{}", String::from_utf8_lossy(&answer).trim());
+            Ok(())
+        }
+        Command::Unwatch { target, target_id, socket } => {
+            let spec = UnwatchSpec { pid: target.pid, cgroup: target.cgroup, target: target_id };
+            if spec == UnwatchSpec::default() {
+                bail!("name a --pid, a --cgroup or a --target-id");
+            }
+            let body = serde_json::to_vec(&spec).context("encoding the request")?;
+            block_on(client::call(&socket.socket, Method::POST, "/v1/unwatch", Some(body)))?;
+            Ok(())
+        }
         Command::Volume { command: VolumeCommand::List { socket, json } } => {
             let body = block_on(client::call(&socket.socket, Method::GET, "/v1/volumes", None))?;
             if json {
@@ -202,6 +271,65 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `logtap run`: the agent watches this process, the command is forked from it (and so is
+/// followed), then this process stops being watched and relays the command's output.
+fn run_command(
+    socket: &std::path::Path,
+    service: Option<String>,
+    module: Option<String>,
+    argv: &[String],
+) -> anyhow::Result<i32> {
+    use std::io::{Read, Write};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+
+    let me = std::process::id();
+    let post = |path: &str, body: Vec<u8>| block_on(client::call(socket, Method::POST, path, Some(body)));
+    let spec = TargetSpec { pid: Some(me), cgroup: None, service, module };
+    let target = match post("/v1/watch", serde_json::to_vec(&spec)?) {
+        Ok(answer) => serde_json::from_slice::<serde_json::Value>(&answer).ok().and_then(|v| v["target"].as_u64()),
+        Err(e) => {
+            eprintln!("logtap run: the output is NOT captured: {e:#}");
+            None
+        }
+    };
+    let (program, args) = argv.split_first().context("no command given")?;
+    let spawned = std::process::Command::new(program).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    if target.is_some() {
+        let unwatch = UnwatchSpec { pid: Some(me), ..Default::default() };
+        if let Err(e) = post("/v1/unwatch", serde_json::to_vec(&unwatch)?) {
+            eprintln!("logtap run: {e:#}");
+        }
+    }
+    let mut child = spawned.with_context(|| format!("cannot run {program}"))?;
+    fn relay(mut from: impl Read + Send + 'static, to: fn() -> Box<dyn Write>) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut out = to();
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 || out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                    break;
+                }
+            }
+        })
+    }
+    let relays = [
+        child.stdout.take().map(|o| relay(o, || Box::new(std::io::stdout()))),
+        child.stderr.take().map(|e| relay(e, || Box::new(std::io::stderr()))),
+    ];
+    let status = child.wait().context("waiting for the command")?;
+    for r in relays.into_iter().flatten() {
+        let _ = r.join();
+    }
+    if let Some(id) = target {
+        let done = UnwatchSpec { target: u32::try_from(id).ok(), ..Default::default() };
+        if let Err(e) = post("/v1/unwatch", serde_json::to_vec(&done)?) {
+            eprintln!("logtap run: {e:#}");
+        }
+    }
+    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
 fn bytes(n: u64) -> String {

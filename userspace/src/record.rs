@@ -13,10 +13,13 @@ use crate::stats::StreamCounters;
 #[derive(Debug)]
 pub struct Origin {
     pub host: Arc<str>,
+    /// The writing process, for pipe streams (0 for volume files).
+    pub pid: u32,
+    /// The volume, for volume files (empty for pipe streams).
     pub volume: Arc<str>,
     pub service: Arc<str>,
     pub module: Arc<str>,
-    /// Path of the file inside its volume.
+    /// Path of the file inside its volume, or `stdout`/`stderr`.
     pub path: Arc<str>,
     pub counters: StreamCounters,
 }
@@ -41,6 +44,9 @@ pub struct Record {
 pub struct Envelope<'a> {
     pub timestamp: String,
     pub host: &'a str,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub pid: u32,
+    #[serde(skip_serializing_if = "str::is_empty")]
     pub volume: &'a str,
     pub service: &'a str,
     pub module: &'a str,
@@ -56,6 +62,10 @@ pub struct Envelope<'a> {
     pub unterminated: bool,
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 impl Record {
     pub fn envelope(&self) -> Envelope<'_> {
         let (message, message_base64) = match std::str::from_utf8(&self.bytes) {
@@ -67,6 +77,7 @@ impl Record {
         Envelope {
             timestamp: ts.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             host: &o.host,
+            pid: o.pid,
             volume: &o.volume,
             service: &o.service,
             module: &o.module,
@@ -94,6 +105,7 @@ pub(crate) mod tests {
     pub fn origin(path: &str) -> Arc<Origin> {
         Arc::new(Origin {
             host: "h".into(),
+            pid: 0,
             volume: "v".into(),
             service: "svc".into(),
             module: "app".into(),

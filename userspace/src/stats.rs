@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::ring::{Ring, RingSnapshot};
+use crate::sources::pipes::{PipeSource, PipesSnapshot};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -54,22 +55,23 @@ impl Counters {
     }
 }
 
-/// The counters a stream updates: its own and its volume's totals.
+/// The counters a stream updates: its own (a file's, a process's stdout) and its group's
+/// totals (the volume's, the watch target's).
 #[derive(Debug, Clone)]
 pub struct StreamCounters {
-    pub file: Arc<Counters>,
-    pub volume: Arc<Counters>,
+    pub stream: Arc<Counters>,
+    pub total: Arc<Counters>,
 }
 
 impl StreamCounters {
     /// Counters attached to no registry (tests, benchmarks).
     pub fn detached() -> Self {
-        Self { file: Arc::default(), volume: Arc::default() }
+        Self { stream: Arc::default(), total: Arc::default() }
     }
 
     fn add(&self, pick: impl Fn(&Counters) -> &AtomicU64, n: u64) {
-        pick(&self.file).fetch_add(n, Relaxed);
-        pick(&self.volume).fetch_add(n, Relaxed);
+        pick(&self.stream).fetch_add(n, Relaxed);
+        pick(&self.total).fetch_add(n, Relaxed);
     }
 
     pub fn captured(&self, records: u64, bytes: u64, split: u64) {
@@ -94,40 +96,41 @@ impl StreamCounters {
     }
 }
 
-/// A volume's totals and its files' counters, by path.
+/// A group's totals and its streams' counters, by name (a volume's files by path, a watch
+/// target's streams by pid and fd).
 #[derive(Debug, Default)]
-pub struct VolumeCounters {
+pub struct GroupCounters {
     pub totals: Arc<Counters>,
-    files: Mutex<BTreeMap<String, Arc<Counters>>>,
+    streams: Mutex<BTreeMap<String, Arc<Counters>>>,
 }
 
-impl VolumeCounters {
-    /// Counters for a new file at `path`.
-    pub fn file(&self, path: &str) -> StreamCounters {
+impl GroupCounters {
+    /// Counters for a new stream.
+    pub fn stream(&self, name: &str) -> StreamCounters {
         let file = Arc::new(Counters::default());
-        lock(&self.files).insert(path.to_string(), file.clone());
-        StreamCounters { file, volume: self.totals.clone() }
+        lock(&self.streams).insert(name.to_string(), file.clone());
+        StreamCounters { stream: file, total: self.totals.clone() }
     }
 
-    /// A file was renamed: its counters follow it.
-    pub fn file_moved(&self, from: &str, to: &str, counters: &Arc<Counters>) {
-        let mut files = lock(&self.files);
-        if files.get(from).is_some_and(|c| Arc::ptr_eq(c, counters)) {
-            files.remove(from);
+    /// A stream was renamed (a file moved): its counters follow it.
+    pub fn stream_moved(&self, from: &str, to: &str, counters: &Arc<Counters>) {
+        let mut streams = lock(&self.streams);
+        if streams.get(from).is_some_and(|c| Arc::ptr_eq(c, counters)) {
+            streams.remove(from);
         }
-        files.insert(to.to_string(), counters.clone());
+        streams.insert(to.to_string(), counters.clone());
     }
 
-    /// A file is gone for good; its counts stay in the volume totals.
-    pub fn file_gone(&self, path: &str, counters: &Arc<Counters>) {
-        let mut files = lock(&self.files);
-        if files.get(path).is_some_and(|c| Arc::ptr_eq(c, counters)) {
-            files.remove(path);
+    /// A stream is gone for good; its counts stay in the totals.
+    pub fn stream_gone(&self, path: &str, counters: &Arc<Counters>) {
+        let mut streams = lock(&self.streams);
+        if streams.get(path).is_some_and(|c| Arc::ptr_eq(c, counters)) {
+            streams.remove(path);
         }
     }
 
-    pub fn files(&self) -> BTreeMap<String, CountersSnapshot> {
-        lock(&self.files).iter().map(|(k, v)| (k.clone(), v.snapshot())).collect()
+    pub fn streams(&self) -> BTreeMap<String, CountersSnapshot> {
+        lock(&self.streams).iter().map(|(k, v)| (k.clone(), v.snapshot())).collect()
     }
 }
 
@@ -264,6 +267,7 @@ pub struct Snapshot {
     pub uptime_seconds: f64,
     pub ring: RingSnapshot,
     pub volumes: Vec<VolumeSnapshot>,
+    pub pipes: PipesSnapshot,
     pub sinks: Vec<SinkSnapshot>,
 }
 
@@ -279,6 +283,7 @@ pub struct Stats {
     ring: Arc<Ring>,
     sinks: Mutex<Vec<Arc<SinkCounters>>>,
     volumes: Mutex<Option<Arc<dyn VolumeList>>>,
+    pipes: Mutex<Option<Arc<PipeSource>>>,
 }
 
 impl Stats {
@@ -290,7 +295,21 @@ impl Stats {
             ring,
             sinks: Mutex::default(),
             volumes: Mutex::default(),
+            pipes: Mutex::default(),
         }
+    }
+
+    pub fn set_pipes(&self, pipes: Arc<PipeSource>) {
+        *lock(&self.pipes) = Some(pipes);
+    }
+
+    pub fn pipes(&self) -> PipesSnapshot {
+        lock(&self.pipes).as_ref().map(|p| p.snapshot()).unwrap_or_else(|| PipesSnapshot {
+            status: "disabled".into(),
+            reason: None,
+            pending_bytes: 0,
+            targets: Vec::new(),
+        })
     }
 
     pub fn sink(&self, name: &str, kind: &str) -> Arc<SinkCounters> {
@@ -314,6 +333,7 @@ impl Stats {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             ring: self.ring.snapshot(),
             volumes: self.volumes(),
+            pipes: self.pipes(),
             sinks: lock(&self.sinks)
                 .iter()
                 .map(|s| SinkSnapshot {
@@ -372,6 +392,20 @@ pub fn prometheus(s: &Snapshot) -> String {
             help,
             s.volumes.iter().flat_map(|v| v.files.iter().map(move |(p, c)| (file(v, p), pick(c) as f64))).collect(),
         );
+    }
+    let target = |t: &crate::sources::pipes::TargetSnapshot| format!("{{target=\"{}\"}}", t.id);
+    type TPick = fn(&crate::sources::pipes::TargetSnapshot) -> u64;
+    let target_fields: [(&str, &str, TPick); 7] = [
+        ("pipe_writes_total", "write() calls to watched pipes.", |t| t.writes_total),
+        ("pipe_written_bytes_total", "Bytes written to watched pipes.", |t| t.written_bytes_total),
+        ("pipe_truncated_bytes_total", "Bytes past max_write_capture.", |t| t.truncated_bytes_total),
+        ("pipe_lost_events_total", "Events the BPF ring buffer had no room for.", |t| t.lost_events_total),
+        ("pipe_lost_bytes_total", "Bytes the BPF ring buffer had no room for.", |t| t.lost_bytes_total),
+        ("pipe_captured_records_total", "Records captured from pipes.", |t| t.totals.captured_records_total),
+        ("pipe_dropped_records_total", "Pipe records dropped by the ring.", |t| t.totals.dropped_records_total),
+    ];
+    for (name, help, pick) in target_fields {
+        metric(name, "counter", help, s.pipes.targets.iter().map(|t| (target(t), pick(t) as f64)).collect());
     }
     let r = &s.ring;
     metric("ring_capacity_bytes", "gauge", "Ring capacity.", vec![(String::new(), r.capacity_bytes as f64)]);

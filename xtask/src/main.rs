@@ -92,6 +92,27 @@ fn rustup_components(components: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The eBPF build: the nightly toolchain with rust-src (build-std) and bpf-linker.
+fn ebpf_toolchain() -> anyhow::Result<()> {
+    let nightly = Command::new("rustup").args(["run", "nightly", "rustc", "--version"]).output();
+    if !nightly.is_ok_and(|o| o.status.success()) {
+        say("installing the nightly toolchain (the eBPF programs need build-std)");
+        sh(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let installed =
+        Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]).output();
+    if !installed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src"))) {
+        say("adding rust-src to the nightly toolchain");
+        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if !have("bpf-linker") {
+        // 0.9.13 loads the LLVM of the rustc that drives it, so it follows the nightly.
+        say("installing bpf-linker (a few minutes, once)");
+        sh(Command::new("cargo").args(["install", "bpf-linker", "--version", "0.9.13", "--locked"]))?;
+    }
+    Ok(())
+}
+
 fn setup() -> anyhow::Result<()> {
     if !is_root() {
         bail!("logtap mounts FUSE filesystems: run as root");
@@ -102,6 +123,7 @@ fn setup() -> anyhow::Result<()> {
     // python3: the rotating-logger test; dd, truncate: coreutils.
     apt_install(&[("python3", "python3"), ("coreutils", "truncate")])?;
     rustup_components(&["rustfmt", "clippy"])?;
+    ebpf_toolchain()?;
     say("setup done");
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The daemon's side of the control socket.
 //!
-//! `GET /v1/stats`, `GET /v1/volumes`, `POST /v1/volumes`, `GET /metrics`, `GET /v1/health`.
+//! `GET /v1/stats`, `GET /v1/volumes`, `POST /v1/volumes`, `GET /v1/targets`, `POST /v1/watch`,
+//! `POST /v1/unwatch`, `GET /metrics`, `GET /v1/health`.
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -18,6 +19,7 @@ use tokio::net::UnixListener;
 use tracing::{debug, info, warn};
 
 use crate::config::ControlConfig;
+use crate::sources::pipes::{PipeSource, TargetSpec, UnwatchSpec};
 use crate::sources::volume::{SpecError, VolumeSource, VolumeSpec};
 use crate::stats::{prometheus, Stats};
 
@@ -27,6 +29,7 @@ const MAX_BODY: usize = 64 << 10;
 pub struct Control {
     pub stats: Arc<Stats>,
     pub volumes: Arc<VolumeSource>,
+    pub pipes: Arc<PipeSource>,
     pub mountpoint: PathBuf,
 }
 
@@ -123,7 +126,22 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Result<Respons
             r
         }
         (&Method::GET, "/v1/health") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        (_, "/v1/stats" | "/v1/volumes" | "/metrics" | "/v1/health") => {
+        (&Method::GET, "/v1/targets") => json(StatusCode::OK, &control.stats.pipes()),
+        (&Method::POST, "/v1/watch") => match body::<TargetSpec>(req).await {
+            Ok(spec) => match control.pipes.watch(&spec) {
+                Ok(id) => json(StatusCode::CREATED, &serde_json::json!({ "target": id })),
+                Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+            },
+            Err(r) => r,
+        },
+        (&Method::POST, "/v1/unwatch") => match body::<UnwatchSpec>(req).await {
+            Ok(spec) => match control.pipes.unwatch(&spec) {
+                Ok(()) => json(StatusCode::OK, &serde_json::json!({})),
+                Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+            },
+            Err(r) => r,
+        },
+        (_, "/v1/stats" | "/v1/volumes" | "/metrics" | "/v1/health" | "/v1/targets" | "/v1/watch" | "/v1/unwatch") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
@@ -131,14 +149,19 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Result<Respons
     Ok(response)
 }
 
-async fn create_volume(req: Request<Incoming>, control: &Control) -> Response<Full<Bytes>> {
+/// A JSON request body, or the error answer to send.
+async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Full<Bytes>>> {
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
+        Err(e) => return Err(error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"))),
     };
-    let spec: VolumeSpec = match serde_json::from_slice(&body) {
+    serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
+}
+
+async fn create_volume(req: Request<Incoming>, control: &Control) -> Response<Full<Bytes>> {
+    let spec: VolumeSpec = match body(req).await {
         Ok(s) => s,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid volume request: {e}")),
+        Err(r) => return r,
     };
     let existed = control.volumes.get(&spec.name).is_some();
     if let Err(e) = control.volumes.define(&spec) {

@@ -6,14 +6,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use logtap_fusefs::{validate_volume_name, Capture, Stream};
 
-use crate::framer::{Frame, Framer};
-use crate::record::{Origin, Record};
+use super::LineStream;
+use crate::record::Origin;
 use crate::ring::Ring;
-use crate::stats::{VolumeCounters, VolumeList, VolumeSnapshot};
+use crate::stats::{GroupCounters, VolumeList, VolumeSnapshot};
 
 /// A volume's identity: every record from its files carries it.
 #[derive(Debug)]
@@ -21,7 +21,7 @@ pub struct Volume {
     pub name: Arc<str>,
     pub service: Arc<str>,
     pub labels: BTreeMap<String, String>,
-    counters: Arc<VolumeCounters>,
+    counters: Arc<GroupCounters>,
 }
 
 /// What `logtap volume create` asks for.
@@ -142,6 +142,7 @@ impl VolumeSource {
         let file_name = path.rsplit('/').next().unwrap_or(path);
         Arc::new(Origin {
             host: self.framing.host.clone(),
+            pid: 0,
             volume: volume.name.clone(),
             service: volume.service.clone(),
             module: module_of(file_name).into(),
@@ -160,7 +161,7 @@ impl VolumeList for VolumeSource {
                 service: v.service.to_string(),
                 labels: v.labels.clone(),
                 totals: v.counters.totals.snapshot(),
-                files: v.counters.files(),
+                files: v.counters.streams(),
             })
             .collect()
     }
@@ -217,15 +218,12 @@ impl Capture for VolumeCapture {
 
     fn stream(&self, volume: &str, path: &str) -> FileStream {
         let v = self.0.volume(volume);
-        let counters = v.counters.file(path);
+        let counters = v.counters.stream(path);
         let origin = self.0.origin(&v, path, counters);
         FileStream {
+            lines: LineStream::new(origin, self.0.framing.max_record_bytes, self.0.ring.clone()),
             source: self.0.clone(),
-            framer: Framer::new(self.0.framing.max_record_bytes),
             volume: v,
-            origin,
-            seq: 0,
-            frames: Vec::new(),
         }
     }
 }
@@ -234,77 +232,41 @@ impl Capture for VolumeCapture {
 pub struct FileStream {
     source: Arc<VolumeSource>,
     volume: Arc<Volume>,
-    origin: Arc<Origin>,
-    framer: Framer,
-    seq: u64,
-    frames: Vec<Frame>,
-}
-
-impl FileStream {
-    fn emit(&mut self) {
-        if self.frames.is_empty() {
-            return;
-        }
-        let at = SystemTime::now();
-        let mut bytes = 0;
-        let mut split = 0;
-        let records: Vec<Record> = self
-            .frames
-            .drain(..)
-            .map(|f| {
-                bytes += f.bytes.len() as u64;
-                split += u64::from(f.split);
-                let seq = self.seq;
-                self.seq += 1;
-                Record {
-                    captured_at: at,
-                    origin: self.origin.clone(),
-                    seq,
-                    bytes: f.bytes,
-                    split: f.split,
-                    unterminated: f.unterminated,
-                }
-            })
-            .collect();
-        self.origin.counters.captured(records.len() as u64, bytes, split);
-        self.source.ring.push(records);
-    }
+    lines: LineStream,
 }
 
 impl Stream for FileStream {
     fn append(&mut self, data: &[u8]) {
-        self.framer.push(data, Instant::now(), &mut self.frames);
-        self.emit();
+        self.lines.push(data);
     }
 
     fn overwritten(&mut self, bytes: u64) {
-        self.origin.counters.overwritten(bytes);
+        self.lines.origin.counters.overwritten(bytes);
     }
 
     fn refused(&mut self, bytes: u64) {
-        self.origin.counters.refused(bytes);
+        self.lines.origin.counters.refused(bytes);
     }
 
     fn end_record(&mut self) {
-        self.framer.flush(&mut self.frames);
-        self.emit();
+        self.lines.end_record();
     }
 
     fn moved(&mut self, path: &str) {
-        self.volume.counters.file_moved(&self.origin.path, path, &self.origin.counters.file);
-        self.origin = self.source.origin(&self.volume, path, self.origin.counters.clone());
+        let old = &self.lines.origin;
+        self.volume.counters.stream_moved(&old.path, path, &old.counters.stream);
+        self.lines.origin = self.source.origin(&self.volume, path, old.counters.clone());
     }
 
     fn idle(&mut self, now: Instant) {
-        self.framer.flush_older_than(now, self.source.framing.partial_flush, &mut self.frames);
-        self.emit();
+        self.lines.idle(now, self.source.framing.partial_flush);
     }
 }
 
 impl Drop for FileStream {
     fn drop(&mut self) {
-        self.end_record();
-        self.volume.counters.file_gone(&self.origin.path, &self.origin.counters.file);
+        self.lines.end_record();
+        self.volume.counters.stream_gone(&self.lines.origin.path, &self.lines.origin.counters.stream);
     }
 }
 

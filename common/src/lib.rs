@@ -1,0 +1,83 @@
+//! The one definition of what crosses between logtap's eBPF programs and user space: the
+//! event layout in the BPF ring buffer, the per-target counters, the settings user space
+//! resolves at load time (tracepoint field offsets, kernel struct offsets from BTF).
+#![no_std]
+
+/// Bytes of write() data carried by one event.
+pub const CHUNK: usize = 4096;
+/// Most chunks of one buffer (so `max_capture` is at most 64 KiB); the rest is counted as
+/// truncated.
+pub const MAX_CHUNKS: u32 = 16;
+/// Most iovecs of one writev() followed; bytes in later iovecs are counted as truncated.
+pub const MAX_IOV: u32 = 8;
+/// Most watch targets at once (index of the per-target counters).
+pub const MAX_TARGETS: u32 = 4096;
+
+/// A data event: a piece of what one write()/writev() put into a watched pipe.
+pub const EVENT_DATA: u32 = 1;
+/// A watched process exited (its last partial lines end).
+pub const EVENT_EXIT: u32 = 2;
+
+/// Header of every event in the ring buffer; `len` bytes of data follow a data event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u32,
+    pub target: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: u32,
+    /// Bytes of data that follow.
+    pub len: u32,
+    /// What the write() returned: bytes the kernel accepted.
+    pub total: u64,
+    /// Where this chunk starts within the write.
+    pub offset: u64,
+}
+
+pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
+
+/// Counters per target, one copy per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetCounters {
+    /// write()/writev() calls to a watched pipe that returned.
+    pub writes: u64,
+    /// Bytes those calls wrote (their return values).
+    pub bytes: u64,
+    /// Bytes beyond `max_capture` not copied.
+    pub truncated_bytes: u64,
+    /// Events the ring buffer had no room for, and their data bytes.
+    pub lost_events: u64,
+    pub lost_bytes: u64,
+}
+
+/// Settings user space resolves at load time: field offsets from the tracepoints' format
+/// files and kernel struct offsets from BTF, so that no layout is compiled in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub enter_write_fd: u32,
+    pub enter_write_buf: u32,
+    pub enter_write_count: u32,
+    pub enter_writev_fd: u32,
+    pub enter_writev_vec: u32,
+    pub enter_writev_vlen: u32,
+    pub exit_write_ret: u32,
+    pub exit_writev_ret: u32,
+    pub fork_child_pid: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub file_f_inode: u32,
+    pub inode_i_mode: u32,
+    /// Bytes copied per write at most.
+    pub max_capture: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data, no padding beyond what repr(C) of u32/u64 fields gives.
+unsafe impl aya::Pod for Settings {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for TargetCounters {}

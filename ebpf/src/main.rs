@@ -1,0 +1,379 @@
+//! logtap's eBPF programs: capture what watched processes write to their stdout/stderr when
+//! that fd is a pipe or FIFO, counting only bytes the kernel accepted.
+//!
+//! `sys_enter_write[v]` notes a candidate call per thread; `sys_exit_write[v]` copies the bytes
+//! the call returned (up to `max_capture`) into the ring buffer in chunks. Processes are
+//! watched by cgroup v2 id or by tgid; children are followed at fork and forgotten at exit.
+//! Every offset (tracepoint fields, kernel structs) comes from user space at load time.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel,
+    bpf_probe_read_user, bpf_probe_read_user_buf,
+};
+use aya_ebpf::macros::{map, tracepoint};
+use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf};
+use aya_ebpf::programs::TracePointContext;
+use logtap_common::{
+    EventHeader, Settings, TargetCounters, CHUNK, EVENT_DATA, EVENT_EXIT, HEADER_LEN, MAX_CHUNKS, MAX_IOV,
+    MAX_TARGETS,
+};
+
+/// Filled in by user space before load.
+#[no_mangle]
+static SETTINGS: Settings = Settings {
+    enter_write_fd: 0,
+    enter_write_buf: 0,
+    enter_write_count: 0,
+    enter_writev_fd: 0,
+    enter_writev_vec: 0,
+    enter_writev_vlen: 0,
+    exit_write_ret: 0,
+    exit_writev_ret: 0,
+    fork_child_pid: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_fd: 0,
+    file_f_inode: 0,
+    inode_i_mode: 0,
+    max_capture: 0,
+};
+
+/// Watched processes: tgid (and tids of their threads, until they exit) -> target.
+#[map]
+static WATCH_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
+/// Watched cgroup v2 ids -> target.
+#[map]
+static WATCH_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+
+const KIND_WRITE: u32 = 1;
+const KIND_WRITEV: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Pending {
+    kind: u32,
+    target: u32,
+    fd: u32,
+    _pad: u32,
+    /// The buffer (write) or the iovec array (writev).
+    ptr: u64,
+    /// count or vlen.
+    n: u64,
+}
+
+/// A call in flight, per thread (pid_tgid).
+#[map]
+static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<TargetCounters> = PerCpuArray::with_max_entries(MAX_TARGETS, 0);
+
+/// An event being assembled: header and data, too big for the stack.
+#[repr(C)]
+struct Scratch {
+    header: EventHeader,
+    data: [u8; 2 * CHUNK],
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Iovec {
+    base: u64,
+    len: u64,
+}
+
+const S_IFMT: u16 = 0o170000;
+const S_IFIFO: u16 = 0o010000;
+
+#[inline(always)]
+fn settings() -> Settings {
+    // SAFETY: a global that user space rewrites before load; volatile so it is not folded.
+    unsafe { core::ptr::read_volatile(&SETTINGS) }
+}
+
+#[inline(always)]
+fn counters(target: u32) -> Option<&'static mut TargetCounters> {
+    // SAFETY: per-CPU value, no other writer on this CPU while the program runs.
+    COUNTERS.get_ptr_mut(target).map(|p| unsafe { &mut *p })
+}
+
+/// The watch target of the current process, if any.
+#[inline(always)]
+fn watched() -> Option<u32> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: map lookups return pointers valid for the program's run.
+    if let Some(t) = unsafe { WATCH_PIDS.get(&tgid) } {
+        return Some(*t);
+    }
+    // SAFETY: helper without arguments.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    unsafe { WATCH_CGROUPS.get(&cgroup) }.copied()
+}
+
+/// Whether `fd` of the current task is a pipe or FIFO:
+/// task->files->fdt->fd[fd]->f_inode->i_mode, with offsets from BTF.
+#[inline(always)]
+fn is_pipe(s: &Settings, fd: u32) -> bool {
+    // SAFETY: every pointer is read with bpf_probe_read_kernel, which fails safely.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let Ok(files) = bpf_probe_read_kernel(task.add(s.task_files as usize) as *const *const u8) else { return false };
+        let Ok(fdt) = bpf_probe_read_kernel(files.add(s.files_fdt as usize) as *const *const u8) else { return false };
+        let Ok(fds) = bpf_probe_read_kernel(fdt.add(s.fdtable_fd as usize) as *const *const *const u8) else { return false };
+        let Ok(file) = bpf_probe_read_kernel(fds.add(fd as usize)) else { return false };
+        if file.is_null() {
+            return false;
+        }
+        let Ok(inode) = bpf_probe_read_kernel(file.add(s.file_f_inode as usize) as *const *const u8) else { return false };
+        let Ok(mode) = bpf_probe_read_kernel(inode.add(s.inode_i_mode as usize) as *const u16) else { return false };
+        mode & S_IFMT == S_IFIFO
+    }
+}
+
+#[inline(always)]
+fn enter(ctx: &TracePointContext, kind: u32, fd_at: u32, ptr_at: u32, n_at: u32) -> Result<(), i64> {
+    let Some(target) = watched() else { return Ok(()) };
+    // SAFETY: offsets come from the tracepoint's format file.
+    let fd: u64 = unsafe { ctx.read_at(fd_at as usize) }.map_err(|e| e as i64)?;
+    let fd = fd as u32;
+    if fd != 1 && fd != 2 {
+        return Ok(());
+    }
+    let s = settings();
+    if !is_pipe(&s, fd) {
+        return Ok(());
+    }
+    let ptr: u64 = unsafe { ctx.read_at(ptr_at as usize) }.map_err(|e| e as i64)?;
+    let n: u64 = unsafe { ctx.read_at(n_at as usize) }.map_err(|e| e as i64)?;
+    let p = Pending { kind, target, fd, _pad: 0, ptr, n };
+    PENDING.insert(&bpf_get_current_pid_tgid(), &p, 0)?;
+    Ok(())
+}
+
+/// Losses of one call, added to the target's counters at the end.
+#[derive(Default)]
+struct Loss {
+    events: u64,
+    bytes: u64,
+}
+
+/// Copies `len` bytes at user address `base` into the ring buffer, as chunks whose offsets in
+/// the write start at `start`. Returns the bytes copied. Offsets inside the loop are constants
+/// per iteration, which keeps the verifier's work small.
+#[inline(always)]
+fn emit_segment(scratch: &mut Scratch, p: &Pending, total: u64, base: u64, len: u64, start: u64, loss: &mut Loss) -> u64 {
+    let id = bpf_get_current_pid_tgid();
+    let mut copied = 0;
+    for i in 0..MAX_CHUNKS {
+        let off = i as u64 * CHUNK as u64;
+        if off >= len {
+            break;
+        }
+        let mut n = len - off;
+        if n > CHUNK as u64 {
+            n = CHUNK as u64;
+        }
+        // A bound the verifier can see: at most 2*CHUNK - 1, within `data`.
+        let n = (n as usize) & (2 * CHUNK - 1);
+        scratch.header = EventHeader {
+            kind: EVENT_DATA,
+            target: p.target,
+            tgid: (id >> 32) as u32,
+            tid: id as u32,
+            fd: p.fd,
+            len: n as u32,
+            total,
+            offset: start + off,
+        };
+        // SAFETY: user memory read through the helper into our buffer.
+        if unsafe { bpf_probe_read_user_buf((base + off) as *const u8, &mut scratch.data[..n]) }.is_err() {
+            break;
+        }
+        // SAFETY: header and data are contiguous in the repr(C) struct.
+        let bytes = unsafe { core::slice::from_raw_parts(scratch as *const Scratch as *const u8, HEADER_LEN + n) };
+        if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+            loss.events += 1;
+            loss.bytes += n as u64;
+        }
+        copied += n as u64;
+    }
+    copied
+}
+
+/// The call in flight for this thread, if it is of `kind`, with what it returned and how much
+/// of it to copy.
+#[inline(always)]
+fn finished(ctx: &TracePointContext, kind: u32, ret_at: u32) -> Option<(Pending, u64, u64)> {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: map lookup.
+    let p = unsafe { PENDING.get(&id) }.copied()?;
+    let _ = PENDING.remove(&id);
+    if p.kind != kind {
+        return None;
+    }
+    // SAFETY: offset from the tracepoint's format file.
+    let ret: i64 = unsafe { ctx.read_at(ret_at as usize) }.ok()?;
+    if ret <= 0 {
+        // EAGAIN, EINTR, EPIPE...: nothing was written.
+        return None;
+    }
+    let total = ret as u64;
+    let max = settings().max_capture as u64;
+    Some((p, total, if total > max { max } else { total }))
+}
+
+#[inline(always)]
+fn account(p: &Pending, total: u64, sent: u64, loss: &Loss) {
+    if let Some(c) = counters(p.target) {
+        c.writes += 1;
+        c.bytes += total;
+        c.truncated_bytes += total - sent;
+        c.lost_events += loss.events;
+        c.lost_bytes += loss.bytes;
+    }
+}
+
+#[inline(always)]
+fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: per-CPU map value, ours for the program's run.
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+#[tracepoint]
+pub fn write_enter(ctx: TracePointContext) -> u32 {
+    let s = settings();
+    let _ = enter(&ctx, KIND_WRITE, s.enter_write_fd, s.enter_write_buf, s.enter_write_count);
+    0
+}
+
+#[tracepoint]
+pub fn writev_enter(ctx: TracePointContext) -> u32 {
+    let s = settings();
+    let _ = enter(&ctx, KIND_WRITEV, s.enter_writev_fd, s.enter_writev_vec, s.enter_writev_vlen);
+    0
+}
+
+#[tracepoint]
+pub fn write_exit(ctx: TracePointContext) -> u32 {
+    let Some((p, total, want)) = finished(&ctx, KIND_WRITE, settings().exit_write_ret) else { return 0 };
+    let Some(scratch) = scratch() else { return 0 };
+    let mut loss = Loss::default();
+    let sent = emit_segment(scratch, &p, total, p.ptr, want, 0, &mut loss);
+    account(&p, total, sent, &loss);
+    0
+}
+
+/// A writev() being copied: one iovec per program run, the next run reached by a tail call,
+/// so that each run is as simple for the verifier as a write().
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Writev {
+    p: Pending,
+    total: u64,
+    want: u64,
+    sent: u64,
+    next: u64,
+    lost_events: u64,
+    lost_bytes: u64,
+}
+
+#[map]
+static WRITEV: PerCpuArray<Writev> = PerCpuArray::with_max_entries(1, 0);
+/// Slot 0: `writev_more`, set by user space.
+#[map]
+static JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn writev_step(ctx: &TracePointContext) {
+    let (Some(st), Some(scratch)) = (WRITEV.get_ptr_mut(0), scratch()) else { return };
+    // SAFETY: per-CPU map value, ours for the program's run (tail calls stay on this CPU).
+    let st = unsafe { &mut *st };
+    if st.sent < st.want && st.next < st.p.n && st.next < MAX_IOV as u64 {
+        // SAFETY: user memory read through the helper.
+        let iov = unsafe { bpf_probe_read_user((st.p.ptr as *const Iovec).wrapping_add(st.next as usize)) };
+        if let Ok(iov) = iov {
+            let mut len = st.want - st.sent;
+            if len > iov.len {
+                len = iov.len;
+            }
+            let mut loss = Loss::default();
+            st.sent += emit_segment(scratch, &st.p, st.total, iov.base, len, st.sent, &mut loss);
+            st.lost_events += loss.events;
+            st.lost_bytes += loss.bytes;
+            st.next += 1;
+            if st.sent < st.want && st.next < st.p.n && st.next < MAX_IOV as u64 {
+                // SAFETY: a tail call into our own program; it does not return when it succeeds.
+                unsafe { JUMP.tail_call(ctx, 0) };
+            }
+        }
+    }
+    account(&st.p, st.total, st.sent, &Loss { events: st.lost_events, bytes: st.lost_bytes });
+}
+
+#[tracepoint]
+pub fn writev_exit(ctx: TracePointContext) -> u32 {
+    let Some((p, total, want)) = finished(&ctx, KIND_WRITEV, settings().exit_writev_ret) else { return 0 };
+    let Some(st) = WRITEV.get_ptr_mut(0) else { return 0 };
+    // SAFETY: per-CPU map value, ours for the program's run.
+    unsafe { *st = Writev { p, total, want, sent: 0, next: 0, lost_events: 0, lost_bytes: 0 } };
+    writev_step(&ctx);
+    0
+}
+
+/// The next iovec of a writev(); reached only by tail call from `writev_exit`.
+#[tracepoint]
+pub fn writev_more(ctx: TracePointContext) -> u32 {
+    writev_step(&ctx);
+    0
+}
+
+/// A watched process's children (and threads) are watched too.
+#[tracepoint]
+pub fn process_fork(ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: map lookup.
+    if let Some(target) = unsafe { WATCH_PIDS.get(&tgid) }.copied() {
+        // SAFETY: offset from the tracepoint's format file.
+        if let Ok(child) = unsafe { ctx.read_at::<u32>(settings().fork_child_pid as usize) } {
+            let _ = WATCH_PIDS.insert(&child, &target, 0);
+        }
+    }
+    0
+}
+
+/// A watched task exits: forget it; a whole process tells user space to end its lines.
+#[tracepoint]
+pub fn process_exit(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    let _ = PENDING.remove(&id);
+    let target = match unsafe { WATCH_PIDS.get(&tid) }.copied() {
+        Some(t) => {
+            let _ = WATCH_PIDS.remove(&tid);
+            Some(t)
+        }
+        None => watched(),
+    };
+    if let (Some(target), true) = (target, tgid == tid) {
+        if let Some(mut e) = EVENTS.reserve::<EventHeader>(0) {
+            e.write(EventHeader { kind: EVENT_EXIT, target, tgid, tid, fd: 0, len: 0, total: 0, offset: 0 });
+            e.submit(0);
+        }
+    }
+    let _ = ctx;
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,89 @@
+//! Loading and attaching the eBPF programs, with this kernel's offsets filled in.
+
+use anyhow::{bail, Context};
+use aya::maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+use logtap_common::{Settings, TargetCounters};
+
+use super::{btf::Btf, tracefs};
+
+/// The programs, built by build.rs from crate `ebpf/`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/logtap.bpf.o"));
+
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub events: RingBuf<MapData>,
+    pub pids: HashMap<MapData, u32, u32>,
+    pub cgroups: HashMap<MapData, u64, u32>,
+    pub counters: PerCpuArray<MapData, TargetCounters>,
+}
+
+fn settings(max_capture: u32) -> anyhow::Result<Settings> {
+    let btf = Btf::from_file("/sys/kernel/btf/vmlinux").context("kernel BTF is needed to find struct offsets")?;
+    let root = tracefs::root()?;
+    let f = |cat: &str, name: &str, field: &str| tracefs::field_offset(&root, cat, name, field);
+    Ok(Settings {
+        enter_write_fd: f("syscalls", "sys_enter_write", "fd")?,
+        enter_write_buf: f("syscalls", "sys_enter_write", "buf")?,
+        enter_write_count: f("syscalls", "sys_enter_write", "count")?,
+        enter_writev_fd: f("syscalls", "sys_enter_writev", "fd")?,
+        enter_writev_vec: f("syscalls", "sys_enter_writev", "vec")?,
+        enter_writev_vlen: f("syscalls", "sys_enter_writev", "vlen")?,
+        exit_write_ret: f("syscalls", "sys_exit_write", "ret")?,
+        exit_writev_ret: f("syscalls", "sys_exit_writev", "ret")?,
+        fork_child_pid: f("sched", "sched_process_fork", "child_pid")?,
+        task_files: btf.member_offset("task_struct", "files")?,
+        files_fdt: btf.member_offset("files_struct", "fdt")?,
+        fdtable_fd: btf.member_offset("fdtable", "fd")?,
+        file_f_inode: btf.member_offset("file", "f_inode")?,
+        inode_i_mode: btf.member_offset("inode", "i_mode")?,
+        max_capture,
+    })
+}
+
+pub fn load(max_capture: u32, ring_buffer_bytes: u32) -> anyhow::Result<Loaded> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("loading eBPF programs needs root");
+    }
+    let settings = settings(max_capture)?;
+    let mut ebpf = EbpfLoader::new()
+        .override_global("SETTINGS", &settings, true)
+        .map_max_entries("EVENTS", ring_buffer_bytes)
+        .load(OBJECT)
+        .context("the kernel refused the eBPF object")?;
+    for (name, category, event) in [
+        ("write_enter", "syscalls", "sys_enter_write"),
+        ("writev_enter", "syscalls", "sys_enter_writev"),
+        ("write_exit", "syscalls", "sys_exit_write"),
+        ("writev_exit", "syscalls", "sys_exit_writev"),
+        ("process_fork", "sched", "sched_process_fork"),
+        ("process_exit", "sched", "sched_process_exit"),
+    ] {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} is missing from the object"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not a tracepoint"))?;
+        program.load().with_context(|| format!("the kernel refused program {name}"))?;
+        program.attach(category, event).with_context(|| format!("cannot attach {name} to {category}/{event}"))?;
+    }
+    // writev_exit continues with writev_more, one iovec per run, through the JUMP table.
+    let more: &mut TracePoint = ebpf
+        .program_mut("writev_more")
+        .context("program writev_more is missing from the object")?
+        .try_into()
+        .context("program writev_more is not a tracepoint")?;
+    more.load().context("the kernel refused program writev_more")?;
+    let more_fd =
+        more.fd().context("writev_more has no fd")?.try_clone().context("duplicating the fd of writev_more")?;
+    let mut jump = ProgramArray::try_from(ebpf.map_mut("JUMP").context("map JUMP is missing")?)?;
+    jump.set(0, &more_fd, 0).context("filling the JUMP table")?;
+    let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} is missing"));
+    let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
+    let pids = HashMap::try_from(take(&mut ebpf, "WATCH_PIDS")?)?;
+    let cgroups = HashMap::try_from(take(&mut ebpf, "WATCH_CGROUPS")?)?;
+    let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
+    Ok(Loaded { ebpf, events, pids, cgroups, counters })
+}
