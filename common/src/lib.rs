@@ -17,6 +17,9 @@ pub const MAX_TARGETS: u32 = 4096;
 pub const EVENT_DATA: u32 = 1;
 /// A watched process exited (its last partial lines end).
 pub const EVENT_EXIT: u32 = 2;
+/// A write ended short of what its data events announced (a writev with more iovecs than
+/// are followed): `offset` is what was copied; the record ends there.
+pub const EVENT_WRITE_END: u32 = 3;
 
 /// Header of every event in the ring buffer; `len` bytes of data follow a data event.
 #[repr(C)]

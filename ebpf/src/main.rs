@@ -16,7 +16,7 @@ use aya_ebpf::macros::{map, tracepoint};
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf};
 use aya_ebpf::programs::TracePointContext;
 use logtap_common::{
-    EventHeader, Settings, TargetCounters, CHUNK, EVENT_DATA, EVENT_EXIT, HEADER_LEN, MAX_CHUNKS, MAX_IOV,
+    EventHeader, Settings, TargetCounters, CHUNK, EVENT_DATA, EVENT_EXIT, EVENT_WRITE_END, HEADER_LEN, MAX_CHUNKS, MAX_IOV,
     MAX_TARGETS,
 };
 
@@ -313,6 +313,25 @@ fn writev_step(ctx: &TracePointContext) {
                 // SAFETY: a tail call into our own program; it does not return when it succeeds.
                 unsafe { JUMP.tail_call(ctx, 0) };
             }
+        }
+    }
+    if st.sent < st.want {
+        // User space waits for `want` bytes: tell it the write ends here.
+        let id = bpf_get_current_pid_tgid();
+        if let Some(mut e) = EVENTS.reserve::<EventHeader>(0) {
+            e.write(EventHeader {
+                kind: EVENT_WRITE_END,
+                target: st.p.target,
+                tgid: (id >> 32) as u32,
+                tid: id as u32,
+                fd: st.p.fd,
+                len: 0,
+                total: st.total,
+                offset: st.sent,
+            });
+            e.submit(0);
+        } else {
+            st.lost_events += 1;
         }
     }
     account(&st.p, st.total, st.sent, &Loss { events: st.lost_events, bytes: st.lost_bytes });

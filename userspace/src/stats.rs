@@ -393,7 +393,9 @@ pub fn prometheus(s: &Snapshot) -> String {
             s.volumes.iter().flat_map(|v| v.files.iter().map(move |(p, c)| (file(v, p), pick(c) as f64))).collect(),
         );
     }
-    let target = |t: &crate::sources::pipes::TargetSnapshot| format!("{{target=\"{}\"}}", t.id);
+    let target = |t: &crate::sources::pipes::TargetSnapshot| {
+        format!("{{target=\"{}\",service=\"{}\"}}", t.id, label_value(&t.service_name))
+    };
     type TPick = fn(&crate::sources::pipes::TargetSnapshot) -> u64;
     let target_fields: [(&str, &str, TPick); 7] = [
         ("pipe_writes_total", "write() calls to watched pipes.", |t| t.writes_total),
@@ -405,7 +407,9 @@ pub fn prometheus(s: &Snapshot) -> String {
         ("pipe_dropped_records_total", "Pipe records dropped by the ring.", |t| t.totals.dropped_records_total),
     ];
     for (name, help, pick) in target_fields {
-        metric(name, "counter", help, s.pipes.targets.iter().map(|t| (target(t), pick(t) as f64)).collect());
+        // Ended targets are in the JSON stats only: their series would restart under a reused id.
+        let live = s.pipes.targets.iter().filter(|t| !t.ended);
+        metric(name, "counter", help, live.map(|t| (target(t), pick(t) as f64)).collect());
     }
     let r = &s.ring;
     metric("ring_capacity_bytes", "gauge", "Ring capacity.", vec![(String::new(), r.capacity_bytes as f64)]);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use logtap_common::{EventHeader, TargetCounters, EVENT_DATA, EVENT_EXIT, HEADER_LEN, MAX_TARGETS};
+use logtap_common::{EventHeader, TargetCounters, EVENT_DATA, EVENT_EXIT, EVENT_WRITE_END, HEADER_LEN, MAX_TARGETS};
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
@@ -70,6 +70,11 @@ pub struct TargetSnapshot {
     pub id: u32,
     #[serde(flatten)]
     pub spec: TargetSpec,
+    /// The service its records carry.
+    #[serde(rename = "service")]
+    pub service_name: String,
+    /// Removed (`logtap run` ended, or unwatched); kept among the last ones for their counts.
+    pub ended: bool,
     /// Counted in the kernel: calls that wrote to a watched pipe, their bytes, the bytes past
     /// `max_write_capture`, and events (bytes) the BPF ring buffer had no room for.
     pub writes_total: u64,
@@ -106,7 +111,12 @@ struct State {
     status: String,
     reason: Option<String>,
     pending_bytes: u64,
+    /// The last targets removed, with their final counts.
+    ended: std::collections::VecDeque<TargetSnapshot>,
 }
+
+/// How many removed targets stay visible in the stats.
+const ENDED_KEPT: usize = 64;
 
 pub struct PipeSource {
     framing: Framing,
@@ -147,6 +157,7 @@ impl PipeSource {
                 status: status.into(),
                 reason,
                 pending_bytes: 0,
+                ended: std::collections::VecDeque::new(),
             }),
             commands: Mutex::new(None),
         })
@@ -273,7 +284,15 @@ impl PipeSource {
     }
 
     fn remove_target(&self, id: u32) {
+        let last = self.snapshot_of(&self.lock(), id);
         let mut st = self.lock();
+        if let Some(mut last) = last {
+            last.ended = true;
+            st.ended.push_back(last);
+            if st.ended.len() > ENDED_KEPT {
+                st.ended.pop_front();
+            }
+        }
         let target = st.targets.get(&id).cloned();
         if let (Some(maps), Some(t)) = (st.maps.as_mut(), target) {
             if let Some(pid) = t.spec.pid {
@@ -293,39 +312,43 @@ impl PipeSource {
         info!(target = id, "target removed");
     }
 
+    fn snapshot_of(&self, st: &State, id: u32) -> Option<TargetSnapshot> {
+        let t = st.targets.get(&id)?;
+        let k = st
+            .maps
+            .as_ref()
+            .and_then(|m| m.counters.get(&t.id, 0).ok())
+            .map(|per_cpu| {
+                per_cpu.iter().fold(TargetCounters::default(), |a, c| TargetCounters {
+                    writes: a.writes + c.writes,
+                    bytes: a.bytes + c.bytes,
+                    truncated_bytes: a.truncated_bytes + c.truncated_bytes,
+                    lost_events: a.lost_events + c.lost_events,
+                    lost_bytes: a.lost_bytes + c.lost_bytes,
+                })
+            })
+            .unwrap_or_default();
+        let mut spec = t.spec.clone();
+        spec.service = None;
+        Some(TargetSnapshot {
+            id: t.id,
+            spec,
+            service_name: t.service.to_string(),
+            ended: false,
+            writes_total: k.writes,
+            written_bytes_total: k.bytes,
+            truncated_bytes_total: k.truncated_bytes,
+            lost_events_total: k.lost_events,
+            lost_bytes_total: k.lost_bytes,
+            totals: t.counters.totals.snapshot(),
+            streams: t.counters.streams(),
+        })
+    }
+
     pub fn snapshot(&self) -> PipesSnapshot {
         let st = self.lock();
-        let targets = st
-            .targets
-            .values()
-            .map(|t| {
-                let k = st
-                    .maps
-                    .as_ref()
-                    .and_then(|m| m.counters.get(&t.id, 0).ok())
-                    .map(|per_cpu| {
-                        per_cpu.iter().fold(TargetCounters::default(), |a, c| TargetCounters {
-                            writes: a.writes + c.writes,
-                            bytes: a.bytes + c.bytes,
-                            truncated_bytes: a.truncated_bytes + c.truncated_bytes,
-                            lost_events: a.lost_events + c.lost_events,
-                            lost_bytes: a.lost_bytes + c.lost_bytes,
-                        })
-                    })
-                    .unwrap_or_default();
-                TargetSnapshot {
-                    id: t.id,
-                    spec: t.spec.clone(),
-                    writes_total: k.writes,
-                    written_bytes_total: k.bytes,
-                    truncated_bytes_total: k.truncated_bytes,
-                    lost_events_total: k.lost_events,
-                    lost_bytes_total: k.lost_bytes,
-                    totals: t.counters.totals.snapshot(),
-                    streams: t.counters.streams(),
-                }
-            })
-            .collect();
+        let mut targets: Vec<TargetSnapshot> = st.targets.keys().filter_map(|id| self.snapshot_of(&st, *id)).collect();
+        targets.extend(st.ended.iter().cloned());
         PipesSnapshot { status: st.status.clone(), reason: st.reason.clone(), pending_bytes: st.pending_bytes, targets }
     }
 
@@ -402,7 +425,22 @@ impl PipeSource {
                     let Some(data) = item.get(HEADER_LEN..HEADER_LEN + h.len as usize) else { continue };
                     self.data(&h, data, asm);
                 }
-                EVENT_EXIT => asm.end_process(h.tgid),
+                EVENT_WRITE_END => {
+                    if let Some(partial) = asm.writes.remove(&(h.tid, h.fd)) {
+                        self.deliver(asm, &partial.header, &partial.data, true);
+                    }
+                }
+                EVENT_EXIT => {
+                    // Writes whose chunks were lost still deliver what came.
+                    let threads: Vec<(u32, u32)> =
+                        asm.writes.iter().filter(|(_, w)| w.header.tgid == h.tgid).map(|(k, _)| *k).collect();
+                    for key in threads {
+                        if let Some(partial) = asm.writes.remove(&key) {
+                            self.deliver(asm, &partial.header, &partial.data, true);
+                        }
+                    }
+                    asm.end_process(h.tgid);
+                }
                 _ => {}
             }
         }
@@ -412,25 +450,38 @@ impl PipeSource {
         let want = h.total.min(self.max_capture);
         let end = h.offset + data.len() as u64;
         let key = (h.tid, h.fd);
-        let whole = if h.offset == 0 && end >= want {
-            // The common case: a write in one chunk.
-            asm.writes.remove(&key);
-            Some(std::borrow::Cow::Borrowed(data))
-        } else {
-            let buf = asm.writes.entry(key).or_default();
-            if h.offset == 0 {
-                // A thread has one write in flight: a new one means the last one lost chunks.
-                buf.clear();
+        if h.offset == 0 {
+            // A thread has one write in flight: an unfinished one before this lost chunks in
+            // the kernel (counted there); deliver what came of it.
+            if let Some(partial) = asm.writes.remove(&key) {
+                self.deliver(asm, &partial.header, &partial.data, true);
             }
-            buf.extend_from_slice(data);
-            (end >= want).then(|| std::borrow::Cow::Owned(asm.writes.remove(&key).unwrap_or_default()))
-        };
-        let Some(bytes) = whole else { return };
+            if end >= want {
+                // The common case: a write in one chunk.
+                self.deliver(asm, h, data, h.total > want);
+                return;
+            }
+        }
+        let w = asm.writes.entry(key).or_insert_with(|| Partial { header: *h, data: Vec::new() });
+        w.data.extend_from_slice(data);
+        if end >= want {
+            if let Some(done) = asm.writes.remove(&key) {
+                self.deliver(asm, h, &done.data, h.total > want);
+            }
+        }
+    }
+
+    /// A whole write (or what came of it) goes to its (process, fd) line stream. `cut` ends
+    /// the record after it: the rest of the write, newline included, was not copied.
+    fn deliver(&self, asm: &mut Reassembly, h: &EventHeader, bytes: &[u8], cut: bool) {
         let stream = asm.streams.entry((h.tgid, h.fd)).or_insert_with(|| {
             let target = self.target(h.target);
             self.stream(h, target.as_deref())
         });
-        stream.lines.push(&bytes);
+        stream.lines.push(bytes);
+        if cut {
+            stream.lines.end_record();
+        }
     }
 
     fn stream(&self, h: &EventHeader, target: Option<&Target>) -> PipeStream {
@@ -464,10 +515,16 @@ struct PipeStream {
     lines: LineStream,
 }
 
+/// A write whose chunks are still arriving.
+struct Partial {
+    header: EventHeader,
+    data: Vec<u8>,
+}
+
 #[derive(Default)]
 struct Reassembly {
     /// Writes whose chunks are still arriving, per (tid, fd).
-    writes: HashMap<(u32, u32), Vec<u8>>,
+    writes: HashMap<(u32, u32), Partial>,
     /// Line streams per (tgid, fd).
     streams: HashMap<(u32, u32), PipeStream>,
 }
@@ -492,7 +549,7 @@ impl Reassembly {
     }
 
     fn pending_bytes(&self) -> u64 {
-        let writes: usize = self.writes.values().map(Vec::len).sum();
+        let writes: usize = self.writes.values().map(|w| w.data.len()).sum();
         let lines: usize = self.streams.values().map(|s| s.lines.pending()).sum();
         (writes + lines) as u64
     }

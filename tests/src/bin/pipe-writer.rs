@@ -1,0 +1,168 @@
+//! A process with known output for the pipe-capture tests: `pipe-writer MODE [ARGS]`.
+//! Every mode writes to fd 1 and/or fd 2 with plain write(2)/writev(2) calls.
+
+use std::io::{Read, Write};
+
+fn write_fd(fd: i32, mut data: &[u8]) {
+    while !data.is_empty() {
+        // SAFETY: writing from a valid buffer.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                // A non-blocking pipe that is full: wait for room, as event loops do.
+                let mut p = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut p, 1, 1000) };
+                continue;
+            }
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            panic!("write: {e}");
+        }
+        data = &data[n as usize..];
+    }
+}
+
+fn writev_fd(fd: i32, parts: &[&[u8]]) {
+    let iov: Vec<libc::iovec> =
+        parts.iter().map(|p| libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() }).collect();
+    // SAFETY: iovecs point into live buffers.
+    let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as i32) };
+    assert_eq!(n as usize, parts.iter().map(|p| p.len()).sum::<usize>(), "short writev");
+}
+
+fn arg(i: usize, default: usize) -> usize {
+    std::env::args().nth(i).and_then(|a| a.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    match mode.as_str() {
+        // N lines "line-i" on stdout, one write each.
+        "lines" => {
+            let prefix = std::env::args().nth(3).unwrap_or_else(|| "line".into());
+            for i in 0..arg(2, 10) {
+                write_fd(1, format!("{prefix}-{i}\n").as_bytes());
+            }
+        }
+        // Alternating stdout/stderr.
+        "interleaved" => {
+            for i in 0..arg(2, 100) {
+                write_fd(1, format!("out-{i}\n").as_bytes());
+                write_fd(2, format!("err-{i}\n").as_bytes());
+            }
+        }
+        // One write per size, each a line of that many bytes (newline included).
+        "sizes" => {
+            for size in [1usize, 2, 100, 4095, 4096, 4097, 65535, 65536, 65537, 1 << 20] {
+                let mut line: Vec<u8> = (0..size - 1).map(|i| b'a' + (i % 26) as u8).collect();
+                line.push(b'\n');
+                write_fd(1, &line);
+            }
+        }
+        // writev with parts that split lines, then one with more iovecs than are followed.
+        "writev" => {
+            for i in 0..arg(2, 100) {
+                let a = format!("v{i}-");
+                writev_fd(1, &[a.as_bytes(), b"abc", b"\nnext-", b"def\n"]);
+            }
+            let many: Vec<Vec<u8>> = (0..10).map(|i| format!("p{i}").into_bytes()).collect();
+            let mut refs: Vec<&[u8]> = many.iter().map(Vec::as_slice).collect();
+            refs.push(b"\n");
+            writev_fd(1, &refs);
+        }
+        // Threads writing whole lines concurrently.
+        "threads" => {
+            let n = arg(2, 1000);
+            let handles: Vec<_> = (0..4)
+                .map(|t| {
+                    std::thread::spawn(move || {
+                        for i in 0..n {
+                            write_fd(1, format!("T{t}-{i}\n").as_bytes());
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap();
+            }
+        }
+        // Child processes writing to the inherited stdout.
+        "children" => {
+            let me = std::env::current_exe().unwrap();
+            let kids: Vec<_> = (0..3)
+                .map(|c| {
+                    std::process::Command::new(&me)
+                        .args(["lines", &arg(2, 100).to_string(), &format!("child{c}")])
+                        .spawn()
+                        .unwrap()
+                })
+                .collect();
+            for mut k in kids {
+                assert!(k.wait().unwrap().success());
+            }
+        }
+        // Bytes that are not text, in lines.
+        "binary" => {
+            for i in 0..arg(2, 200u32 as usize) {
+                let mut line: Vec<u8> =
+                    (0..64u32).map(|j| ((i as u32 * 7 + j * 13) % 256) as u8).filter(|&b| b != b'\n').collect();
+                line.push(b'\n');
+                write_fd(2, &line);
+            }
+        }
+        // A last line without its newline, then exit.
+        "exit-mid-line" => {
+            write_fd(1, b"complete\n");
+            write_fd(1, b"partial at exit");
+        }
+        // Output redirected away from the pipe: to a file and to /dev/null, then a marker on
+        // the real stdout.
+        "redirected" => {
+            let path = std::env::args().nth(2).expect("file path");
+            // SAFETY: plain fd juggling on our own process.
+            unsafe {
+                let saved = libc::dup(1);
+                let file = std::fs::File::create(&path).unwrap();
+                libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&file), 1);
+                write_fd(1, b"to the file\n");
+                let null = std::fs::OpenOptions::new().write(true).open("/dev/null").unwrap();
+                libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1);
+                write_fd(1, b"to /dev/null\n");
+                libc::dup2(saved, 1);
+            }
+            write_fd(1, b"marker\n");
+        }
+        // Waits for a byte on stdin, then writes N lines of LEN bytes to a non-blocking stdout.
+        "nonblock" => {
+            let mut go = [0u8; 1];
+            std::io::stdin().read_exact(&mut go).unwrap();
+            // SAFETY: fcntl on our own fd.
+            unsafe { libc::fcntl(1, libc::F_SETFL, libc::fcntl(1, libc::F_GETFL) | libc::O_NONBLOCK) };
+            let len = arg(3, 1000);
+            for i in 0..arg(2, 2000) {
+                let mut line = format!("nb-{i:06}-").into_bytes();
+                line.resize(len - 1, b'x');
+                line.push(b'\n');
+                write_fd(1, &line);
+            }
+        }
+        // Benchmark: N writes of LEN bytes (lines) to stdout, as fast as possible.
+        "flood" => {
+            let mut line = vec![b'x'; arg(3, 100) - 1];
+            line.push(b'\n');
+            let mut out = std::io::stdout().lock();
+            for _ in 0..arg(2, 100_000) {
+                // One write(2) per line: Stdout is line-buffered only on a tty.
+                out.write_all(&line).unwrap();
+                out.flush().unwrap();
+            }
+        }
+        other => {
+            eprintln!("pipe-writer: unknown mode {other:?}");
+            std::process::exit(2);
+        }
+    }
+}
