@@ -70,6 +70,23 @@ static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 
+/// Ring buffer flags (uapi `BPF_RB_*`).
+const RB_AVAIL_DATA: u64 = 0;
+const RB_NO_WAKEUP: u64 = 1;
+const RB_FORCE_WAKEUP: u64 = 2;
+/// User space is woken once this much is waiting; below it, its own timer collects the events.
+/// A wakeup per small write would cost more than the capture itself.
+const WAKEUP_BYTES: u64 = 1 << 20;
+
+#[inline(always)]
+fn wakeup() -> u64 {
+    if EVENTS.query(RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        RB_FORCE_WAKEUP
+    } else {
+        RB_NO_WAKEUP
+    }
+}
+
 #[map]
 static COUNTERS: PerCpuArray<TargetCounters> = PerCpuArray::with_max_entries(MAX_TARGETS, 0);
 
@@ -199,7 +216,7 @@ fn emit_segment(scratch: &mut Scratch, p: &Pending, total: u64, base: u64, len: 
         }
         // SAFETY: header and data are contiguous in the repr(C) struct.
         let bytes = unsafe { core::slice::from_raw_parts(scratch as *const Scratch as *const u8, HEADER_LEN + n) };
-        if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        if EVENTS.output::<[u8]>(bytes, wakeup()).is_err() {
             loss.events += 1;
             loss.bytes += n as u64;
         }
@@ -329,7 +346,7 @@ fn writev_step(ctx: &TracePointContext) {
                 total: st.total,
                 offset: st.sent,
             });
-            e.submit(0);
+            e.submit(wakeup());
         } else {
             st.lost_events += 1;
         }
@@ -384,7 +401,7 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
     if let (Some(target), true) = (target, tgid == tid) {
         if let Some(mut e) = EVENTS.reserve::<EventHeader>(0) {
             e.write(EventHeader { kind: EVENT_EXIT, target, tgid, tid, fd: 0, len: 0, total: 0, offset: 0 });
-            e.submit(0);
+            e.submit(wakeup());
         }
     }
     let _ = ctx;

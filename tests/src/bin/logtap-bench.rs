@@ -1,7 +1,12 @@
-//! Side-by-side benchmarks: the same writers into tmpfs and into a logtap volume, in one run.
-//! Prints a Markdown table (recorded in docs/BENCHMARKS.md). Run with `cargo xtask bench`.
+//! Side-by-side benchmarks, printed as Markdown tables (recorded in docs/BENCHMARKS.md). Run
+//! with `cargo xtask bench`.
 //!
-//! Options: `--lines N` (default 1000000), `--dd-mib N` (default 256), `--rounds N` (default 3).
+//! - volumes: the same writers into tmpfs and into a logtap volume;
+//! - pipes: a pipe writer with no probe, with the eBPF programs attached but the writer not
+//!   watched, and watched (captured), plus the rate at which kernel losses begin.
+//!
+//! Options: `--only volumes|pipes`, `--lines N` (default 1000000), `--dd-mib N` (default 256),
+//! `--rounds N` (default 3).
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -15,10 +20,11 @@ struct Args {
     lines: usize,
     dd_mib: usize,
     rounds: usize,
+    only: Option<String>,
 }
 
 fn args() -> Args {
-    let mut a = Args { lines: 1_000_000, dd_mib: 256, rounds: 3 };
+    let mut a = Args { lines: 1_000_000, dd_mib: 256, rounds: 3, only: None };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
         let value = |i: usize| pair.get(1).and_then(|v| v.parse().ok()).unwrap_or(i);
@@ -26,6 +32,7 @@ fn args() -> Args {
             "--lines" => a.lines = value(a.lines),
             "--dd-mib" => a.dd_mib = value(a.dd_mib),
             "--rounds" => a.rounds = value(a.rounds),
+            "--only" => a.only = pair.get(1).cloned(),
             other => panic!("unknown option {other}"),
         }
     }
@@ -121,6 +128,139 @@ impl Drop for Tmpfs {
 fn main() {
     logtap_e2e::require_root_and_fuse();
     let a = args();
+    if a.only.as_deref() != Some("pipes") {
+        volumes(&a);
+    }
+    if a.only.as_deref() != Some("volumes") {
+        pipes(&a);
+    }
+}
+
+/// `pipe-writer`, built beside this binary.
+fn writer() -> std::path::PathBuf {
+    std::env::current_exe().expect("current exe").with_file_name("pipe-writer")
+}
+
+/// Runs `pipe-writer flood N LEN RATE` into a pipe drained by a thread; with `watch`, the
+/// agent captures it. Returns the writer's time and, when watched, its target's stats.
+fn pipe_run(
+    agent: Option<&Agent>,
+    watch: bool,
+    n: usize,
+    len: usize,
+    rate: usize,
+) -> (Duration, Option<serde_json::Value>) {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(writer())
+        .args(["flood", &n.to_string(), &len.to_string(), &rate.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("pipe-writer");
+    let mut target = None;
+    if watch {
+        let agent = agent.expect("an agent to watch with");
+        let body = serde_json::json!({"pid": child.id(), "service": "bench"});
+        let answer: serde_json::Value =
+            serde_json::from_slice(&agent.post("/v1/watch", &body).expect("watch")).expect("json");
+        target = answer["target"].as_u64();
+    }
+    let mut out = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0usize;
+        while let Ok(k) = out.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            total += k;
+        }
+        total
+    });
+    let start = Instant::now();
+    child.stdin.take().expect("stdin").write_all(b"g").expect("go");
+    assert!(child.wait().expect("wait").success());
+    let elapsed = start.elapsed();
+    assert_eq!(reader.join().expect("reader"), n * len);
+    let stats = target.map(|id| {
+        let agent = agent.expect("agent");
+        agent.wait_idle(Duration::from_secs(120));
+        let body = serde_json::json!({ "target": id });
+        agent.post("/v1/unwatch", &body).expect("unwatch");
+        std::thread::sleep(Duration::from_millis(300));
+        agent.stats()["pipes"]["targets"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["id"] == id && t["ended"] == true).cloned())
+            .expect("ended target")
+    });
+    (elapsed, stats)
+}
+
+fn pipes(a: &Args) {
+    let mut rows = Vec::new();
+    for (label, n, len) in
+        [("100-byte lines", a.lines, 100usize), ("64 KiB writes", (a.dd_mib << 20) / 65536 * 4, 65536)]
+    {
+        let unit = |d: Duration| {
+            if len == 100 {
+                n as f64 / d.as_secs_f64()
+            } else {
+                (n * len) as f64 / d.as_secs_f64() / (1 << 20) as f64
+            }
+        };
+        let (mut none, mut unwatched, mut watched) = (Vec::new(), Vec::new(), Vec::new());
+        let mut lost = (0u64, 0u64);
+        let mut captured = 0u64;
+        for _ in 0..a.rounds {
+            none.push(unit(pipe_run(None, false, n, len, 0).0));
+            let agent = Agent::start(Setup::default());
+            unwatched.push(unit(pipe_run(Some(&agent), false, n, len, 0).0));
+            let (d, t) = pipe_run(Some(&agent), true, n, len, 0);
+            watched.push(unit(d));
+            let t = t.unwrap_or_default();
+            lost.0 += t["lost_events_total"].as_u64().unwrap_or(0);
+            lost.1 += t["lost_bytes_total"].as_u64().unwrap_or(0);
+            captured += t["captured_bytes_total"].as_u64().unwrap_or(0);
+        }
+        let (b, u, w) = (median(none), median(unwatched), median(watched));
+        let unit_name = if len == 100 { "lines/s" } else { "MiB/s" };
+        rows.push(format!(
+            "| {label} ({n} writes) | {b:.0} {unit_name} | {u:.0} {unit_name} ({:.0} %) | {w:.0} {unit_name} ({:.0} %) | {} events, {} bytes lost; {:.1} MiB captured |",
+            100.0 * u / b,
+            100.0 * w / b,
+            lost.0,
+            lost.1,
+            captured as f64 / (1 << 20) as f64
+        ));
+    }
+    println!("| pipe writer, {} rounds (median) | no probe | probe attached, writer unwatched | watched and captured | kernel-counted losses (all rounds) |", a.rounds);
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    println!();
+
+    // Where losses begin: 64 KiB writes paced at rising rates.
+    println!("| 64 KiB writes, paced | achieved | captured | lost in the kernel |");
+    println!("|---|---|---|---|");
+    let agent = Agent::start(Setup::default());
+    for rate_mib in [64usize, 128, 256, 512, 1024, 0] {
+        let n = 4096;
+        let (d, t) = pipe_run(Some(&agent), true, n, 65536, rate_mib << 20);
+        let t = t.unwrap_or_default();
+        let label = if rate_mib == 0 { "unpaced".to_string() } else { format!("{rate_mib} MiB/s") };
+        println!(
+            "| {label} | {:.0} MiB/s | {:.1} MiB | {} events ({:.1} MiB) |",
+            (n * 65536) as f64 / d.as_secs_f64() / (1 << 20) as f64,
+            t["captured_bytes_total"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+            t["lost_events_total"].as_u64().unwrap_or(0),
+            t["lost_bytes_total"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64
+        );
+    }
+}
+
+fn volumes(a: &Args) {
     let work = tempfile::Builder::new().prefix("logtap-bench-").tempdir().expect("tempdir");
     let tmpfs = Tmpfs::new(&work.path().join("tmpfs"));
     let agent = Agent::start(Setup::default());

@@ -1,7 +1,7 @@
 //! A process with known output for the pipe-capture tests: `pipe-writer MODE [ARGS]`.
 //! Every mode writes to fd 1 and/or fd 2 with plain write(2)/writev(2) calls.
 
-use std::io::{Read, Write};
+use std::io::Read;
 
 fn write_fd(fd: i32, mut data: &[u8]) {
     while !data.is_empty() {
@@ -149,15 +149,23 @@ fn main() {
                 write_fd(1, &line);
             }
         }
-        // Benchmark: N writes of LEN bytes (lines) to stdout, as fast as possible.
+        // Benchmark: waits for a byte on stdin, then N writes of LEN bytes (each a line) to
+        // stdout, as fast as possible or paced to RATE bytes/s.
         "flood" => {
-            let mut line = vec![b'x'; arg(3, 100) - 1];
+            let mut go = [0u8; 1];
+            std::io::stdin().read_exact(&mut go).unwrap();
+            let (n, len, rate) = (arg(2, 100_000), arg(3, 100), arg(4, 0));
+            let mut line = vec![b'x'; len - 1];
             line.push(b'\n');
-            let mut out = std::io::stdout().lock();
-            for _ in 0..arg(2, 100_000) {
-                // One write(2) per line: Stdout is line-buffered only on a tty.
-                out.write_all(&line).unwrap();
-                out.flush().unwrap();
+            let start = std::time::Instant::now();
+            for i in 0..n {
+                write_fd(1, &line);
+                if rate > 0 && i % 16 == 15 {
+                    let due = std::time::Duration::from_secs_f64(((i + 1) * len) as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
             }
         }
         other => {

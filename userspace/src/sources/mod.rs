@@ -13,6 +13,7 @@ use crate::record::{Origin, Record};
 use crate::ring::Ring;
 
 /// One stream of bytes on its way to the ring: framing, sequence numbers, counting.
+/// Records go to the ring at once, or into a caller's batch (`*_into`) that it pushes once.
 pub struct LineStream {
     pub origin: Arc<Origin>,
     framer: Framer,
@@ -28,20 +29,34 @@ impl LineStream {
 
     /// New bytes of the stream.
     pub fn push(&mut self, data: &[u8]) {
+        let mut batch = Vec::new();
+        self.push_into(data, &mut batch);
+        self.ring.push(batch);
+    }
+
+    pub fn push_into(&mut self, data: &[u8], batch: &mut Vec<Record>) {
         self.framer.push(data, Instant::now(), &mut self.frames);
-        self.emit();
+        self.emit(batch);
     }
 
     /// What came so far ends a record.
     pub fn end_record(&mut self) {
+        let mut batch = Vec::new();
+        self.end_record_into(&mut batch);
+        self.ring.push(batch);
+    }
+
+    pub fn end_record_into(&mut self, batch: &mut Vec<Record>) {
         self.framer.flush(&mut self.frames);
-        self.emit();
+        self.emit(batch);
     }
 
     /// Ends a partial record that has waited `age`.
     pub fn idle(&mut self, now: Instant, age: Duration) {
+        let mut batch = Vec::new();
         self.framer.flush_older_than(now, age, &mut self.frames);
-        self.emit();
+        self.emit(&mut batch);
+        self.ring.push(batch);
     }
 
     /// Bytes of a partial line waiting for its end.
@@ -49,32 +64,27 @@ impl LineStream {
         self.framer.pending()
     }
 
-    fn emit(&mut self) {
+    fn emit(&mut self, batch: &mut Vec<Record>) {
         if self.frames.is_empty() {
             return;
         }
         let at = SystemTime::now();
-        let mut bytes = 0;
-        let mut split = 0;
-        let records: Vec<Record> = self
-            .frames
-            .drain(..)
-            .map(|f| {
-                bytes += f.bytes.len() as u64;
-                split += u64::from(f.split);
-                let seq = self.seq;
-                self.seq += 1;
-                Record {
-                    captured_at: at,
-                    origin: self.origin.clone(),
-                    seq,
-                    bytes: f.bytes,
-                    split: f.split,
-                    unterminated: f.unterminated,
-                }
-            })
-            .collect();
-        self.origin.counters.captured(records.len() as u64, bytes, split);
-        self.ring.push(records);
+        let (mut bytes, mut split) = (0, 0);
+        let records = self.frames.len() as u64;
+        for f in self.frames.drain(..) {
+            bytes += f.bytes.len() as u64;
+            split += u64::from(f.split);
+            let seq = self.seq;
+            self.seq += 1;
+            batch.push(Record {
+                captured_at: at,
+                origin: self.origin.clone(),
+                seq,
+                bytes: f.bytes,
+                split: f.split,
+                unterminated: f.unterminated,
+            });
+        }
+        self.origin.counters.captured(records, bytes, split);
     }
 }

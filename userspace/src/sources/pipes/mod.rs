@@ -378,6 +378,8 @@ impl PipeSource {
             .map_err(|e| e.into_parts().1)
             .context("polling the BPF ring buffer")?;
         let mut asm = Reassembly::default();
+        // The kernel wakes us only when a lot is waiting; this timer collects the rest.
+        let mut drain = tokio::time::interval(Duration::from_millis(10));
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
@@ -388,21 +390,27 @@ impl PipeSource {
                 }
                 Some(command) = commands.recv() => {
                     // Read what is already there before acting.
-                    self.drain(events.get_mut(), &mut asm);
-                    match command {
+                    self.read_events(events.get_mut(), &mut asm);
+                    let close = match command {
                         Command::Remove(id) => {
                             asm.end_target(id);
                             self.remove_target(id);
+                            None
                         }
                         Command::Close(done) => {
                             for s in asm.streams.values_mut() {
-                                s.lines.end_record();
+                                s.lines.end_record_into(&mut asm.batch);
                             }
-                            let _ = done.send(());
-                            return Ok(());
+                            Some(done)
                         }
+                    };
+                    self.ring.push(std::mem::take(&mut asm.batch));
+                    if let Some(done) = close {
+                        let _ = done.send(());
+                        return Ok(());
                     }
                 }
+                _ = drain.tick() => self.drain(events.get_mut(), &mut asm),
                 _ = tick.tick() => {
                     let now = Instant::now();
                     for s in asm.streams.values_mut() {
@@ -415,7 +423,14 @@ impl PipeSource {
         }
     }
 
+    /// Reads every waiting event; the records go to the ring in one push.
     fn drain(&self, events: &mut RingBuf<MapData>, asm: &mut Reassembly) {
+        self.read_events(events, asm);
+        let batch = std::mem::take(&mut asm.batch);
+        self.ring.push(batch);
+    }
+
+    fn read_events(&self, events: &mut RingBuf<MapData>, asm: &mut Reassembly) {
         while let Some(item) = events.next() {
             let Some(header) = item.get(..HEADER_LEN) else { continue };
             // SAFETY: EventHeader is plain old data; read_unaligned copes with any alignment.
@@ -478,9 +493,9 @@ impl PipeSource {
             let target = self.target(h.target);
             self.stream(h, target.as_deref())
         });
-        stream.lines.push(bytes);
+        stream.lines.push_into(bytes, &mut asm.batch);
         if cut {
-            stream.lines.end_record();
+            stream.lines.end_record_into(&mut asm.batch);
         }
     }
 
@@ -527,6 +542,8 @@ struct Reassembly {
     writes: HashMap<(u32, u32), Partial>,
     /// Line streams per (tgid, fd).
     streams: HashMap<(u32, u32), PipeStream>,
+    /// Records of this drain, pushed to the ring together.
+    batch: Vec<crate::record::Record>,
 }
 
 impl Reassembly {
@@ -534,7 +551,7 @@ impl Reassembly {
     fn end_process(&mut self, tgid: u32) {
         for fd in [1, 2] {
             if let Some(mut s) = self.streams.remove(&(tgid, fd)) {
-                s.lines.end_record();
+                s.lines.end_record_into(&mut self.batch);
             }
         }
     }
@@ -543,7 +560,7 @@ impl Reassembly {
         let keys: Vec<(u32, u32)> = self.streams.iter().filter(|(_, s)| s.target == target).map(|(k, _)| *k).collect();
         for k in keys {
             if let Some(mut s) = self.streams.remove(&k) {
-                s.lines.end_record();
+                s.lines.end_record_into(&mut self.batch);
             }
         }
     }
