@@ -96,6 +96,13 @@ fn reply_entry(reply: ReplyEntry, r: FsResult<Attr>) {
     }
 }
 
+fn reply_attr(reply: ReplyAttr, r: FsResult<Attr>) {
+    match r {
+        Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
 fn reply_empty(reply: ReplyEmpty, r: FsResult<()>) {
     match r {
         Ok(()) => reply.ok(),
@@ -132,10 +139,7 @@ impl<C: Capture> Filesystem for Adapter<C> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.model().getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(errno(e)),
-        }
+        reply_attr(reply, self.model().getattr(ino.0));
     }
 
     fn setattr(
@@ -157,10 +161,7 @@ impl<C: Capture> Filesystem for Adapter<C> {
         reply: ReplyAttr,
     ) {
         let set = SetAttr { mode, uid, gid, size, atime: atime.map(time), mtime: mtime.map(time) };
-        match self.model().setattr(ino.0, set) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(errno(e)),
-        }
+        reply_attr(reply, self.model().setattr(ino.0, set));
     }
 
     fn mknod(

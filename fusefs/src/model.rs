@@ -87,6 +87,27 @@ struct Node<S> {
     body: Body<S>,
 }
 
+impl<S> Node<S> {
+    /// A new inode with one kernel reference (the entry reply that announces it).
+    fn new(parent: u64, name: &OsStr, perm: u32, owner: Owner, body: Body<S>) -> Self {
+        let now = SystemTime::now();
+        Node {
+            parent,
+            name: name.to_owned(),
+            perm: (perm & 0o7777) as u16,
+            uid: owner.uid,
+            gid: owner.gid,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            lookups: 1,
+            opens: 0,
+            linked: true,
+            body,
+        }
+    }
+}
+
 enum Body<S> {
     Dir(BTreeMap<OsString, u64>),
     File(File<S>),
@@ -129,21 +150,7 @@ fn check_name(name: &OsStr) -> FsResult<()> {
 
 impl<C: Capture> Model<C> {
     pub fn new(capture: C, options: Options, root_owner: Owner) -> Self {
-        let now = SystemTime::now();
-        let root = Node {
-            parent: ROOT,
-            name: OsString::new(),
-            perm: 0o755,
-            uid: root_owner.uid,
-            gid: root_owner.gid,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            lookups: 1,
-            opens: 0,
-            linked: true,
-            body: Body::Dir(BTreeMap::new()),
-        };
+        let root = Node::new(ROOT, OsStr::new(""), 0o755, root_owner, Body::Dir(BTreeMap::new()));
         Self { capture, nodes: HashMap::from([(ROOT, root)]), next_ino: ROOT + 1, options, closing: false }
     }
 
@@ -267,23 +274,7 @@ impl<C: Capture> Model<C> {
         let ino = self.next_ino;
         self.next_ino += 1;
         let now = SystemTime::now();
-        self.nodes.insert(
-            ino,
-            Node {
-                parent,
-                name: name.to_owned(),
-                perm: (perm & 0o7777) as u16,
-                uid: owner.uid,
-                gid: owner.gid,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                lookups: 1,
-                opens: 0,
-                linked: true,
-                body,
-            },
-        );
+        self.nodes.insert(ino, Node::new(parent, name, perm, owner, body));
         if let Ok(entries) = self.entries_mut(parent) {
             entries.insert(name.to_owned(), ino);
         }

@@ -32,7 +32,16 @@ fn usize_of(n: u64, what: &str) -> anyhow::Result<usize> {
     usize::try_from(n).with_context(|| format!("{what} is too large for this machine"))
 }
 
+/// Large buffers (FUSE requests of up to 1 MiB, copied once) are mmapped and returned to the
+/// system when freed. glibc would otherwise raise its mmap threshold after the first free and
+/// serve them from a heap that fragments and does not shrink.
+fn keep_large_buffers_mmapped() {
+    // SAFETY: mallopt only tunes the allocator.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) };
+}
+
 pub fn run(config: Config) -> anyhow::Result<()> {
+    keep_large_buffers_mmapped();
     let host = if config.host.is_empty() { hostname() } else { config.host.clone() };
     let v = &config.volumes;
     let ring = Arc::new(Ring::new(

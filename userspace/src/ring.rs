@@ -340,6 +340,19 @@ mod tests {
         batch.records.iter().map(|r| r.bytes[0]).collect()
     }
 
+    /// Reads and acknowledges everything until the ring closes, as a sink does.
+    fn read_all(ring: &Ring, reader: ReaderId) -> Vec<u8> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut got = Vec::new();
+            while let Some(batch) = ring.read(reader, 10, 1 << 20).await {
+                got.extend(bytes(&batch));
+                ring.ack(reader, batch.end());
+            }
+            got
+        })
+    }
+
     #[test]
     fn drop_oldest_counts_what_each_reader_missed() {
         let ring = ring(3, Policy::DropOldest);
@@ -401,7 +414,6 @@ mod tests {
 
     #[test]
     fn a_blocked_push_wakes_sleeping_readers() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let ring = Arc::new(Ring::new(2 * (RECORD_OVERHEAD + 1), Policy::Block, Duration::from_secs(30)));
         let a = ring.add_reader("a");
         let r2 = ring.clone();
@@ -411,14 +423,7 @@ mod tests {
             r2.push(vec![rec(1), rec(2), rec(3)]);
             r2.close();
         });
-        let got = rt.block_on(async {
-            let mut got = Vec::new();
-            while let Some(batch) = ring.read(a, 10, 1 << 20).await {
-                got.extend(bytes(&batch));
-                ring.ack(a, batch.end());
-            }
-            got
-        });
+        let got = read_all(&ring, a);
         pusher.join().unwrap();
         assert_eq!(got, vec![1, 2, 3]);
         assert_eq!(ring.snapshot().dropped_records_total, 0);
@@ -426,7 +431,6 @@ mod tests {
 
     #[test]
     fn readers_wake_and_finish_after_close() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let ring = Arc::new(ring(8, Policy::DropOldest));
         let a = ring.add_reader("a");
         let r2 = ring.clone();
@@ -435,14 +439,7 @@ mod tests {
             r2.push(vec![rec(7)]);
             r2.close();
         });
-        let got = rt.block_on(async {
-            let mut got = Vec::new();
-            while let Some(batch) = ring.read(a, 10, 1 << 20).await {
-                got.extend(bytes(&batch));
-                ring.ack(a, batch.end());
-            }
-            got
-        });
+        let got = read_all(&ring, a);
         pusher.join().unwrap();
         assert_eq!(got, vec![7]);
         assert_eq!(ring.wait_drained(Duration::from_millis(1)), 0);

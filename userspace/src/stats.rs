@@ -191,9 +191,14 @@ pub struct LatencySnapshot {
 
 impl Histogram {
     pub fn record(&self, d: Duration) {
+        self.record_n(d, 1);
+    }
+
+    /// `n` observations of the same value.
+    pub fn record_n(&self, d: Duration, n: u64) {
         let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
-        self.buckets[bucket_of(us)].fetch_add(1, Relaxed);
-        self.count.fetch_add(1, Relaxed);
+        self.buckets[bucket_of(us)].fetch_add(n, Relaxed);
+        self.count.fetch_add(n, Relaxed);
         self.max_us.fetch_max(us, Relaxed);
     }
 

@@ -83,9 +83,21 @@ fn spawn<S: Sink>(
 fn delivered(counters: &SinkCounters, records: &[Record]) {
     let now = SystemTime::now();
     let mut bytes = 0;
+    // Records of one capture batch share their time: one histogram update per run.
+    let mut run: Option<(SystemTime, u64)> = None;
     for r in records {
         bytes += r.bytes.len() as u64;
-        counters.latency.record(now.duration_since(r.captured_at).unwrap_or_default());
+        match &mut run {
+            Some((at, n)) if *at == r.captured_at => *n += 1,
+            _ => {
+                if let Some((at, n)) = run.replace((r.captured_at, 1)) {
+                    counters.latency.record_n(now.duration_since(at).unwrap_or_default(), n);
+                }
+            }
+        }
+    }
+    if let Some((at, n)) = run {
+        counters.latency.record_n(now.duration_since(at).unwrap_or_default(), n);
     }
     counters.delivered_records.fetch_add(records.len() as u64, Relaxed);
     counters.delivered_bytes.fetch_add(bytes, Relaxed);

@@ -12,6 +12,20 @@ use crate::framer::{Frame, Framer};
 use crate::record::{Origin, Record};
 use crate::ring::Ring;
 
+/// When a batch of bytes was captured: read once per FUSE request or ring-buffer drain, not
+/// once per line (clock reads were a tenth of the agent's time with small lines).
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp {
+    pub now: Instant,
+    pub wall: SystemTime,
+}
+
+impl Stamp {
+    pub fn now() -> Self {
+        Self { now: Instant::now(), wall: SystemTime::now() }
+    }
+}
+
 /// One stream of bytes on its way to the ring: framing, sequence numbers, counting.
 /// Records go to the ring at once, or into a caller's batch (`*_into`) that it pushes once.
 pub struct LineStream {
@@ -30,32 +44,32 @@ impl LineStream {
     /// New bytes of the stream.
     pub fn push(&mut self, data: &[u8]) {
         let mut batch = Vec::new();
-        self.push_into(data, &mut batch);
+        self.push_into(data, Stamp::now(), &mut batch);
         self.ring.push(batch);
     }
 
-    pub fn push_into(&mut self, data: &[u8], batch: &mut Vec<Record>) {
-        self.framer.push(data, Instant::now(), &mut self.frames);
-        self.emit(batch);
+    pub fn push_into(&mut self, data: &[u8], at: Stamp, batch: &mut Vec<Record>) {
+        self.framer.push(data, at.now, &mut self.frames);
+        self.emit(at.wall, batch);
     }
 
     /// What came so far ends a record.
     pub fn end_record(&mut self) {
         let mut batch = Vec::new();
-        self.end_record_into(&mut batch);
+        self.end_record_into(Stamp::now(), &mut batch);
         self.ring.push(batch);
     }
 
-    pub fn end_record_into(&mut self, batch: &mut Vec<Record>) {
+    pub fn end_record_into(&mut self, at: Stamp, batch: &mut Vec<Record>) {
         self.framer.flush(&mut self.frames);
-        self.emit(batch);
+        self.emit(at.wall, batch);
     }
 
     /// Ends a partial record that has waited `age`.
     pub fn idle(&mut self, now: Instant, age: Duration) {
         let mut batch = Vec::new();
         self.framer.flush_older_than(now, age, &mut self.frames);
-        self.emit(&mut batch);
+        self.emit(SystemTime::now(), &mut batch);
         self.ring.push(batch);
     }
 
@@ -64,11 +78,10 @@ impl LineStream {
         self.framer.pending()
     }
 
-    fn emit(&mut self, batch: &mut Vec<Record>) {
+    fn emit(&mut self, at: SystemTime, batch: &mut Vec<Record>) {
         if self.frames.is_empty() {
             return;
         }
-        let at = SystemTime::now();
         let (mut bytes, mut split) = (0, 0);
         let records = self.frames.len() as u64;
         for f in self.frames.drain(..) {

@@ -49,6 +49,9 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32) -> anyhow::Result<Loaded> 
     }
     let settings = settings(max_capture)?;
     let mut ebpf = EbpfLoader::new()
+        // No CO-RE relocations to do (offsets come from our own BTF reader above), so aya
+        // need not parse the whole kernel BTF: that cost tens of MiB of peak memory.
+        .btf(None)
         .override_global("SETTINGS", &settings, true)
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(OBJECT)
