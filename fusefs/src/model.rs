@@ -10,13 +10,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::capture::{Capture, Stream};
 use crate::tail::Tail;
 use crate::volume_name::validate_volume_name;
 
 pub const ROOT: u64 = 1;
+/// How long data beyond a gap waits for the gap to fill before the gap counts as a hole.
+/// The kernel's writeback sends pages out of order at times; the flusher's syncfs (every
+/// flush_interval) sends the missing ones well within this.
+pub const GAP_HOLD: Duration = Duration::from_secs(1);
+/// Most bytes held beyond gaps per file; past it, the gaps count as holes.
+const GAP_HOLD_BYTES: usize = 16 << 20;
 /// Longest name of a file or directory, as on most Linux filesystems.
 pub const NAME_MAX: usize = 255;
 
@@ -118,8 +124,48 @@ struct File<S> {
     size: u64,
     /// Every byte below this offset has been handed to the stream once.
     captured: u64,
+    /// Writes that start beyond `captured`, by offset: held until the gap fills, or until the
+    /// gap proves to be a hole (fsync, close, truncate, shutdown, or GAP_HOLD passing).
+    ahead: BTreeMap<u64, Vec<u8>>,
+    ahead_since: Option<Instant>,
     tail: Tail,
     stream: S,
+}
+
+impl<S: Stream> File<S> {
+    fn ahead_bytes(&self) -> usize {
+        self.ahead.values().map(Vec::len).sum()
+    }
+
+    /// Hands over what lies at `offset`: the part beyond `captured` is new, the rest was seen.
+    fn take(&mut self, offset: u64, data: &[u8]) {
+        let end = offset + data.len() as u64;
+        let fresh_from = offset.max(self.captured).min(end);
+        if fresh_from > offset {
+            self.stream.overwritten(fresh_from - offset);
+        }
+        if end > fresh_from {
+            self.stream.append(&data[(fresh_from - offset) as usize..]);
+            self.captured = end;
+        }
+    }
+
+    /// Takes the held writes that now touch `captured`. With `holes`, the gaps before them are
+    /// holes (nothing was written there) and everything held is taken.
+    fn take_ahead(&mut self, holes: bool) {
+        while let Some(entry) = self.ahead.first_entry() {
+            if *entry.key() > self.captured && !holes {
+                break;
+            }
+            let (offset, data) = entry.remove_entry();
+            // A hole is not emitted: nothing was written there.
+            self.captured = self.captured.max(offset);
+            self.take(offset, &data);
+        }
+        if self.ahead.is_empty() {
+            self.ahead_since = None;
+        }
+    }
 }
 
 pub struct Model<C: Capture> {
@@ -322,7 +368,14 @@ impl<C: Capture> Model<C> {
         let name_str = name.to_string_lossy();
         let path = if dir_path.is_empty() { name_str.into_owned() } else { format!("{dir_path}/{name_str}") };
         let stream = self.capture.stream(&volume, &path);
-        let body = Body::File(File { size: 0, captured: 0, tail: Tail::default(), stream });
+        let body = Body::File(File {
+            size: 0,
+            captured: 0,
+            ahead: BTreeMap::new(),
+            ahead_since: None,
+            tail: Tail::default(),
+            stream,
+        });
         let made = self.insert(parent, name, mode, owner, body);
         debug_assert_eq!(made, ino);
         if open {
@@ -344,11 +397,13 @@ impl<C: Capture> Model<C> {
         }
     }
 
-    /// Last close of a file handle: what was written so far ends a record.
+    /// Last close of a file handle: the kernel has written every dirty page, so a gap left
+    /// is a hole; what was written so far ends a record.
     pub fn release(&mut self, ino: u64) -> FsResult<()> {
         let node = self.node_mut(ino)?;
         node.opens = node.opens.saturating_sub(1);
         if let Body::File(f) = &mut node.body {
+            f.take_ahead(true);
             f.stream.end_record();
         }
         self.reap(ino);
@@ -357,6 +412,7 @@ impl<C: Capture> Model<C> {
 
     pub fn fsync(&mut self, ino: u64) -> FsResult<()> {
         if let Body::File(f) = &mut self.node_mut(ino)?.body {
+            f.take_ahead(true);
             f.stream.end_record();
         }
         Ok(())
@@ -390,15 +446,23 @@ impl<C: Capture> Model<C> {
             f.stream.refused(data.len() as u64);
             return Err(libc::ESHUTDOWN);
         }
-        let fresh_from = offset.max(f.captured).min(end);
-        if fresh_from > offset {
-            f.stream.overwritten(fresh_from - offset);
+        if offset > f.captured && f.ahead_bytes() + data.len() > GAP_HOLD_BYTES {
+            f.take_ahead(true);
         }
-        if end > fresh_from {
-            // A gap between the high-water mark and `offset` is a hole: nothing was written
-            // there, so nothing is emitted for it.
-            f.stream.append(&data[(fresh_from - offset) as usize..]);
-            f.captured = end;
+        if offset > f.captured {
+            // Beyond a gap: writeback sent this page before an earlier one, or the writer
+            // seeked past the end. Hold it until the gap fills or proves to be a hole.
+            let held = f.ahead.entry(offset).or_default();
+            if data.len() > held.len() {
+                f.stream.overwritten(held.len() as u64);
+                *held = data.to_vec();
+            } else {
+                f.stream.overwritten(data.len() as u64);
+            }
+            f.ahead_since.get_or_insert_with(Instant::now);
+        } else {
+            f.take(offset, data);
+            f.take_ahead(false);
         }
         f.tail.write(offset, data, tail_limit);
         f.size = f.size.max(end);
@@ -420,6 +484,8 @@ impl<C: Capture> Model<C> {
             if closing {
                 return Err(libc::ESHUTDOWN);
             }
+            // What was held beyond gaps was written before the truncate.
+            f.take_ahead(true);
             if size < f.captured {
                 // copytruncate and O_TRUNC: what came before is complete, capture restarts.
                 f.stream.end_record();
@@ -585,10 +651,13 @@ impl<C: Capture> Model<C> {
         Ok(out)
     }
 
-    /// Lets partial records time out.
+    /// Lets held gaps and partial records time out.
     pub fn tick(&mut self, now: Instant) {
         for node in self.nodes.values_mut() {
             if let Body::File(f) = &mut node.body {
+                if f.ahead_since.is_some_and(|t| now.duration_since(t) >= GAP_HOLD) {
+                    f.take_ahead(true);
+                }
                 f.stream.idle(now);
             }
         }
@@ -599,6 +668,7 @@ impl<C: Capture> Model<C> {
         self.closing = true;
         for node in self.nodes.values_mut() {
             if let Body::File(f) = &mut node.body {
+                f.take_ahead(true);
                 f.stream.end_record();
             }
         }

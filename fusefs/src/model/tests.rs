@@ -120,6 +120,29 @@ fn appends_are_captured_once_and_resends_counted() {
 }
 
 #[test]
+fn pages_written_back_out_of_order_are_captured_in_order() {
+    let (mut m, rec, f) = with_file();
+    m.write(f, 0, b"line one\npart").unwrap();
+    // The next page arrives before the rest of the first one (seen with the writeback cache).
+    m.write(f, 19, b"line three\n").unwrap();
+    assert_eq!(rec.appended("app.log"), b"line one\npart");
+    m.write(f, 0, b"line one\npart two\n\0").unwrap();
+    assert_eq!(rec.appended("app.log"), b"line one\npart two\n\0line three\n");
+    assert_eq!(m.getattr(f).unwrap().size, 30);
+}
+
+#[test]
+fn a_gap_that_never_fills_is_a_hole_after_the_hold() {
+    let (mut m, rec, f) = with_file();
+    m.write(f, 0, b"a\n").unwrap();
+    m.write(f, 100, b"b\n").unwrap();
+    m.tick(Instant::now());
+    assert_eq!(rec.appended("app.log"), b"a\n", "held within GAP_HOLD");
+    m.tick(Instant::now() + GAP_HOLD);
+    assert_eq!(rec.appended("app.log"), b"a\nb\n");
+}
+
+#[test]
 fn truncate_restarts_capture_and_ends_the_record() {
     let (mut m, rec, f) = with_file();
     m.write(f, 0, b"one\ntw").unwrap();
@@ -138,8 +161,11 @@ fn a_hole_is_not_emitted() {
     let (mut m, rec, f) = with_file();
     m.write(f, 0, b"abc\n").unwrap();
     m.setattr(f, SetAttr { size: Some(0), ..Default::default() }).unwrap();
-    // A writer without O_APPEND keeps its offset after copytruncate.
+    // A writer without O_APPEND keeps its offset after copytruncate: the gap may still fill
+    // (writeback reorders pages), so the data waits until the gap proves to be a hole.
     m.write(f, 4, b"def\n").unwrap();
+    assert_eq!(rec.appended("app.log"), b"abc\n");
+    m.fsync(f).unwrap();
     assert_eq!(rec.appended("app.log"), b"abc\ndef\n");
     assert_eq!(m.read(f, 0, 8).unwrap(), b"\0\0\0\0def\n");
 }
@@ -247,6 +273,8 @@ fn errors_not_panics() {
 enum Op {
     /// Append `n` bytes of the true content.
     Append(usize),
+    /// Append `n` bytes as two writes, the second half first (writeback reordering pages).
+    Reordered(usize),
     /// Re-send from `back` bytes below the end of what was written (writeback page re-send).
     Resend(usize),
     /// copytruncate: truncate to 0 (an O_APPEND writer continues at 0).
@@ -256,6 +284,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         5 => (1usize..300).prop_map(Op::Append),
+        2 => (2usize..300).prop_map(Op::Reordered),
         3 => (1usize..300).prop_map(Op::Resend),
         1 => Just(Op::Truncate),
     ]
@@ -278,6 +307,15 @@ proptest! {
                     let start = content.len();
                     let data: Vec<u8> = (0..n).map(|i| byte(expected.len() + i)).collect();
                     m.write(f, start as u64, &data).unwrap();
+                    content.extend_from_slice(&data);
+                    expected.extend_from_slice(&data);
+                }
+                Op::Reordered(n) => {
+                    let start = content.len();
+                    let data: Vec<u8> = (0..n).map(|i| byte(expected.len() + i)).collect();
+                    let half = n / 2;
+                    m.write(f, (start + half) as u64, &data[half..]).unwrap();
+                    m.write(f, start as u64, &data[..half]).unwrap();
                     content.extend_from_slice(&data);
                     expected.extend_from_slice(&data);
                 }
