@@ -297,3 +297,60 @@ fn without_kernel_btf_the_agent_says_why_and_volumes_keep_working() {
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());
 }
+
+/// The cgroup v2 hierarchy (hybrid hosts mount it at /sys/fs/cgroup/unified).
+fn cgroup2_root() -> std::path::PathBuf {
+    for c in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        if std::path::Path::new(c).join("cgroup.procs").exists()
+            && std::path::Path::new(c).join("cgroup.subtree_control").exists()
+        {
+            return c.into();
+        }
+    }
+    panic!("no cgroup v2 hierarchy on this machine");
+}
+
+#[test]
+fn a_cgroup_is_watched_with_every_process_in_it() {
+    let agent = Agent::start(Setup::default());
+    let cgroup = cgroup2_root().join(format!("logtap-test-{}", std::process::id()));
+    std::fs::create_dir(&cgroup).unwrap();
+    let mut child =
+        Command::new(WRITER).args(["flood", "500", "40"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    std::fs::write(cgroup.join("cgroup.procs"), child.id().to_string()).unwrap();
+    let watched = agent.post("/v1/watch", &json!({"cgroup": cgroup, "service": "cg"})).unwrap();
+    assert!(serde_json::from_slice::<Value>(&watched).unwrap()["target"].is_u64());
+    child.stdin.take().unwrap().write_all(b"g").unwrap();
+    let mut out = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    assert!(child.wait().unwrap().success());
+    let got = agent.wait_lines("cg", "stdout", 500, WAIT);
+    assert_eq!(got.len(), 500);
+    assert!(got.iter().all(|l| *l == vec![b'x'; 39]));
+    agent.post("/v1/unwatch", &json!({"cgroup": cgroup})).unwrap();
+    // The process has exited: the cgroup is empty and can go.
+    std::fs::remove_dir(&cgroup).unwrap();
+}
+
+#[test]
+fn logtap_run_exits_with_the_commands_status() {
+    let agent = Agent::start(Setup::default());
+    let status = Command::new(logtap_bin())
+        .args(["run", "--service", "st", "--socket"])
+        .arg(&agent.socket)
+        .args(["--", "sh", "-c", "echo before failing; exit 3"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(3));
+    assert_eq!(agent.wait_lines("st", "stdout", 1, WAIT), vec![b"before failing".to_vec()]);
+    // A command that cannot be started is an error, not a silent success.
+    let out = Command::new(logtap_bin())
+        .args(["run", "--socket"])
+        .arg(&agent.socket)
+        .args(["--", "/nonexistent/cmd"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot run /nonexistent/cmd"));
+}
