@@ -303,7 +303,16 @@ fn run_command(
             eprintln!("logtap run: {e:#}");
         }
     }
-    let mut child = spawned.with_context(|| format!("cannot run {program}"))?;
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            if let Some(id) = target {
+                let done = UnwatchSpec { target: u32::try_from(id).ok(), ..Default::default() };
+                let _ = post("/v1/unwatch", serde_json::to_vec(&done)?);
+            }
+            return Err(e).with_context(|| format!("cannot run {program}"));
+        }
+    };
     fn relay(mut from: impl Read + Send + 'static, to: fn() -> Box<dyn Write>) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 << 10];
