@@ -391,6 +391,42 @@ fn render_volumes(volumes: &[VolumeSnapshot]) -> String {
     out
 }
 
+fn render_pipes(p: &logtap::sources::pipes::PipesSnapshot) -> String {
+    let mut out = format!("\npipes (eBPF): {}", p.status);
+    if let Some(reason) = &p.reason {
+        out += &format!(": {reason}");
+    }
+    out += &format!(", {} pending\n", bytes(p.pending_bytes));
+    if p.targets.is_empty() {
+        return out;
+    }
+    out += &format!(
+        "{:<6} {:<28} {:<16} {:>10} {:>11} {:>12} {:>10} {:>10} {:>8}\n",
+        "TARGET", "WATCHING", "SERVICE", "WRITES", "BYTES", "RECORDS", "TRUNCATED", "LOST", "DROPPED"
+    );
+    for t in &p.targets {
+        let what = match (&t.spec.pid, &t.spec.cgroup) {
+            (Some(pid), _) => format!("pid {pid}"),
+            (_, Some(cg)) => format!("cgroup {}", cg.display()),
+            _ => String::new(),
+        };
+        let what = if t.ended { format!("{what} (ended)") } else { what };
+        out += &format!(
+            "{:<6} {:<28} {:<16} {:>10} {:>11} {:>12} {:>10} {:>10} {:>8}\n",
+            t.id,
+            what,
+            t.service_name,
+            t.writes_total,
+            bytes(t.written_bytes_total),
+            t.totals.captured_records_total,
+            bytes(t.truncated_bytes_total),
+            bytes(t.lost_bytes_total),
+            t.totals.dropped_records_total
+        );
+    }
+    out
+}
+
 fn render_stats(s: &Snapshot) -> String {
     let r = &s.ring;
     let mut out = format!("logtap {} on {}, up {:.0}s\n\n", s.version, s.host, s.uptime_seconds);
@@ -404,6 +440,7 @@ fn render_stats(s: &Snapshot) -> String {
         bytes(r.dropped_bytes_total)
     );
     out += &render_volumes(&s.volumes);
+    out += &render_pipes(&s.pipes);
     out += &format!(
         "\n{:<16} {:<8} {:>12} {:>11} {:>8} {:>10} {:>10} {:>10}\n",
         "SINK", "TYPE", "DELIVERED", "BYTES", "ERRORS", "P50", "P99", "MAX"
