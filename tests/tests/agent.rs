@@ -130,6 +130,7 @@ fn control_socket_serves_stats_metrics_and_volumes() {
         out.status.success() && table.contains("web") && table.contains("shop") && table.contains("files"),
         "{table}"
     );
+    assert!(table.contains("pipes (eBPF): running"), "{table}");
     let out = Command::new(&bin)
         .args(["volume", "create", "api", "--service", "billing", "--label", "tier=1"])
         .arg("--socket")
