@@ -50,12 +50,8 @@ enum Command {
     },
     /// Run a command with its stdout/stderr captured (and passed through to this terminal).
     Run {
-        /// Service of its records (default: pid-<PID>).
-        #[arg(long)]
-        service: Option<String>,
-        /// Module of its records (default: stdout / stderr).
-        #[arg(long)]
-        module: Option<String>,
+        #[command(flatten)]
+        identity: IdentityArgs,
         #[command(flatten)]
         socket: SocketArg,
         /// The command and its arguments.
@@ -66,10 +62,8 @@ enum Command {
     Watch {
         #[command(flatten)]
         target: WatchArgs,
-        #[arg(long)]
-        service: Option<String>,
-        #[arg(long)]
-        module: Option<String>,
+        #[command(flatten)]
+        identity: IdentityArgs,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -88,6 +82,17 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+}
+
+/// The identity of captured pipe records.
+#[derive(clap::Args)]
+struct IdentityArgs {
+    /// Service of the records (default: pid-<PID>, or the cgroup's directory name).
+    #[arg(long)]
+    service: Option<String>,
+    /// Module of the records (default: stdout / stderr).
+    #[arg(long)]
+    module: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -220,12 +225,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { service, module, socket, command } => {
-            let code = run_command(&socket.socket, service, module, &command)?;
+        Command::Run { identity, socket, command } => {
+            let code = run_command(&socket.socket, identity.service, identity.module, &command)?;
             std::process::exit(code);
         }
-        Command::Watch { target, service, module, socket } => {
-            let spec = TargetSpec { pid: target.pid, cgroup: target.cgroup, service, module };
+        Command::Watch { target, identity, socket } => {
+            let spec = TargetSpec {
+                pid: target.pid,
+                cgroup: target.cgroup,
+                service: identity.service,
+                module: identity.module,
+            };
             if spec.pid.is_none() && spec.cgroup.is_none() {
                 bail!("name a --pid or a --cgroup");
             }
