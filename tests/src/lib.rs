@@ -47,6 +47,8 @@ pub struct Setup {
     pub writeback_cache: bool,
     pub shutdown_timeout: String,
     pub timezone: String,
+    /// More TOML appended to the config (tables the fields above do not cover).
+    pub extra: String,
 }
 
 impl Default for Setup {
@@ -61,6 +63,7 @@ impl Default for Setup {
             writeback_cache: true,
             shutdown_timeout: "10s".into(),
             timezone: "UTC".into(),
+            extra: String::new(),
         }
     }
 }
@@ -89,7 +92,7 @@ impl Setup {
             "shutdown_timeout = \"{}\"\n\
              [volumes]\nmount = \"{}\"\nwriteback_cache = {}\nmax_record_bytes = \"{}\"\npartial_flush = \"{}\"\n\
              [ring]\ncapacity = \"{}\"\npolicy = \"{}\"\nblock_timeout = \"{}\"\n\
-             [control]\nsocket = \"{}\"\n{sink}",
+             [control]\nsocket = \"{}\"\n{sink}{}",
             self.shutdown_timeout,
             dir.join("volumes").display(),
             self.writeback_cache,
@@ -99,6 +102,7 @@ impl Setup {
             self.policy,
             self.block_timeout,
             dir.join("logtap.sock").display(),
+            self.extra,
         )
     }
 }

@@ -354,3 +354,28 @@ fn logtap_run_exits_with_the_commands_status() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot run /nonexistent/cmd"));
 }
+
+#[test]
+fn static_targets_from_the_config_are_watched_from_the_start() {
+    let cgroup = cgroup2_root().join(format!("logtap-static-{}", std::process::id()));
+    std::fs::create_dir(&cgroup).unwrap();
+    let extra =
+        format!("[[pipes.targets]]\ncgroup = \"{}\"\nservice = \"static\"\nmodule = \"app\"\n", cgroup.display());
+    let agent = Agent::start(Setup { extra, ..Setup::default() });
+    let mut child =
+        Command::new(WRITER).args(["flood", "100", "20"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    std::fs::write(cgroup.join("cgroup.procs"), child.id().to_string()).unwrap();
+    child.stdin.take().unwrap().write_all(b"g").unwrap();
+    let mut out = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    assert!(child.wait().unwrap().success());
+    let got = agent.wait_lines("static", "app", 100, WAIT);
+    assert_eq!(got.len(), 100, "the configured module names the records");
+    let targets = agent.stats()["pipes"]["targets"].clone();
+    assert!(
+        targets.as_array().unwrap().iter().any(|t| t["service"] == "static" && t["writes_total"] == 100),
+        "{targets}"
+    );
+    drop(agent);
+    std::fs::remove_dir(&cgroup).unwrap();
+}
