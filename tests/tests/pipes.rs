@@ -237,6 +237,13 @@ fn bad_targets_are_refused_clearly() {
         let e = agent.post("/v1/watch", &body).unwrap_err().to_string();
         assert!(e.contains("400") && e.contains(needle), "{body}: {e}");
     }
+    // The same process twice: the second is refused, the first keeps it.
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    agent.post("/v1/watch", &json!({"pid": sleeper.id(), "service": "first"})).unwrap();
+    let e = agent.post("/v1/watch", &json!({"pid": sleeper.id(), "service": "second"})).unwrap_err().to_string();
+    assert!(e.contains("already watched by target"), "{e}");
+    sleeper.kill().unwrap();
+    let _ = sleeper.wait();
     let e = agent.post("/v1/unwatch", &json!({"target": 4000})).unwrap_err().to_string();
     assert!(e.contains("no target"), "{e}");
     let out = Command::new(logtap_bin())

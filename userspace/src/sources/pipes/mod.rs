@@ -230,6 +230,16 @@ impl PipeSource {
         let Some(maps) = maps.as_mut() else {
             bail!("eBPF pipe capture is {status}{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default());
         };
+        // One target per process or cgroup: a second would silently take the first's records.
+        if let Some(t) = spec.pid.and_then(|pid| maps.pids.get(&pid, 0).ok()) {
+            bail!("process {} is already watched by target {t}", spec.pid.unwrap_or_default());
+        }
+        if let Some(t) = cgroup.and_then(|cg| maps.cgroups.get(&cg, 0).ok()) {
+            bail!(
+                "cgroup {} is already watched by target {t}",
+                spec.cgroup.as_deref().unwrap_or(std::path::Path::new("")).display()
+            );
+        }
         let id = (0..MAX_TARGETS).find(|i| !targets.contains_key(i)).context("too many watch targets")?;
         // Fresh counters for a reused slot.
         maps.counters
