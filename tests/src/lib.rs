@@ -49,6 +49,8 @@ pub struct Setup {
     pub timezone: String,
     /// More TOML appended to the config (tables the fields above do not cover).
     pub extra: String,
+    /// The agent's stdout on a pipe for the test (implied by `Sink::Stdout`).
+    pub pipe_stdout: bool,
 }
 
 impl Default for Setup {
@@ -64,6 +66,7 @@ impl Default for Setup {
             shutdown_timeout: "10s".into(),
             timezone: "UTC".into(),
             extra: String::new(),
+            pipe_stdout: false,
         }
     }
 }
@@ -115,6 +118,7 @@ impl Agent {
         std::fs::write(&config, setup.toml(dir.path())).expect("write config");
         let stdout = match setup.sink {
             Sink::Stdout => Stdio::piped(),
+            Sink::Files if setup.pipe_stdout => Stdio::piped(),
             Sink::Files => Stdio::null(),
         };
         let child = Command::new(logtap_bin())

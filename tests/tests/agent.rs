@@ -228,3 +228,36 @@ fn shutdown_delivers_what_was_accepted_and_refuses_later_writes() {
     // The mount is gone.
     assert!(!agent.mount.join("bye").exists());
 }
+
+#[test]
+fn an_optional_sink_that_stalls_does_not_hold_back_the_others() {
+    // Files (required) and stdout (optional) sinks; stdout is a pipe nobody reads.
+    let mut agent = Agent::start(Setup {
+        ring_capacity: "256KiB".into(),
+        max_record_bytes: "4KiB".into(),
+        policy: "block".into(),
+        block_timeout: "60s".into(),
+        extra: "[sinks.debug]\ntype = \"stdout\"\noptional = true\n".into(),
+        pipe_stdout: true,
+        ..Setup::default()
+    });
+    let _stalled = agent.take_stdout();
+    let vol = agent.volume("opt");
+    let lines = numbered("o ", 30_000, 100);
+    let mut f = OpenOptions::new().create(true).append(true).open(vol.join("app.log")).unwrap();
+    for l in &lines {
+        writeln!(f, "{l}").unwrap();
+    }
+    drop(f);
+    let got = agent.wait_lines("opt", "app", lines.len(), Duration::from_secs(60));
+    assert_eq!(got.len(), lines.len(), "the required sink got every line");
+    let stats = agent.stats();
+    let ring = &stats["ring"];
+    assert_eq!(ring["dropped_records_total"], 0, "nothing lost to the pipeline: {ring}");
+    assert_eq!(stats["volumes"][0]["dropped_records_total"], 0);
+    let debug = ring["readers"].as_array().unwrap().iter().find(|r| r["name"] == "debug").unwrap();
+    assert_eq!(debug["optional"], true);
+    assert!(debug["dropped_records_total"].as_u64().unwrap() > 0, "the stalled optional sink skipped ahead: {debug}");
+    // Shutdown drains the required sinks and does not wait for the stalled optional one.
+    assert_eq!(agent.stop().code(), Some(0));
+}

@@ -128,6 +128,15 @@ impl SinkConfig {
             SinkConfig::Stdout(_) => "stdout",
         }
     }
+
+    /// An optional sink is skipped ahead (and counts what it skipped) rather than holding the
+    /// ring full for the other sinks.
+    pub fn optional(&self) -> bool {
+        match self {
+            SinkConfig::Files(c) => c.optional,
+            SinkConfig::Stdout(c) => c.optional,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -136,11 +145,14 @@ pub struct FilesSinkConfig {
     pub dir: PathBuf,
     /// Zone that decides the day in `{service}/{module}.{YYYYMMDD}`.
     pub timezone: Timezone,
+    pub optional: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StdoutSinkConfig {}
+#[serde(deny_unknown_fields, default)]
+pub struct StdoutSinkConfig {
+    pub optional: bool,
+}
 
 impl Default for Config {
     fn default() -> Self {
@@ -185,7 +197,7 @@ impl Default for ControlConfig {
 
 impl Default for FilesSinkConfig {
     fn default() -> Self {
-        Self { dir: "/var/log/logtap".into(), timezone: Timezone(chrono_tz::UTC) }
+        Self { dir: "/var/log/logtap".into(), timezone: Timezone(chrono_tz::UTC), optional: false }
     }
 }
 

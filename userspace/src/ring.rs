@@ -1,10 +1,12 @@
 //! The one shared ring: every source pushes records in, every sink reads them out.
 //!
 //! Bounded in bytes. Each sink is a reader with its own cursor; a record's space comes back
-//! only when every reader has acknowledged it. When the slowest reader holds the ring full,
-//! the policy decides: `drop_oldest` evicts from the head (counted against each reader that
-//! had not read the record yet, and against the record's source), `block` makes the pushing
-//! source wait up to `block_timeout` and then drops the newest records (counted).
+//! only when every reader has acknowledged it. An optional reader never holds the ring full:
+//! when space is needed and only optional readers still hold the oldest record, it is evicted
+//! and counted against those readers (they skip ahead). When a required reader holds the ring
+//! full, the policy decides: `drop_oldest` evicts from the head (counted against each reader
+//! that had not read the record yet, and against the record's source), `block` makes the
+//! pushing source wait up to `block_timeout` and then drops the newest records (counted).
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -44,6 +46,8 @@ impl Batch {
 #[derive(Debug)]
 struct Reader {
     name: String,
+    /// Skipped ahead rather than waited for.
+    optional: bool,
     /// Next sequence to hand out.
     next: u64,
     /// Every sequence below this is acknowledged.
@@ -79,19 +83,26 @@ impl State {
         self.head += 1;
         self.used -= cost(&record);
         let len = record.bytes.len() as u64;
-        let mut missed = false;
+        let mut lost = false;
         for r in &mut self.readers {
             if r.next <= seq {
                 r.next = seq + 1;
                 r.dropped_records += 1;
                 r.dropped_bytes += len;
-                missed = true;
+                // Lost to the pipeline only if a required sink misses it; an optional one
+                // skipping counts against that sink alone.
+                lost |= !r.optional;
             }
             r.acked = r.acked.max(seq + 1);
         }
-        if missed {
+        if lost {
             self.drop_record(&record);
         }
+    }
+
+    /// Every record below this is acknowledged by every required reader.
+    fn required_floor(&self) -> u64 {
+        self.readers.iter().filter(|r| !r.optional).map(|r| r.acked).min().unwrap_or_else(|| self.tail())
     }
 
     fn drop_record(&mut self, record: &Record) {
@@ -141,6 +152,7 @@ pub struct RingSnapshot {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReaderSnapshot {
     pub name: String,
+    pub optional: bool,
     /// Records pushed but not yet handed to this reader.
     pub lag_records: u64,
     /// Records handed out but not yet acknowledged.
@@ -165,11 +177,19 @@ impl Ring {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a reader that sees every record pushed from now on.
-    pub fn add_reader(&self, name: &str) -> ReaderId {
+    /// Adds a reader that sees every record pushed from now on; an `optional` one is skipped
+    /// ahead instead of holding the ring full.
+    pub fn add_reader(&self, name: &str, optional: bool) -> ReaderId {
         let mut s = self.lock();
         let tail = s.tail();
-        s.readers.push(Reader { name: name.into(), next: tail, acked: tail, dropped_records: 0, dropped_bytes: 0 });
+        s.readers.push(Reader {
+            name: name.into(),
+            optional,
+            next: tail,
+            acked: tail,
+            dropped_records: 0,
+            dropped_bytes: 0,
+        });
         ReaderId(s.readers.len() - 1)
     }
 
@@ -192,6 +212,11 @@ impl Ring {
                     s.records.push_back(record);
                     deadline = None;
                     break;
+                }
+                if s.head < s.required_floor() {
+                    // Only optional readers hold the oldest record: they skip it.
+                    s.evict_front();
+                    continue;
                 }
                 match self.policy {
                     Policy::DropOldest => s.evict_front(),
@@ -274,14 +299,13 @@ impl Ring {
         self.readable.notify_waiters();
     }
 
-    /// Waits until every reader has acknowledged every record, or `timeout` passes.
+    /// Waits until every required reader has acknowledged every record, or `timeout` passes.
     /// Returns the records still unacknowledged.
     pub fn wait_drained(&self, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
         let mut s = self.lock();
         loop {
-            let tail = s.tail();
-            let left = tail - s.readers.iter().map(|r| r.acked.min(tail)).min().unwrap_or(tail);
+            let left = s.tail() - s.required_floor().min(s.tail());
             let now = Instant::now();
             if left == 0 || now >= deadline {
                 return left;
@@ -311,6 +335,7 @@ impl Ring {
                 .iter()
                 .map(|r| ReaderSnapshot {
                     name: r.name.clone(),
+                    optional: r.optional,
                     lag_records: tail.saturating_sub(r.next),
                     in_flight_records: r.next.saturating_sub(r.acked),
                     dropped_records_total: r.dropped_records,
@@ -356,8 +381,8 @@ mod tests {
     #[test]
     fn drop_oldest_counts_what_each_reader_missed() {
         let ring = ring(3, Policy::DropOldest);
-        let a = ring.add_reader("a");
-        let b = ring.add_reader("b");
+        let a = ring.add_reader("a", false);
+        let b = ring.add_reader("b", false);
         ring.push(vec![rec(1), rec(2)]);
         // a reads 1 and 2 (in flight), b reads nothing yet.
         let batch = ring.try_read(a, 10, 1 << 20).unwrap();
@@ -373,10 +398,32 @@ mod tests {
     }
 
     #[test]
+    fn an_optional_reader_is_skipped_not_waited_for() {
+        let ring = ring(3, Policy::Block);
+        let required = ring.add_reader("files", false);
+        let optional = ring.add_reader("debug", true);
+        // The required reader keeps up; the optional one never reads.
+        for b in 1..=6 {
+            ring.push(vec![rec(b)]);
+            let batch = ring.try_read(required, 10, 1 << 20).unwrap();
+            ring.ack(required, batch.end());
+        }
+        let snap = ring.snapshot();
+        assert_eq!(snap.blocked_pushes_total, 0, "nobody waited for the optional reader");
+        assert_eq!(snap.dropped_records_total, 0, "nothing was lost to the pipeline");
+        assert_eq!(snap.readers[0].dropped_records_total, 0);
+        assert_eq!(snap.readers[1].dropped_records_total, 3, "the optional reader skipped the oldest three");
+        // It resumes with what is still there, in order.
+        assert_eq!(bytes(&ring.try_read(optional, 10, 1 << 20).unwrap()), vec![4, 5, 6]);
+        // Shutdown does not wait for it.
+        assert_eq!(ring.wait_drained(Duration::from_millis(1)), 0);
+    }
+
+    #[test]
     fn space_returns_only_when_every_reader_acked() {
         let ring = ring(2, Policy::Block);
-        let a = ring.add_reader("a");
-        let b = ring.add_reader("b");
+        let a = ring.add_reader("a", false);
+        let b = ring.add_reader("b", false);
         ring.push(vec![rec(1), rec(2)]);
         let ba = ring.try_read(a, 10, 1 << 20).unwrap();
         ring.ack(a, ba.end());
@@ -390,7 +437,7 @@ mod tests {
     #[test]
     fn block_waits_for_room_then_drops_the_newest() {
         let ring = Arc::new(ring(2, Policy::Block));
-        let a = ring.add_reader("a");
+        let a = ring.add_reader("a", false);
         ring.push(vec![rec(1), rec(2)]);
         // Nobody acks: after one block_timeout the newest are dropped, all of them at once.
         let start = Instant::now();
@@ -415,7 +462,7 @@ mod tests {
     #[test]
     fn a_blocked_push_wakes_sleeping_readers() {
         let ring = Arc::new(Ring::new(2 * (RECORD_OVERHEAD + 1), Policy::Block, Duration::from_secs(30)));
-        let a = ring.add_reader("a");
+        let a = ring.add_reader("a", false);
         let r2 = ring.clone();
         // Three records into room for two: the push blocks after the second.
         let pusher = std::thread::spawn(move || {
@@ -432,7 +479,7 @@ mod tests {
     #[test]
     fn readers_wake_and_finish_after_close() {
         let ring = Arc::new(ring(8, Policy::DropOldest));
-        let a = ring.add_reader("a");
+        let a = ring.add_reader("a", false);
         let r2 = ring.clone();
         let pusher = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));

@@ -160,9 +160,12 @@ mod tests {
     #[test]
     fn writes_one_line_per_record_by_service_module_and_day() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sink =
-            FilesSink::new(&FilesSinkConfig { dir: dir.path().into(), timezone: Timezone(chrono_tz::Asia::Shanghai) })
-                .unwrap();
+        let mut sink = FilesSink::new(&FilesSinkConfig {
+            dir: dir.path().into(),
+            timezone: Timezone(chrono_tz::Asia::Shanghai),
+            optional: false,
+        })
+        .unwrap();
         let mut a = record(b"first");
         // 2024-01-31 20:00 UTC is 2024-02-01 04:00 in Shanghai.
         a.captured_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_706_731_200);

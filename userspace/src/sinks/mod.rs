@@ -37,7 +37,8 @@ pub trait Sink: Send + 'static {
     fn deliver(&mut self, records: &[Record]) -> impl Future<Output = Result<(), DeliveryError>> + Send;
 }
 
-/// Starts every configured sink, each reading the ring from now on.
+/// Starts every configured sink, each reading the ring from now on. Returns the threads of
+/// the required sinks, which shutdown waits for; optional ones may be stalled for good.
 pub fn start(
     sinks: &std::collections::BTreeMap<String, SinkConfig>,
     ring: &Arc<Ring>,
@@ -45,7 +46,7 @@ pub fn start(
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut threads = Vec::new();
     for (name, config) in sinks {
-        let reader = ring.add_reader(name);
+        let reader = ring.add_reader(name, config.optional());
         let counters = stats.sink(name, config.kind());
         let thread = match config {
             SinkConfig::Files(c) => {
@@ -54,8 +55,10 @@ pub fn start(
             SinkConfig::Stdout(_) => spawn(name, stdout::StdoutSink::new(), ring, reader, counters),
         }
         .with_context(|| format!("cannot start sink {name}"))?;
-        info!(sink = %name, kind = config.kind(), "sink started");
-        threads.push(thread);
+        info!(sink = %name, kind = config.kind(), optional = config.optional(), "sink started");
+        if !config.optional() {
+            threads.push(thread);
+        }
     }
     Ok(threads)
 }
