@@ -137,6 +137,16 @@ fn main() {
     }
 }
 
+/// Pins a process (0: the calling thread) to CPU 0.
+fn pin_to_cpu0(pid: i32) {
+    // SAFETY: a zeroed cpu_set_t with one bit set, passed by pointer with its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// `pipe-writer`, built beside this binary.
 fn writer() -> std::path::PathBuf {
     std::env::current_exe().expect("current exe").with_file_name("pipe-writer")
@@ -167,8 +177,12 @@ fn pipe_run(
             serde_json::from_slice(&agent.post("/v1/watch", &body).expect("watch")).expect("json");
         target = answer["target"].as_u64();
     }
+    // The writer and its reader share CPU 0 in every mode: left to the scheduler, the no-probe
+    // baseline flips between two speeds depending on whether they share a core.
+    pin_to_cpu0(child.id() as i32);
     let mut out = child.stdout.take().expect("stdout");
     let reader = std::thread::spawn(move || {
+        pin_to_cpu0(0);
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0usize;
         while let Ok(k) = out.read(&mut buf) {
@@ -239,7 +253,7 @@ fn pipes(a: &Args) {
             captured as f64 / (1 << 20) as f64
         ));
     }
-    println!("| pipe writer, {} rounds (median) | no probe | probe attached, writer unwatched | watched and captured | agent CPU per captured write (user space, files sink included) | kernel-counted losses (all rounds) |", a.rounds);
+    println!("| pipe writer and reader on CPU 0, {} rounds (median) | no probe | probe attached, writer unwatched | watched and captured | agent CPU per captured write (user space, files sink included) | kernel-counted losses (all rounds) |", a.rounds);
     println!("|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
