@@ -4,7 +4,6 @@
 //! The binary is `$LOGTAP_BIN`, else `target/debug/logtap` (`cargo xtask test` builds it).
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -282,11 +281,6 @@ pub fn read_json_lines(out: impl Read + Send + 'static) -> std::thread::JoinHand
     std::thread::spawn(move || {
         BufReader::new(out).lines().map_while(Result::ok).filter_map(|l| serde_json::from_str(&l).ok()).collect()
     })
-}
-
-/// Whether the exit was a clean 0.
-pub fn exited_cleanly(status: &ExitStatus) -> bool {
-    status.code() == Some(0) && status.signal().is_none()
 }
 
 /// `n` numbered lines `"{prefix}{i:08} {padding}"` of about `len` bytes each.

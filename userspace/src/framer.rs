@@ -53,23 +53,18 @@ impl Framer {
             }
         }
         if let Some(last) = memchr::memrchr(b'\n', rest) {
-            if memchr::memchr(b'\n', &rest[..last]).is_none() {
-                // One line: its own buffer, no shared slices to set up.
-                self.emit_line(Bytes::copy_from_slice(&rest[..last]), out);
-                rest = &rest[last + 1..];
-                if !rest.is_empty() {
-                    self.since = Some(now);
-                    self.extend_pending(rest, out);
-                }
-                return;
-            }
             let block = Bytes::copy_from_slice(&rest[..last]);
-            let mut start = 0;
-            for nl in memchr::memchr_iter(b'\n', &block) {
-                self.emit_line(block.slice(start..nl), out);
-                start = nl + 1;
+            if memchr::memchr(b'\n', &block).is_none() {
+                // One line: the buffer itself, no shared slices to set up.
+                self.emit_line(block, out);
+            } else {
+                let mut start = 0;
+                for nl in memchr::memchr_iter(b'\n', &block) {
+                    self.emit_line(block.slice(start..nl), out);
+                    start = nl + 1;
+                }
+                self.emit_line(block.slice(start..), out);
             }
-            self.emit_line(block.slice(start..), out);
             rest = &rest[last + 1..];
         }
         if !rest.is_empty() {

@@ -111,17 +111,14 @@ impl State {
         record.origin.counters.dropped(1, record.bytes.len() as u64);
     }
 
-    fn reclaim(&mut self) -> bool {
+    fn reclaim(&mut self) {
         let floor = self.readers.iter().map(|r| r.acked).min().unwrap_or(self.head);
-        let mut freed = false;
         while self.head < floor {
             if let Some(record) = self.records.pop_front() {
                 self.used -= cost(&record);
             }
             self.head += 1;
-            freed = true;
         }
-        freed
     }
 }
 

@@ -294,9 +294,8 @@ impl PipeSource {
     }
 
     fn remove_target(&self, id: u32) {
-        let last = self.snapshot_of(&self.lock(), id);
         let mut st = self.lock();
-        if let Some(mut last) = last {
+        if let Some(mut last) = self.snapshot_of(&st, id) {
             last.ended = true;
             st.ended.push_back(last);
             if st.ended.len() > ENDED_KEPT {
