@@ -119,6 +119,7 @@ pub struct ControlConfig {
 pub enum SinkConfig {
     Files(FilesSinkConfig),
     Stdout(StdoutSinkConfig),
+    Kafka(KafkaSinkConfig),
 }
 
 impl SinkConfig {
@@ -126,6 +127,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Files(_) => "files",
             SinkConfig::Stdout(_) => "stdout",
+            SinkConfig::Kafka(_) => "kafka",
         }
     }
 
@@ -135,6 +137,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Files(c) => c.optional,
             SinkConfig::Stdout(c) => c.optional,
+            SinkConfig::Kafka(c) => c.optional,
         }
     }
 }
@@ -152,6 +155,163 @@ pub struct FilesSinkConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StdoutSinkConfig {
     pub optional: bool,
+}
+
+/// Apache Kafka through librdkafka: acks=all, the idempotent producer, and a record leaves the
+/// ring only when its delivery report says the broker has it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSinkConfig {
+    /// Bootstrap brokers, `host:port`.
+    pub brokers: Vec<String>,
+    /// Topic per record, e.g. `logs.{service}`; see [`Template`] for the fields.
+    pub topic: Template,
+    /// Message key: records with one key keep their order in one partition.
+    pub key: Template,
+    /// Record headers with the record's identity (service, module, volume, path, host, pid).
+    pub headers: bool,
+    pub format: KafkaFormat,
+    pub compression: Compression,
+    /// How long librdkafka may try one message before its delivery fails and logtap retries it.
+    pub delivery_timeout: Dur,
+    /// Largest message value; longer records are split into parts (counted).
+    pub max_message_bytes: ByteSize,
+    /// Other librdkafka properties, passed as they are and applied last.
+    pub options: BTreeMap<String, String>,
+    pub optional: bool,
+}
+
+impl Default for KafkaSinkConfig {
+    fn default() -> Self {
+        Self {
+            brokers: vec!["127.0.0.1:9092".into()],
+            topic: Template::parse("logs.{service}").unwrap_or_default(),
+            key: Template::parse("{volume}/{module}").unwrap_or_default(),
+            headers: true,
+            format: KafkaFormat::Raw,
+            compression: Compression::Lz4,
+            delivery_timeout: Dur(Duration::from_secs(30)),
+            max_message_bytes: ByteSize(1_000_000),
+            options: BTreeMap::new(),
+            optional: false,
+        }
+    }
+}
+
+/// The value of a Kafka message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaFormat {
+    /// The line's bytes as they were written.
+    Raw,
+    /// The JSON envelope of the files sink (`message`, or `message_base64` for non-UTF-8).
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    /// The librdkafka `compression.type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// A record field a [`Template`] can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Host,
+    Service,
+    Module,
+    Volume,
+    Path,
+    Pid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Text(String),
+    Field(Field),
+}
+
+/// Text with `{field}` placeholders: `{host}`, `{service}`, `{module}`, `{volume}`, `{path}`
+/// (the file in its volume, or `stdout`/`stderr`), `{pid}`. `{{` and `}}` are literal braces.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Template(pub Vec<Part>);
+
+impl Template {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut text = String::new();
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    text.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    text.push('}');
+                }
+                '{' => {
+                    let name: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                    let field = match name.as_str() {
+                        "host" => Field::Host,
+                        "service" => Field::Service,
+                        "module" => Field::Module,
+                        "volume" => Field::Volume,
+                        "path" => Field::Path,
+                        "pid" => Field::Pid,
+                        _ => {
+                            return Err(format!(
+                                "unknown field {{{name}}} in template {s:?}: use host, service, module, volume, path or pid"
+                            ))
+                        }
+                    };
+                    if !text.is_empty() {
+                        parts.push(Part::Text(std::mem::take(&mut text)));
+                    }
+                    parts.push(Part::Field(field));
+                }
+                '}' => return Err(format!("unmatched '}}' in template {s:?} (write '}}}}' for a brace)")),
+                c => text.push(c),
+            }
+        }
+        if !text.is_empty() {
+            parts.push(Part::Text(text));
+        }
+        Ok(Template(parts))
+    }
+
+    /// The literal text of the template (no fields).
+    pub fn literals(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter_map(|p| match p {
+            Part::Text(t) => Some(t.as_str()),
+            Part::Field(_) => None,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Template {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Template::parse(&s).map_err(de::Error::custom)
+    }
 }
 
 impl Default for Config {
@@ -282,6 +442,9 @@ impl Config {
                     ));
                 }
             }
+            if let SinkConfig::Kafka(k) = sink {
+                crate::sinks::kafka::check(k).map_err(|e| format!("sinks.{name}: {e}"))?;
+            }
         }
         if !self.control.socket.is_absolute() {
             return Err(format!("control.socket must be an absolute path, not {:?}", self.control.socket));
@@ -400,6 +563,19 @@ mod tests {
     fn the_documented_defaults_are_the_defaults() {
         assert_eq!(parse(DEFAULT_TOML).unwrap(), Config::default());
         assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_documented_kafka_example_is_the_kafka_default() {
+        let start = DEFAULT_TOML.find("# [sinks.kafka]").unwrap();
+        let example: String = DEFAULT_TOML[start..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(""))
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = parse(&example).unwrap();
+        assert_eq!(c.sinks["kafka"], SinkConfig::Kafka(KafkaSinkConfig::default()), "{example}");
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         server::bind(&config.control)?
     };
 
-    let sink_threads = sinks::start(&config.sinks, &ring, &stats)?;
+    let sink_threads = sinks::start(&config.sinks, &host, &ring, &stats)?;
     let framing = Framing {
         host: host.as_str().into(),
         max_record_bytes: usize_of(v.max_record_bytes.0, "volumes.max_record_bytes")?,

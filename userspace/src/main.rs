@@ -452,21 +452,42 @@ fn render_stats(s: &Snapshot) -> String {
     out += &render_volumes(&s.volumes);
     out += &render_pipes(&s.pipes);
     out += &format!(
-        "\n{:<16} {:<8} {:>12} {:>11} {:>8} {:>10} {:>10} {:>10}\n",
-        "SINK", "TYPE", "DELIVERED", "BYTES", "ERRORS", "P50", "P99", "MAX"
+        "\n{:<16} {:<8} {:>12} {:>11} {:>9} {:>8} {:>8} {:>9} {:>10} {:>10} {:>10}\n",
+        "SINK", "TYPE", "DELIVERED", "BYTES", "IN FLIGHT", "RETRIED", "ERRORS", "REJECTED", "P50", "P99", "MAX"
     );
     for k in &s.sinks {
+        let skipped = r.readers.iter().find(|x| x.name == k.name).map_or(0, |x| x.dropped_records_total);
         out += &format!(
-            "{:<16} {:<8} {:>12} {:>11} {:>8} {:>9.1}ms {:>9.1}ms {:>9.1}ms\n",
+            "{:<16} {:<8} {:>12} {:>11} {:>9} {:>8} {:>8} {:>9} {:>9.1}ms {:>9.1}ms {:>9.1}ms\n",
             k.name,
             k.kind,
             k.delivered_records_total,
             bytes(k.delivered_bytes_total),
+            k.in_flight_records,
+            k.retried_records_total,
             k.errors_total,
+            k.rejected_records_total,
             k.latency.p50_seconds * 1e3,
             k.latency.p99_seconds * 1e3,
             k.latency.max_seconds * 1e3
         );
+        if skipped > 0 {
+            out += &format!("  missed {skipped} records the ring dropped before this sink read them\n");
+        }
+        if k.split_records_total > 0 {
+            out += &format!("  split {} records too long for one message\n", k.split_records_total);
+        }
+        for (topic, d) in &k.topics {
+            out += &format!(
+                "  topic {topic}: {} records, {}\n",
+                d.delivered_records_total,
+                bytes(d.delivered_bytes_total)
+            );
+        }
+        if !k.errors_by_kind.is_empty() {
+            let kinds: Vec<String> = k.errors_by_kind.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
+            out += &format!("  errors by kind: {}\n", kinds.join(", "));
+        }
         if let Some(e) = &k.last_error {
             out += &format!("  last error: {e}\n");
         }

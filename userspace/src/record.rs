@@ -90,10 +90,15 @@ impl Record {
         }
     }
 
-    /// The record as one JSON line (with the newline).
-    pub fn to_json_line(&self, out: &mut Vec<u8>) {
+    /// The record as one JSON object.
+    pub fn to_json(&self, out: &mut Vec<u8>) {
         // Serialising plain strings and numbers into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, &self.envelope());
+    }
+
+    /// The record as one JSON line (with the newline).
+    pub fn to_json_line(&self, out: &mut Vec<u8>) {
+        self.to_json(out);
         out.push(b'\n');
     }
 }

@@ -237,10 +237,84 @@ pub struct SinkCounters {
     pub kind: String,
     pub delivered_records: AtomicU64,
     pub delivered_bytes: AtomicU64,
+    /// Failed delivery attempts (each retried).
     pub errors: AtomicU64,
+    /// Errors by kind, as the destination names them.
+    errors_by_kind: Mutex<BTreeMap<String, u64>>,
     pub last_error: Mutex<Option<String>>,
+    /// Records handed to the destination and not yet acknowledged (a gauge).
+    pub in_flight_records: AtomicU64,
+    /// Records offered again after a failed attempt.
+    pub retried_records: AtomicU64,
+    /// Records the destination refuses for good (too large for the broker): dropped, counted.
+    pub rejected_records: AtomicU64,
+    pub rejected_bytes: AtomicU64,
+    /// Records sent as several messages because they exceed the destination's size limit.
+    pub split_records: AtomicU64,
+    /// Delivered per topic (Kafka).
+    topics: Mutex<BTreeMap<String, Arc<Delivered>>>,
     /// From capture to delivery.
     pub latency: Histogram,
+}
+
+/// Delivered records and bytes of one destination (a topic).
+#[derive(Debug, Default)]
+pub struct Delivered {
+    pub records: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeliveredSnapshot {
+    pub delivered_records_total: u64,
+    pub delivered_bytes_total: u64,
+}
+
+impl SinkCounters {
+    pub fn new(name: &str, kind: &str) -> Self {
+        Self { name: name.into(), kind: kind.into(), ..Default::default() }
+    }
+
+    /// Counts an error of `kind`; `message`, when given, becomes the last error.
+    pub fn error(&self, kind: &str, message: Option<String>) {
+        *lock(&self.errors_by_kind).entry(kind.to_string()).or_default() += 1;
+        if let Some(m) = message {
+            *lock(&self.last_error) = Some(m);
+        }
+    }
+
+    /// The counters of one topic, created on first use.
+    pub fn topic(&self, topic: &str) -> Arc<Delivered> {
+        lock(&self.topics).entry(topic.to_string()).or_default().clone()
+    }
+
+    pub fn snapshot(&self) -> SinkSnapshot {
+        SinkSnapshot {
+            name: self.name.clone(),
+            kind: self.kind.clone(),
+            delivered_records_total: self.delivered_records.load(Relaxed),
+            delivered_bytes_total: self.delivered_bytes.load(Relaxed),
+            errors_total: self.errors.load(Relaxed),
+            errors_by_kind: lock(&self.errors_by_kind).clone(),
+            last_error: lock(&self.last_error).clone(),
+            in_flight_records: self.in_flight_records.load(Relaxed),
+            retried_records_total: self.retried_records.load(Relaxed),
+            rejected_records_total: self.rejected_records.load(Relaxed),
+            rejected_bytes_total: self.rejected_bytes.load(Relaxed),
+            split_records_total: self.split_records.load(Relaxed),
+            topics: lock(&self.topics)
+                .iter()
+                .map(|(t, d)| {
+                    let d = DeliveredSnapshot {
+                        delivered_records_total: d.records.load(Relaxed),
+                        delivered_bytes_total: d.bytes.load(Relaxed),
+                    };
+                    (t.clone(), d)
+                })
+                .collect(),
+            latency: self.latency.snapshot(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -251,7 +325,17 @@ pub struct SinkSnapshot {
     pub delivered_records_total: u64,
     pub delivered_bytes_total: u64,
     pub errors_total: u64,
+    #[serde(default)]
+    pub errors_by_kind: BTreeMap<String, u64>,
     pub last_error: Option<String>,
+    pub in_flight_records: u64,
+    pub retried_records_total: u64,
+    pub rejected_records_total: u64,
+    pub rejected_bytes_total: u64,
+    pub split_records_total: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub topics: BTreeMap<String, DeliveredSnapshot>,
+    /// Capture to delivery (for Kafka: to the broker's acknowledgement).
     pub latency: LatencySnapshot,
 }
 
@@ -318,7 +402,7 @@ impl Stats {
     }
 
     pub fn sink(&self, name: &str, kind: &str) -> Arc<SinkCounters> {
-        let c = Arc::new(SinkCounters { name: name.into(), kind: kind.into(), ..Default::default() });
+        let c = Arc::new(SinkCounters::new(name, kind));
         lock(&self.sinks).push(c.clone());
         c
     }
@@ -339,18 +423,7 @@ impl Stats {
             ring: self.ring.snapshot(),
             volumes: self.volumes(),
             pipes: self.pipes(),
-            sinks: lock(&self.sinks)
-                .iter()
-                .map(|s| SinkSnapshot {
-                    name: s.name.clone(),
-                    kind: s.kind.clone(),
-                    delivered_records_total: s.delivered_records.load(Relaxed),
-                    delivered_bytes_total: s.delivered_bytes.load(Relaxed),
-                    errors_total: s.errors.load(Relaxed),
-                    last_error: lock(&s.last_error).clone(),
-                    latency: s.latency.snapshot(),
-                })
-                .collect(),
+            sinks: lock(&self.sinks).iter().map(|s| s.snapshot()).collect(),
         }
     }
 }
@@ -448,8 +521,58 @@ pub fn prometheus(s: &Snapshot) -> String {
     metric(
         "sink_errors_total",
         "counter",
-        "Delivery errors (each retried).",
+        "Failed delivery attempts (each retried).",
         s.sinks.iter().map(|k| (sink(&k.name), k.errors_total as f64)).collect(),
+    );
+    metric(
+        "sink_errors_by_kind_total",
+        "counter",
+        "Errors the destination reported, by kind.",
+        s.sinks
+            .iter()
+            .flat_map(|k| {
+                k.errors_by_kind.iter().map(|(kind, n)| {
+                    (format!("{{sink=\"{}\",kind=\"{}\"}}", label_value(&k.name), label_value(kind)), *n as f64)
+                })
+            })
+            .collect(),
+    );
+    type SPick = fn(&SinkSnapshot) -> u64;
+    let sink_fields: [(&str, &str, &str, SPick); 5] = [
+        ("sink_in_flight_records", "gauge", "Records sent and not yet acknowledged.", |k| k.in_flight_records),
+        ("sink_retried_records_total", "counter", "Records offered again after a failure.", |k| {
+            k.retried_records_total
+        }),
+        ("sink_rejected_records_total", "counter", "Records the destination refused for good (dropped).", |k| {
+            k.rejected_records_total
+        }),
+        ("sink_rejected_bytes_total", "counter", "Bytes the destination refused for good (dropped).", |k| {
+            k.rejected_bytes_total
+        }),
+        ("sink_split_records_total", "counter", "Records sent as several messages.", |k| k.split_records_total),
+    ];
+    for (name, kind, help, pick) in sink_fields {
+        metric(name, kind, help, s.sinks.iter().map(|k| (sink(&k.name), pick(k) as f64)).collect());
+    }
+    let topic =
+        |k: &SinkSnapshot, t: &str| format!("{{sink=\"{}\",topic=\"{}\"}}", label_value(&k.name), label_value(t));
+    metric(
+        "sink_topic_delivered_records_total",
+        "counter",
+        "Records delivered per topic.",
+        s.sinks
+            .iter()
+            .flat_map(|k| k.topics.iter().map(move |(t, d)| (topic(k, t), d.delivered_records_total as f64)))
+            .collect(),
+    );
+    metric(
+        "sink_topic_delivered_bytes_total",
+        "counter",
+        "Bytes delivered per topic.",
+        s.sinks
+            .iter()
+            .flat_map(|k| k.topics.iter().map(move |(t, d)| (topic(k, t), d.delivered_bytes_total as f64)))
+            .collect(),
     );
     let mut rows = Vec::new();
     for k in &s.sinks {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 
-use super::{DeliveryError, Sink};
+use super::{Delivery, DeliveryError, Sink};
 use crate::config::FilesSinkConfig;
 use crate::record::Record;
 
@@ -117,7 +117,7 @@ impl FilesSink {
             let run =
                 records[at..].iter().take_while(|r| Arc::ptr_eq(&r.origin, &first.origin) && secs(r) == second).count();
             // What is buffered is not yet delivered: on error the whole batch is offered again.
-            let fail = |error: anyhow::Error| DeliveryError { delivered: 0, error };
+            let fail = |error: anyhow::Error| DeliveryError::after(0, records.len(), error);
             let day = self.day(first.captured_at);
             let f = self.writer(first, day).map_err(fail)?;
             f.last_used = Instant::now();
@@ -130,14 +130,14 @@ impl FilesSink {
             at += run;
         }
         // Buffered lines of earlier records may be lost with the error: offer the whole batch again.
-        self.flush_all().map_err(|error| DeliveryError { delivered: 0, error })
+        self.flush_all().map_err(|error| DeliveryError::after(0, records.len(), error))
     }
 }
 
 impl Sink for FilesSink {
-    async fn deliver(&mut self, records: &[Record]) -> Result<(), DeliveryError> {
-        // Plain blocking file I/O: this sink runs on its own thread.
-        self.write(records)
+    fn deliver(&mut self, records: &[Record]) -> Delivery {
+        // Plain blocking file I/O, done before returning: this sink runs on its own thread.
+        Box::pin(std::future::ready(self.write(records)))
     }
 }
 

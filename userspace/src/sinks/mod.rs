@@ -3,9 +3,12 @@
 //! destination holds back only itself.
 
 pub mod files;
+pub mod kafka;
 pub mod stdout;
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -15,44 +18,77 @@ use tracing::{info, warn};
 
 use crate::config::SinkConfig;
 use crate::record::Record;
-use crate::ring::{ReaderId, Ring};
+use crate::ring::{Batch, ReaderId, Ring};
 use crate::stats::{SinkCounters, Stats};
 
 /// Records per batch handed to a sink.
 const BATCH_RECORDS: usize = 4096;
 /// About how many bytes per batch.
 const BATCH_BYTES: usize = 4 << 20;
+/// Batches a sink may have in delivery at once: what keeps a network sink busy while earlier
+/// batches wait for their acknowledgements. Bounded so that a stalled destination leaves the
+/// records waiting in the ring, where the policy applies, not inside the sink.
+const MAX_BATCHES_IN_FLIGHT: usize = 64;
+const MAX_BYTES_IN_FLIGHT: usize = 16 << 20;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// A delivery that failed after the first `delivered` records of the batch got through.
+/// What became of one record in a delivery that did not fully succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    Delivered,
+    /// Refused for good by the destination (counted by the sink as rejected); not offered again.
+    Rejected,
+    /// Not delivered: offered again after a backoff.
+    Retry,
+}
+
+/// A delivery that did not fully succeed: the outcome of each record of the batch, in order.
 #[derive(Debug)]
 pub struct DeliveryError {
-    pub delivered: usize,
+    pub outcomes: Vec<Outcome>,
     pub error: anyhow::Error,
 }
 
+impl DeliveryError {
+    /// The first `delivered` of `len` records got through; the rest are to be offered again.
+    pub fn after(delivered: usize, len: usize, error: anyhow::Error) -> Self {
+        let outcomes = (0..len).map(|i| if i < delivered { Outcome::Delivered } else { Outcome::Retry }).collect();
+        Self { outcomes, error }
+    }
+}
+
+/// A delivery under way: resolves when the destination has the records.
+pub type Delivery = Pin<Box<dyn Future<Output = Result<(), DeliveryError>> + Send>>;
+
 pub trait Sink: Send + 'static {
-    /// Delivers records in order. Returning Ok means all of them are at the destination;
-    /// an error says how many leading records were, and the rest are offered again.
-    fn deliver(&mut self, records: &[Record]) -> impl Future<Output = Result<(), DeliveryError>> + Send;
+    /// Starts delivering records in order; the returned future resolves when all of them are
+    /// at the destination (Ok), or says what became of each. Deliveries may overlap: the next
+    /// one can start before the previous resolves.
+    fn deliver(&mut self, records: &[Record]) -> Delivery;
 }
 
 /// Starts every configured sink, each reading the ring from now on. Returns the threads of
 /// the required sinks, which shutdown waits for; optional ones may be stalled for good.
 pub fn start(
     sinks: &std::collections::BTreeMap<String, SinkConfig>,
+    host: &str,
     ring: &Arc<Ring>,
     stats: &Stats,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut threads = Vec::new();
     for (name, config) in sinks {
-        let reader = ring.add_reader(name, config.optional());
         let counters = stats.sink(name, config.kind());
+        let reader = ring.add_reader(name, config.optional());
+        let context = || format!("sink {name}");
         let thread = match config {
             SinkConfig::Files(c) => {
-                spawn(name, files::FilesSink::new(c).with_context(|| format!("sink {name}"))?, ring, reader, counters)
+                spawn(name, files::FilesSink::new(c).with_context(context)?, ring, reader, counters)
             }
             SinkConfig::Stdout(_) => spawn(name, stdout::StdoutSink::new(), ring, reader, counters),
+            SinkConfig::Kafka(c) => {
+                let sink = kafka::KafkaSink::new(c, host, counters.clone()).with_context(context)?;
+                spawn(name, sink, ring, reader, counters)
+            }
         }
         .with_context(|| format!("cannot start sink {name}"))?;
         info!(sink = %name, kind = config.kind(), optional = config.optional(), "sink started");
@@ -83,12 +119,14 @@ fn spawn<S: Sink>(
     })
 }
 
-fn delivered(counters: &SinkCounters, records: &[Record]) {
+fn delivered<'a>(counters: &SinkCounters, records: impl Iterator<Item = &'a Record>) {
     let now = SystemTime::now();
     let mut bytes = 0;
     // Records of one capture batch share their time: one histogram update per run.
     let mut run: Option<(SystemTime, u64)> = None;
+    let mut n_records = 0;
     for r in records {
+        n_records += 1;
         bytes += r.bytes.len() as u64;
         match &mut run {
             Some((at, n)) if *at == r.captured_at => *n += 1,
@@ -102,36 +140,154 @@ fn delivered(counters: &SinkCounters, records: &[Record]) {
     if let Some((at, n)) = run {
         counters.latency.record_n(now.duration_since(at).unwrap_or_default(), n);
     }
-    counters.delivered_records.fetch_add(records.len() as u64, Relaxed);
+    counters.delivered_records.fetch_add(n_records, Relaxed);
     counters.delivered_bytes.fetch_add(bytes, Relaxed);
 }
 
-/// Reads, delivers, acknowledges; retries failures with backoff until the ring closes and
-/// everything is delivered.
+/// A batch in delivery.
+struct InFlight {
+    /// Ring sequence after the batch: acknowledged when the batch is done.
+    end: u64,
+    records: Vec<Record>,
+    bytes: usize,
+    delivery: Delivery,
+    /// The batch failed at least once: no new batches start until it is through.
+    retrying: bool,
+}
+
+enum Event {
+    Read(Option<Batch>),
+    Done(Result<(), DeliveryError>),
+}
+
+async fn front(in_flight: &mut VecDeque<InFlight>) -> Result<(), DeliveryError> {
+    match in_flight.front_mut() {
+        Some(f) => f.delivery.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads, delivers (several batches at once), acknowledges in ring order; retries failures
+/// with backoff until the ring closes and everything is delivered.
 async fn run<S: Sink>(mut sink: S, ring: Arc<Ring>, reader: ReaderId, counters: Arc<SinkCounters>) {
-    while let Some(batch) = ring.read(reader, BATCH_RECORDS, BATCH_BYTES).await {
-        let mut from = 0;
-        let mut backoff = Duration::from_millis(50);
-        while from < batch.records.len() {
-            match sink.deliver(&batch.records[from..]).await {
-                Ok(()) => {
-                    delivered(&counters, &batch.records[from..]);
-                    from = batch.records.len();
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let mut bytes_in_flight = 0;
+    let mut closed = false;
+    let mut backoff = Duration::from_millis(50);
+    while !(closed && in_flight.is_empty()) {
+        let room = !closed
+            && in_flight.len() < MAX_BATCHES_IN_FLIGHT
+            && bytes_in_flight < MAX_BYTES_IN_FLIGHT
+            && !in_flight.front().is_some_and(|f| f.retrying);
+        let event = tokio::select! {
+            biased;
+            done = front(&mut in_flight) => Event::Done(done),
+            batch = ring.read(reader, BATCH_RECORDS, BATCH_BYTES), if room => Event::Read(batch),
+        };
+        match event {
+            Event::Read(None) => closed = true,
+            Event::Read(Some(batch)) => {
+                let end = batch.end();
+                let bytes = batch.records.iter().map(|r| r.bytes.len()).sum();
+                let delivery = sink.deliver(&batch.records);
+                bytes_in_flight += bytes;
+                in_flight.push_back(InFlight { end, records: batch.records, bytes, delivery, retrying: false });
+            }
+            Event::Done(result) => {
+                let Some(f) = in_flight.front_mut() else { continue };
+                match result {
+                    Ok(()) => {
+                        delivered(&counters, f.records.iter());
+                        backoff = Duration::from_millis(50);
+                    }
+                    Err(DeliveryError { outcomes, error }) => {
+                        let mut retry = Vec::new();
+                        let mut done = Vec::new();
+                        for (record, outcome) in
+                            f.records.drain(..).zip(outcomes.iter().chain(std::iter::repeat(&Outcome::Retry)))
+                        {
+                            match outcome {
+                                Outcome::Delivered => done.push(record),
+                                Outcome::Rejected => {
+                                    counters.rejected_records.fetch_add(1, Relaxed);
+                                    counters.rejected_bytes.fetch_add(record.bytes.len() as u64, Relaxed);
+                                }
+                                Outcome::Retry => retry.push(record),
+                            }
+                        }
+                        delivered(&counters, done.iter());
+                        let message = format!("{error:#}");
+                        *counters.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+                        if !retry.is_empty() {
+                            counters.errors.fetch_add(1, Relaxed);
+                            counters.retried_records.fetch_add(retry.len() as u64, Relaxed);
+                            warn!(sink = %counters.name, records = retry.len(), retry_in = ?backoff, "delivery failed: {message}");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            f.delivery = sink.deliver(&retry);
+                            f.records = retry;
+                            f.retrying = true;
+                            counters
+                                .in_flight_records
+                                .store(in_flight.iter().map(|f| f.records.len() as u64).sum(), Relaxed);
+                            continue;
+                        }
+                    }
                 }
-                Err(DeliveryError { delivered: n, error }) => {
-                    let n = n.min(batch.records.len() - from);
-                    delivered(&counters, &batch.records[from..from + n]);
-                    from += n;
-                    ring.ack(reader, batch.first + from as u64);
-                    counters.errors.fetch_add(1, Relaxed);
-                    let message = format!("{error:#}");
-                    warn!(sink = %counters.name, retry_in = ?backoff, "delivery failed: {message}");
-                    *counters.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                if let Some(f) = in_flight.pop_front() {
+                    bytes_in_flight -= f.bytes;
+                    ring.ack(reader, f.end);
                 }
             }
         }
-        ring.ack(reader, batch.end());
+        counters.in_flight_records.store(in_flight.iter().map(|f| f.records.len() as u64).sum(), Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::config::Policy;
+    use crate::record::tests::record;
+
+    /// Answers each delivery from a script; records what it was offered.
+    struct Scripted {
+        offered: Arc<Mutex<Vec<Vec<u8>>>>,
+        script: VecDeque<Vec<Outcome>>,
+    }
+
+    impl Sink for Scripted {
+        fn deliver(&mut self, records: &[Record]) -> Delivery {
+            self.offered.lock().unwrap().push(records.iter().map(|r| r.bytes[0]).collect());
+            let result = match self.script.pop_front() {
+                Some(outcomes) => Err(DeliveryError { outcomes, error: anyhow::anyhow!("scripted") }),
+                None => Ok(()),
+            };
+            Box::pin(std::future::ready(result))
+        }
+    }
+
+    #[test]
+    fn only_what_failed_is_offered_again_and_rejected_records_are_counted_not_retried() {
+        use Outcome::*;
+        let ring = Arc::new(Ring::new(1 << 20, Policy::Block, Duration::from_secs(1)));
+        let reader = ring.add_reader("s", false);
+        ring.push((1..=4).map(|b| record(&[b])).collect());
+        ring.close();
+        let offered = Arc::new(Mutex::new(Vec::new()));
+        let sink = Scripted {
+            offered: offered.clone(),
+            script: VecDeque::from([vec![Delivered, Rejected, Retry, Delivered]]),
+        };
+        let counters = Arc::new(SinkCounters::new("s", "test"));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run(sink, ring.clone(), reader, counters.clone()));
+        assert_eq!(*offered.lock().unwrap(), vec![vec![1, 2, 3, 4], vec![3]]);
+        let s = counters.snapshot();
+        assert_eq!((s.delivered_records_total, s.rejected_records_total, s.retried_records_total), (3, 1, 1));
+        assert_eq!((s.errors_total, s.in_flight_records), (1, 0));
+        assert_eq!(ring.wait_drained(Duration::from_millis(1)), 0, "everything acknowledged");
     }
 }

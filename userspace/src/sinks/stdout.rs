@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use super::{DeliveryError, Sink};
+use super::{Delivery, DeliveryError, Sink};
 use crate::record::Record;
 
 pub struct StdoutSink {
@@ -22,7 +22,13 @@ impl Default for StdoutSink {
 }
 
 impl Sink for StdoutSink {
-    async fn deliver(&mut self, records: &[Record]) -> Result<(), DeliveryError> {
+    fn deliver(&mut self, records: &[Record]) -> Delivery {
+        Box::pin(std::future::ready(self.write(records)))
+    }
+}
+
+impl StdoutSink {
+    fn write(&mut self, records: &[Record]) -> Result<(), DeliveryError> {
         self.buf.clear();
         for r in records {
             r.to_json_line(&mut self.buf);
@@ -32,6 +38,6 @@ impl Sink for StdoutSink {
         let mut out = std::io::stdout().lock();
         out.write_all(&self.buf)
             .and_then(|()| out.flush())
-            .map_err(|e| DeliveryError { delivered: 0, error: anyhow::Error::new(e).context("writing to stdout") })
+            .map_err(|e| DeliveryError::after(0, records.len(), anyhow::Error::new(e).context("writing to stdout")))
     }
 }

@@ -1,0 +1,436 @@
+//! The Kafka sink: each record becomes a message of librdkafka's idempotent producer with
+//! acks=all, and a batch is done only when every message's delivery report is in.
+//!
+//! A message: topic and key from templates over the record's origin, headers with its identity
+//! (`host`, `service`, `module`, `volume`, `path`, `pid`), the value raw (the line) or the JSON
+//! envelope, the capture time as its timestamp.
+//!
+//! The size rule: a value longer than `max_message_bytes` is split into parts that fit, sent in
+//! order under the same key (raw parts carry a `part` header `i/n`; JSON parts have
+//! `"split": true`), counted as split. A message the broker still refuses as too large (its
+//! limit is lower than ours) or as an invalid record is rejected: dropped and counted, because
+//! no retry could succeed and it would hold the ring. Every other failure is retried.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, FromClientConfigAndContext, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use tokio::sync::Notify;
+use tracing::{debug, error, warn};
+
+use super::{Delivery, DeliveryError, Outcome, Sink};
+use crate::config::{Field, KafkaFormat, KafkaSinkConfig, Part, Template};
+use crate::record::{Origin, Record};
+use crate::stats::{Delivered, SinkCounters};
+
+/// Room for the key, headers and framing on top of the largest value.
+const MESSAGE_HEADROOM: u64 = 64 << 10;
+/// Routes cached at most (one per stream); the cache starts over beyond this.
+const MAX_ROUTES: usize = 16384;
+/// Kafka's longest topic name.
+const MAX_TOPIC: usize = 249;
+
+fn topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Checks a Kafka sink's settings, librdkafka's included, without connecting.
+pub fn check(config: &KafkaSinkConfig) -> Result<(), String> {
+    if config.brokers.is_empty() || config.brokers.iter().any(|b| b.trim().is_empty()) {
+        return Err("brokers must name at least one host:port, and no empty ones".into());
+    }
+    if config.topic.0.is_empty() {
+        return Err("topic must not be empty".into());
+    }
+    for text in config.topic.literals() {
+        if let Some(c) = text.chars().find(|&c| !topic_char(c)) {
+            return Err(format!("topic has {c:?}: Kafka topic names use ASCII letters, digits, '.', '_' and '-'"));
+        }
+    }
+    if !(1024..=512 << 20).contains(&config.max_message_bytes.0) {
+        return Err(format!("max_message_bytes must be between 1KiB and 512MiB, not {}", config.max_message_bytes));
+    }
+    if config.delivery_timeout.0 < Duration::from_millis(100) {
+        return Err(format!("delivery_timeout must be at least 100ms, not {}", config.delivery_timeout));
+    }
+    client_config(config, "check").create_native_config().map(|_| ()).map_err(|e| format!("librdkafka: {e}"))
+}
+
+fn client_config(config: &KafkaSinkConfig, host: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", config.brokers.join(","))
+        .set("client.id", format!("logtap-{}", host.chars().filter(|&c| topic_char(c)).collect::<String>()))
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("compression.type", config.compression.as_str())
+        .set("message.timeout.ms", config.delivery_timeout.0.as_millis().to_string())
+        .set("message.max.bytes", (config.max_message_bytes.0 + MESSAGE_HEADROOM).to_string())
+        // Above what the sink runner keeps in flight, so a full queue is an exception.
+        .set("queue.buffering.max.messages", "1000000");
+    for (key, value) in &config.options {
+        c.set(key, value);
+    }
+    c.set_log_level(RDKafkaLogLevel::Warning);
+    c
+}
+
+/// One batch's delivery reports.
+struct Tracker {
+    /// Per record: the worst outcome of its messages (an [`Outcome`] as u8).
+    outcomes: Vec<AtomicU8>,
+    /// Messages without a report yet, plus one while the batch is being sent.
+    pending: AtomicUsize,
+    first_error: Mutex<Option<String>>,
+    done: Notify,
+}
+
+impl Tracker {
+    fn new(records: usize) -> Self {
+        Self {
+            outcomes: (0..records).map(|_| AtomicU8::new(Outcome::Delivered as u8)).collect(),
+            pending: AtomicUsize::new(1),
+            first_error: Mutex::new(None),
+            done: Notify::new(),
+        }
+    }
+
+    fn finish(&self) {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_one();
+        }
+    }
+
+    fn fail(&self, index: usize, outcome: Outcome, error: &KafkaError) {
+        self.outcomes[index].fetch_max(outcome as u8, Ordering::AcqRel);
+        self.first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| error.to_string());
+        self.finish();
+    }
+
+    async fn wait(self: Arc<Self>) -> Result<(), DeliveryError> {
+        if self.pending.load(Ordering::Acquire) != 0 {
+            // notify_one keeps a permit if the last report came in before this wait.
+            self.done.notified().await;
+        }
+        let outcomes: Vec<Outcome> = self
+            .outcomes
+            .iter()
+            .map(|o| match o.load(Ordering::Acquire) {
+                0 => Outcome::Delivered,
+                1 => Outcome::Rejected,
+                _ => Outcome::Retry,
+            })
+            .collect();
+        if outcomes.iter().all(|&o| o == Outcome::Delivered) {
+            return Ok(());
+        }
+        let message = self.first_error.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+        Err(DeliveryError { outcomes, error: anyhow::anyhow!("kafka: {message}") })
+    }
+}
+
+/// What a message carries back in its delivery report.
+pub struct Report {
+    tracker: Arc<Tracker>,
+    index: usize,
+    topic: Arc<Delivered>,
+}
+
+/// librdkafka's callbacks: delivery reports and client errors.
+pub struct Context {
+    counters: Arc<SinkCounters>,
+}
+
+fn kind(error: &KafkaError) -> String {
+    match error.rdkafka_error_code() {
+        Some(code) => format!("{code:?}"),
+        None => "Client".into(),
+    }
+}
+
+impl Context {
+    fn failed(&self, error: &KafkaError, report: &Report) {
+        let outcome = match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidRecord) => Outcome::Rejected,
+            _ => Outcome::Retry,
+        };
+        self.counters.error(&kind(error), None);
+        report.tracker.fail(report.index, outcome, error);
+    }
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        let sink = &self.counters.name;
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                error!(%sink, "librdkafka {facility}: {message}")
+            }
+            RDKafkaLogLevel::Warning => warn!(%sink, "librdkafka {facility}: {message}"),
+            _ => debug!(%sink, "librdkafka {facility}: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(sink = %self.counters.name, "kafka: {error}: {reason}");
+        self.counters.error(&kind(&error), Some(format!("{error}: {reason}")));
+    }
+}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = Box<Report>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, report: Box<Report>) {
+        match result {
+            Ok(message) => {
+                report.topic.records.fetch_add(1, Ordering::Relaxed);
+                report.topic.bytes.fetch_add(message.payload_len() as u64, Ordering::Relaxed);
+                report.tracker.finish();
+            }
+            Err((error, _)) => self.failed(error, &report),
+        }
+    }
+}
+
+/// Where a stream's messages go, computed once per stream.
+struct Route {
+    /// Held so that the address the cache is keyed by is not reused while cached.
+    _origin: Arc<Origin>,
+    topic: String,
+    key: Vec<u8>,
+    headers: Option<OwnedHeaders>,
+    delivered: Arc<Delivered>,
+}
+
+fn render(template: &Template, o: &Origin, out: &mut String) {
+    for part in &template.0 {
+        match part {
+            Part::Text(t) => out.push_str(t),
+            Part::Field(Field::Host) => out.push_str(&o.host),
+            Part::Field(Field::Service) => out.push_str(&o.service),
+            Part::Field(Field::Module) => out.push_str(&o.module),
+            Part::Field(Field::Volume) => out.push_str(&o.volume),
+            Part::Field(Field::Path) => out.push_str(&o.path),
+            Part::Field(Field::Pid) => out.push_str(&o.pid.to_string()),
+        }
+    }
+}
+
+/// A topic name Kafka accepts: other characters become '_', at most 249 of them.
+fn topic_name(template: &Template, o: &Origin) -> String {
+    let mut raw = String::new();
+    render(template, o, &mut raw);
+    let mut topic: String = raw.chars().map(|c| if topic_char(c) { c } else { '_' }).take(MAX_TOPIC).collect();
+    if topic.is_empty() || topic == "." || topic == ".." {
+        topic.push('_');
+    }
+    topic
+}
+
+fn headers(o: &Origin) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(6)
+        .insert(Header { key: "host", value: Some(o.host.as_bytes()) })
+        .insert(Header { key: "service", value: Some(o.service.as_bytes()) })
+        .insert(Header { key: "module", value: Some(o.module.as_bytes()) });
+    if !o.volume.is_empty() {
+        h = h.insert(Header { key: "volume", value: Some(o.volume.as_bytes()) });
+    }
+    h = h.insert(Header { key: "path", value: Some(o.path.as_bytes()) });
+    if o.pid != 0 {
+        h = h.insert(Header { key: "pid", value: Some(o.pid.to_string().as_bytes()) });
+    }
+    h
+}
+
+/// Cuts `bytes` into `n` pieces of about equal length, at UTF-8 character boundaries when the
+/// bytes are UTF-8 (so JSON parts stay readable text).
+fn cut(bytes: &[u8], n: usize) -> Vec<std::ops::Range<usize>> {
+    let text = std::str::from_utf8(bytes).ok();
+    let step = bytes.len().div_ceil(n).max(1);
+    let mut ranges = Vec::with_capacity(n);
+    let mut start = 0;
+    while start < bytes.len() {
+        let mut end = (start + step).min(bytes.len());
+        if let Some(t) = text {
+            while end < bytes.len() && !t.is_char_boundary(end) {
+                end += 1;
+            }
+        }
+        ranges.push(start..end);
+        start = end;
+    }
+    ranges
+}
+
+pub struct KafkaSink {
+    client: ClientConfig,
+    producer: ThreadedProducer<Context>,
+    counters: Arc<SinkCounters>,
+    topic: Template,
+    key: Template,
+    with_headers: bool,
+    format: KafkaFormat,
+    max_value: usize,
+    routes: HashMap<usize, Arc<Route>>,
+    json: Vec<u8>,
+}
+
+fn producer(client: &ClientConfig, counters: &Arc<SinkCounters>) -> anyhow::Result<ThreadedProducer<Context>> {
+    let context = Context { counters: counters.clone() };
+    Ok(ThreadedProducer::from_config_and_context(client, context)?)
+}
+
+impl KafkaSink {
+    pub fn new(config: &KafkaSinkConfig, host: &str, counters: Arc<SinkCounters>) -> anyhow::Result<Self> {
+        check(config).map_err(anyhow::Error::msg)?;
+        let client = client_config(config, host);
+        let producer = producer(&client, &counters)?;
+        Ok(Self {
+            client,
+            producer,
+            counters,
+            topic: config.topic.clone(),
+            key: config.key.clone(),
+            with_headers: config.headers,
+            format: config.format,
+            max_value: usize::try_from(config.max_message_bytes.0)?,
+            routes: HashMap::new(),
+            json: Vec::new(),
+        })
+    }
+
+    fn route(&mut self, origin: &Arc<Origin>) -> Arc<Route> {
+        let id = Arc::as_ptr(origin) as usize;
+        if let Some(route) = self.routes.get(&id) {
+            return route.clone();
+        }
+        if self.routes.len() >= MAX_ROUTES {
+            self.routes.clear();
+        }
+        let topic = topic_name(&self.topic, origin);
+        let mut key = String::new();
+        render(&self.key, origin, &mut key);
+        let route = Arc::new(Route {
+            _origin: origin.clone(),
+            delivered: self.counters.topic(&topic),
+            topic,
+            key: key.into_bytes(),
+            headers: self.with_headers.then(|| headers(origin)),
+        });
+        self.routes.insert(id, route.clone());
+        route
+    }
+
+    /// Hands one message to librdkafka; a failure it reports at once counts like a failed
+    /// delivery report.
+    fn send(&self, tracker: &Arc<Tracker>, index: usize, route: &Route, value: &[u8], at: i64, part: Option<&str>) {
+        tracker.pending.fetch_add(1, Ordering::AcqRel);
+        let opaque = Box::new(Report { tracker: tracker.clone(), index, topic: route.delivered.clone() });
+        let mut message =
+            BaseRecord::with_opaque_to(&route.topic, opaque).key(&route.key[..]).payload(value).timestamp(at);
+        match (&route.headers, part) {
+            (Some(h), Some(p)) => message = message.headers(h.clone().insert(Header { key: "part", value: Some(p) })),
+            (Some(h), None) => message = message.headers(h.clone()),
+            (None, Some(p)) => {
+                message = message.headers(OwnedHeaders::new().insert(Header { key: "part", value: Some(p) }))
+            }
+            (None, None) => {}
+        }
+        loop {
+            match self.producer.send(message) {
+                Ok(()) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // librdkafka's queue is full (options lowered it): wait for reports to drain it.
+                    message = back;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((error, back)) => return self.producer.context().failed(&error, &back.delivery_opaque),
+            }
+        }
+    }
+
+    fn send_record(&mut self, tracker: &Arc<Tracker>, index: usize, r: &Record) {
+        let route = self.route(&r.origin);
+        let at = r.captured_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        match self.format {
+            KafkaFormat::Raw if r.bytes.len() <= self.max_value => {
+                self.send(tracker, index, &route, &r.bytes, at, None)
+            }
+            KafkaFormat::Raw => {
+                self.counters.split_records.fetch_add(1, Ordering::Relaxed);
+                let pieces = cut(&r.bytes, r.bytes.len().div_ceil(self.max_value));
+                for (i, range) in pieces.iter().enumerate() {
+                    let part = format!("{}/{}", i + 1, pieces.len());
+                    self.send(tracker, index, &route, &r.bytes[range.clone()], at, Some(&part));
+                }
+            }
+            KafkaFormat::Json => {
+                let mut json = std::mem::take(&mut self.json);
+                json.clear();
+                r.to_json(&mut json);
+                if json.len() <= self.max_value {
+                    self.send(tracker, index, &route, &json, at, None);
+                } else {
+                    self.counters.split_records.fetch_add(1, Ordering::Relaxed);
+                    for piece in self.json_parts(r, json.len()) {
+                        self.send(tracker, index, &route, &piece, at, None);
+                    }
+                }
+                self.json = json;
+            }
+        }
+    }
+
+    /// JSON envelopes of the pieces of `r`, each within the limit: escaping makes the size of
+    /// an envelope hard to predict, so the pieces get smaller until all of them fit.
+    fn json_parts(&self, r: &Record, whole: usize) -> Vec<Vec<u8>> {
+        let mut n = whole.div_ceil(self.max_value) + 1;
+        loop {
+            let parts: Vec<Vec<u8>> = cut(&r.bytes, n)
+                .into_iter()
+                .map(|range| {
+                    let piece = Record { bytes: r.bytes.slice(range), split: true, ..r.clone() };
+                    let mut out = Vec::new();
+                    piece.to_json(&mut out);
+                    out
+                })
+                .collect();
+            // One byte per piece always fits: the limit is at least 1KiB.
+            if parts.iter().all(|p| p.len() <= self.max_value) || n >= r.bytes.len() {
+                return parts;
+            }
+            n *= 2;
+        }
+    }
+}
+
+impl Sink for KafkaSink {
+    fn deliver(&mut self, records: &[Record]) -> Delivery {
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            // The idempotence state is lost (librdkafka: a fatal error). The old producer fails
+            // what it still holds (purged), and those records come back through their batches'
+            // retries.
+            warn!(sink = %self.counters.name, "kafka: fatal producer error {code:?}: {reason}");
+            match producer(&self.client, &self.counters) {
+                Ok(p) => {
+                    self.producer = p;
+                }
+                Err(e) => error!(sink = %self.counters.name, "kafka: cannot start a new producer: {e:#}"),
+            }
+        }
+        let tracker = Arc::new(Tracker::new(records.len()));
+        for (index, r) in records.iter().enumerate() {
+            self.send_record(&tracker, index, r);
+        }
+        tracker.finish();
+        Box::pin(tracker.wait())
+    }
+}
+
+#[cfg(test)]
+mod tests;
