@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod broker;
+
 pub fn logtap_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("LOGTAP_BIN") {
         return p.into();
@@ -32,6 +34,8 @@ pub enum Sink {
     Files,
     /// The stdout sink; the test reads the agent's stdout.
     Stdout,
+    /// A Kafka sink named `kafka` on these brokers; `settings` are more lines of its table.
+    Kafka { brokers: String, settings: String },
 }
 
 /// The parts of the config tests vary.
@@ -82,13 +86,16 @@ pub struct Agent {
 
 impl Setup {
     pub fn toml(&self, dir: &Path) -> String {
-        let sink = match self.sink {
+        let sink = match &self.sink {
             Sink::Files => format!(
                 "[sinks.files]\ntype = \"files\"\ndir = \"{}\"\ntimezone = \"{}\"\n",
                 dir.join("out").display(),
                 self.timezone
             ),
             Sink::Stdout => "[sinks.stdout]\ntype = \"stdout\"\n".to_string(),
+            Sink::Kafka { brokers, settings } => {
+                format!("[sinks.kafka]\ntype = \"kafka\"\nbrokers = [\"{brokers}\"]\n{settings}\n")
+            }
         };
         format!(
             "shutdown_timeout = \"{}\"\n\
@@ -117,8 +124,8 @@ impl Agent {
         std::fs::write(&config, setup.toml(dir.path())).expect("write config");
         let stdout = match setup.sink {
             Sink::Stdout => Stdio::piped(),
-            Sink::Files if setup.pipe_stdout => Stdio::piped(),
-            Sink::Files => Stdio::null(),
+            _ if setup.pipe_stdout => Stdio::piped(),
+            _ => Stdio::null(),
         };
         let child = Command::new(logtap_bin())
             .args(["daemon", "--config"])
@@ -205,6 +212,33 @@ impl Agent {
             let lines = self.sink_lines(service, module);
             if lines.len() >= n || Instant::now() >= deadline {
                 return lines;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A sink's stats entry.
+    pub fn sink_stats(&self, name: &str) -> Value {
+        let s = self.stats();
+        s["sinks"].as_array().and_then(|v| v.iter().find(|k| k["name"] == name).cloned()).unwrap_or(Value::Null)
+    }
+
+    /// A ring reader's (a sink's) stats entry: lag, in flight, what it missed.
+    pub fn reader_stats(&self, name: &str) -> Value {
+        let s = self.stats();
+        s["ring"]["readers"]
+            .as_array()
+            .and_then(|v| v.iter().find(|r| r["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Waits until the sink has delivered at least `n` records (or the timeout); returns its stats.
+    pub fn wait_delivered(&self, sink: &str, n: u64, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let k = self.sink_stats(sink);
+            if k["delivered_records_total"].as_u64().unwrap_or(0) >= n || Instant::now() >= deadline {
+                return k;
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -170,6 +170,10 @@ impl Ring {
         }
     }
 
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -12,7 +12,7 @@
 //! no retry could succeed and it would hold the ring. Every other failure is retried.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -35,6 +35,11 @@ const MESSAGE_HEADROOM: u64 = 64 << 10;
 const MAX_ROUTES: usize = 16384;
 /// Kafka's longest topic name.
 const MAX_TOPIC: usize = 249;
+/// Failed deliveries in a row before the producer is replaced: a broker that lost the
+/// producer's idempotence state (restarted without it) may never take its sequence numbers
+/// again, and only a new producer id gets through. During a plain outage this costs one new
+/// producer per few delivery timeouts.
+const FAILURES_TO_RESET: u32 = 3;
 
 fn topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
@@ -87,15 +92,18 @@ struct Tracker {
     /// Messages without a report yet, plus one while the batch is being sent.
     pending: AtomicUsize,
     first_error: Mutex<Option<String>>,
+    /// The sink's count of failed deliveries in a row.
+    failures: Arc<AtomicU32>,
     done: Notify,
 }
 
 impl Tracker {
-    fn new(records: usize) -> Self {
+    fn new(records: usize, failures: Arc<AtomicU32>) -> Self {
         Self {
             outcomes: (0..records).map(|_| AtomicU8::new(Outcome::Delivered as u8)).collect(),
             pending: AtomicUsize::new(1),
             first_error: Mutex::new(None),
+            failures,
             done: Notify::new(),
         }
     }
@@ -127,7 +135,11 @@ impl Tracker {
             })
             .collect();
         if outcomes.iter().all(|&o| o == Outcome::Delivered) {
+            self.failures.store(0, Ordering::Relaxed);
             return Ok(());
+        }
+        if outcomes.contains(&Outcome::Retry) {
+            self.failures.fetch_add(1, Ordering::Relaxed);
         }
         let message = self.first_error.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
         Err(DeliveryError { outcomes, error: anyhow::anyhow!("kafka: {message}") })
@@ -278,6 +290,7 @@ pub struct KafkaSink {
     max_value: usize,
     routes: HashMap<usize, Arc<Route>>,
     json: Vec<u8>,
+    failures: Arc<AtomicU32>,
 }
 
 fn producer(client: &ClientConfig, counters: &Arc<SinkCounters>) -> anyhow::Result<ThreadedProducer<Context>> {
@@ -301,6 +314,7 @@ impl KafkaSink {
             max_value: usize::try_from(config.max_message_bytes.0)?,
             routes: HashMap::new(),
             json: Vec::new(),
+            failures: Arc::default(),
         })
     }
 
@@ -411,19 +425,27 @@ impl KafkaSink {
 
 impl Sink for KafkaSink {
     fn deliver(&mut self, records: &[Record]) -> Delivery {
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
-            // The idempotence state is lost (librdkafka: a fatal error). The old producer fails
-            // what it still holds (purged), and those records come back through their batches'
-            // retries.
-            warn!(sink = %self.counters.name, "kafka: fatal producer error {code:?}: {reason}");
+        let failures = self.failures.load(Ordering::Relaxed);
+        let reset = if let Some((code, reason)) = self.producer.client().fatal_error() {
+            Some(format!("fatal producer error {code:?}: {reason}"))
+        } else if failures >= FAILURES_TO_RESET {
+            Some(format!("{failures} deliveries in a row failed"))
+        } else {
+            None
+        };
+        if let Some(why) = reset {
+            // The old producer fails what it still holds (purged), and those records come back
+            // through their batches' retries.
+            warn!(sink = %self.counters.name, "kafka: {why}; starting a new producer");
             match producer(&self.client, &self.counters) {
                 Ok(p) => {
                     self.producer = p;
+                    self.failures.store(0, Ordering::Relaxed);
                 }
                 Err(e) => error!(sink = %self.counters.name, "kafka: cannot start a new producer: {e:#}"),
             }
         }
-        let tracker = Arc::new(Tracker::new(records.len()));
+        let tracker = Arc::new(Tracker::new(records.len(), self.failures.clone()));
         for (index, r) in records.iter().enumerate() {
             self.send_record(&tracker, index, r);
         }

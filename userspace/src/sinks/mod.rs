@@ -26,8 +26,9 @@ const BATCH_RECORDS: usize = 4096;
 /// About how many bytes per batch.
 const BATCH_BYTES: usize = 4 << 20;
 /// Batches a sink may have in delivery at once: what keeps a network sink busy while earlier
-/// batches wait for their acknowledgements. Bounded so that a stalled destination leaves the
-/// records waiting in the ring, where the policy applies, not inside the sink.
+/// batches wait for their acknowledgements. Bounded (and to half the ring) so that a
+/// stalled destination leaves the records waiting in the ring, where the policy applies, and
+/// the memory held stays near the ring's capacity.
 const MAX_BATCHES_IN_FLIGHT: usize = 64;
 const MAX_BYTES_IN_FLIGHT: usize = 16 << 20;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -174,10 +175,11 @@ async fn run<S: Sink>(mut sink: S, ring: Arc<Ring>, reader: ReaderId, counters: 
     let mut bytes_in_flight = 0;
     let mut closed = false;
     let mut backoff = Duration::from_millis(50);
+    let max_bytes = (ring.capacity() / 2).min(MAX_BYTES_IN_FLIGHT);
     while !(closed && in_flight.is_empty()) {
         let room = !closed
             && in_flight.len() < MAX_BATCHES_IN_FLIGHT
-            && bytes_in_flight < MAX_BYTES_IN_FLIGHT
+            && bytes_in_flight < max_bytes
             && !in_flight.front().is_some_and(|f| f.retrying);
         let event = tokio::select! {
             biased;

@@ -1,0 +1,320 @@
+//! The Kafka sink end to end: the real agent, a real Kafka-protocol broker (tansu) on
+//! 127.0.0.1, and an independent consumer reading back what arrived.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use logtap_e2e::broker::{consume, tail, Broker, Consumed};
+use logtap_e2e::{as_strings, numbered, Agent, Setup, Sink};
+
+fn kafka(broker: &Broker, settings: &str) -> Sink {
+    Sink::Kafka { brokers: broker.address(), settings: format!("topic = \"logs.{{module}}\"\n{settings}") }
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    let f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open volume file");
+    let mut w = std::io::BufWriter::with_capacity(64 << 10, f);
+    for l in lines {
+        writeln!(w, "{l}").expect("write");
+    }
+    w.flush().expect("flush");
+}
+
+/// Writes `lines` at about `per_second`, in chunks, through one open file.
+fn write_paced(path: &Path, lines: &[String], per_second: usize) {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open volume file");
+    let chunk = (per_second / 100).max(1);
+    let start = Instant::now();
+    for (i, part) in lines.chunks(chunk).enumerate() {
+        let mut buf = Vec::new();
+        for l in part {
+            buf.extend_from_slice(l.as_bytes());
+            buf.push(b'\n');
+        }
+        f.write_all(&buf).expect("write");
+        let due = start + Duration::from_millis(10 * (i as u64 + 1));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+fn values(got: &[Consumed]) -> Vec<String> {
+    as_strings(&got.iter().map(|m| m.value.clone()).collect::<Vec<_>>())
+}
+
+fn u(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// What the consumer saw against what was written: (missing, duplicates).
+fn compare(written: &[String], got: &[String]) -> (usize, usize) {
+    let seen: HashSet<&String> = got.iter().collect();
+    let missing = written.iter().filter(|l| !seen.contains(l)).count();
+    (missing, got.len() - seen.len())
+}
+
+#[test]
+fn a_million_lines_arrive_counted_and_in_order_per_key() {
+    let broker = Broker::start();
+    let modules = ["m0", "m1", "m2", "m3"];
+    for m in modules {
+        broker.create_topic(&format!("logs.{m}"), 3);
+    }
+    let agent = Agent::start(Setup {
+        sink: kafka(&broker, ""),
+        policy: "block".into(),
+        block_timeout: "120s".into(),
+        ..Setup::default()
+    });
+    let vol = agent.volume("big");
+    let per = 250_000;
+    let written: BTreeMap<&str, Vec<String>> =
+        modules.iter().map(|m| (*m, numbered(&format!("{m}-"), per, 40))).collect();
+    std::thread::scope(|s| {
+        for (m, lines) in &written {
+            let path = vol.join(format!("{m}.log"));
+            s.spawn(move || write_lines(&path, lines));
+        }
+    });
+    let k = agent.wait_delivered("kafka", 4 * per as u64, Duration::from_secs(240));
+    assert_eq!(u(&k["delivered_records_total"]), 4 * per as u64, "{k}");
+
+    for (m, lines) in &written {
+        let got = consume(&broker.address(), &format!("logs.{m}"), per, Duration::from_secs(10));
+        // One key per file, so one partition, in write order: exactly what was written.
+        let keys: HashSet<&[u8]> = got.iter().map(|c| c.key.as_slice()).collect();
+        assert_eq!(keys, HashSet::from([format!("big/{m}").as_bytes()]));
+        assert_eq!(got.iter().map(|c| c.partition).collect::<HashSet<_>>().len(), 1);
+        assert_eq!(got[0].headers.get("path").map(String::as_str), Some(format!("{m}.log").as_str()));
+        let got = values(&got);
+        assert_eq!(got.len(), lines.len(), "{m}: count");
+        assert!(got == *lines, "{m}: content and order");
+    }
+    let s = agent.stats();
+    assert_eq!(u(&s["ring"]["dropped_records_total"]), 0);
+    let topics = &agent.sink_stats("kafka")["topics"];
+    assert_eq!(u(&topics["logs.m0"]["delivered_records_total"]), per as u64, "{topics}");
+}
+
+/// What a broker crash did, line by line.
+struct Crash {
+    written: Vec<String>,
+    /// Everything the consumers saw, before the kill and after the restart.
+    got: Vec<String>,
+    /// Lines [consumed, acked) were acknowledged by the broker but not yet read when it was
+    /// killed: its memory storage lost them with it, whatever the agent did.
+    consumed: usize,
+    acked: usize,
+    agent: Agent,
+}
+
+impl Crash {
+    /// Lines missing outside the broker's own loss window: what the agent lost.
+    fn missing_outside_window(&self) -> usize {
+        let seen: HashSet<&String> = self.got.iter().collect();
+        self.written
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| !(self.consumed..self.acked).contains(i) && !seen.contains(l))
+            .count()
+    }
+}
+
+/// Writes one stream while the broker is killed (SIGKILL) and restarted empty; a consumer
+/// reads all along until the kill, another one everything after the restart.
+fn through_a_broker_crash(policy: &str, ring: &str, lines: usize) -> Crash {
+    let mut broker = Broker::start();
+    broker.create_topic("logs.app", 1);
+    let agent = Agent::start(Setup {
+        sink: kafka(&broker, "delivery_timeout = \"3s\"\n"),
+        policy: policy.into(),
+        ring_capacity: ring.into(),
+        max_record_bytes: "4KiB".into(),
+        block_timeout: "120s".into(),
+        ..Setup::default()
+    });
+    let vol = agent.volume("crash");
+    let written = numbered("c-", lines, 100);
+    let stop = Arc::new(AtomicBool::new(false));
+    let before = tail(broker.address(), "logs.app".into(), stop.clone());
+    let (consumed, acked) = std::thread::scope(|s| {
+        let path = vol.join("app.log");
+        let w = &written;
+        let writer = s.spawn(move || write_paced(&path, w, lines / 6));
+        std::thread::sleep(Duration::from_secs(2));
+        broker.kill();
+        stop.store(true, Ordering::Relaxed);
+        let before = before.join().expect("consumer");
+        // Acknowledgements already on their way are counted; none can come after this.
+        std::thread::sleep(Duration::from_millis(300));
+        let acked = u(&agent.sink_stats("kafka")["delivered_records_total"]) as usize;
+        std::thread::sleep(Duration::from_secs(3));
+        broker.restart();
+        broker.create_topic("logs.app", 1);
+        writer.join().expect("writer");
+        (values(&before), acked)
+    });
+    std::fs::File::open(vol.join("app.log")).and_then(|f| f.sync_all()).expect("fsync");
+    agent.wait_idle(Duration::from_secs(120));
+    let after = values(&consume(&broker.address(), "logs.app", usize::MAX, Duration::from_secs(5)));
+    let first_gap = consumed.iter().zip(&written).position(|(c, w)| c != w);
+    assert_eq!(first_gap, None, "before the kill the consumer saw a prefix of what was written, in order");
+    let n = consumed.len();
+    Crash { written, got: consumed.into_iter().chain(after).collect(), consumed: n, acked, agent }
+}
+
+#[test]
+fn with_block_a_broker_crash_loses_no_line() {
+    let c = through_a_broker_crash("block", "64MiB", 120_000);
+    let (missing, duplicates) = compare(&c.written, &c.got);
+    let k = c.agent.sink_stats("kafka");
+    eprintln!(
+        "broker crash, block: {} written, {} consumed, {missing} missing, of which {} acknowledged by the broker \
+         before it died (its memory storage lost them), {duplicates} duplicates (at-least-once); \
+         sink retried {} records, errors {}",
+        c.written.len(),
+        c.got.len(),
+        missing - c.missing_outside_window(),
+        k["retried_records_total"],
+        k["errors_by_kind"]
+    );
+    assert_eq!(c.missing_outside_window(), 0, "nothing the broker did not acknowledge is lost");
+    assert!(u(&k["errors_total"]) > 0, "the outage was seen: {k}");
+    assert_eq!(u(&c.agent.stats()["ring"]["dropped_records_total"]), 0);
+}
+
+#[test]
+fn with_drop_oldest_the_loss_counted_is_the_loss_seen() {
+    let c = through_a_broker_crash("drop_oldest", "2MiB", 120_000);
+    let (missing, duplicates) = compare(&c.written, &c.got);
+    let dropped = u(&c.agent.reader_stats("kafka")["dropped_records_total"]);
+    let volume_dropped = u(&c.agent.volume_stats("crash")["dropped_records_total"]);
+    eprintln!(
+        "broker crash, drop_oldest: {} written, {} consumed, {missing} missing ({} lost with the broker's \
+         memory), {duplicates} duplicates; stats: {dropped} dropped",
+        c.written.len(),
+        c.got.len(),
+        missing - c.missing_outside_window(),
+    );
+    assert!(dropped > 0, "a 2 MiB ring cannot hold the outage");
+    assert_eq!(c.missing_outside_window() as u64, dropped, "every line the agent lost is counted, and nothing else");
+    assert_eq!(volume_dropped, dropped, "and counted against its volume");
+}
+
+#[test]
+fn kafka_and_files_sinks_both_get_everything() {
+    let broker = Broker::start();
+    broker.create_topic("logs.app", 2);
+    let agent = Agent::start(Setup {
+        extra: format!(
+            "[sinks.kafka]\ntype = \"kafka\"\nbrokers = [\"{}\"]\ntopic = \"logs.{{module}}\"\nformat = \"json\"\n",
+            broker.address()
+        ),
+        ..Setup::default()
+    });
+    let vol = agent.volume("both");
+    let written = numbered("b-", 20_000, 80);
+    write_lines(&vol.join("app.log"), &written);
+    assert_eq!(as_strings(&agent.wait_lines("both", "app", written.len(), Duration::from_secs(30))), written);
+    agent.wait_delivered("kafka", written.len() as u64, Duration::from_secs(30));
+    let got = consume(&broker.address(), "logs.app", written.len(), Duration::from_secs(5));
+    let messages: Vec<String> = got
+        .iter()
+        .map(|c| {
+            let v: serde_json::Value = serde_json::from_slice(&c.value).expect("json value");
+            assert_eq!(v["volume"], "both");
+            v["message"].as_str().expect("message").to_string()
+        })
+        .collect();
+    assert_eq!(messages, written);
+}
+
+#[test]
+fn an_optional_kafka_sink_on_a_hung_broker_holds_nobody_back_and_counts_what_it_skipped() {
+    let broker = Broker::start();
+    broker.create_topic("logs.app", 1);
+    let agent = Agent::start(Setup {
+        ring_capacity: "256KiB".into(),
+        max_record_bytes: "4KiB".into(),
+        policy: "block".into(),
+        block_timeout: "60s".into(),
+        extra: format!(
+            "[sinks.kafka]\ntype = \"kafka\"\nbrokers = [\"{}\"]\ntopic = \"logs.app\"\noptional = true\n",
+            broker.address()
+        ),
+        ..Setup::default()
+    });
+    let vol = agent.volume("opt");
+    // Delivered before the broker hangs: the sink is connected.
+    write_lines(&vol.join("app.log"), &numbered("warm-", 10, 50));
+    agent.wait_delivered("kafka", 10, Duration::from_secs(30));
+    broker.pause(true);
+    let written = numbered("o-", 20_000, 100); // 2 MB through a 256 KiB ring
+    let started = Instant::now();
+    write_lines(&vol.join("app.log"), &written);
+    let files = agent.wait_lines("opt", "app", 10 + written.len(), Duration::from_secs(30));
+    assert_eq!(files.len(), 10 + written.len(), "the files sink got everything");
+    assert!(started.elapsed() < Duration::from_secs(30), "writers were not held by the hung broker");
+    let skipped = u(&agent.reader_stats("kafka")["dropped_records_total"]);
+    assert!(skipped > 0);
+    assert_eq!(u(&agent.stats()["ring"]["dropped_records_total"]), 0, "nothing lost to the pipeline");
+
+    broker.pause(false);
+    agent.wait_idle(Duration::from_secs(120));
+    let got = values(&consume(&broker.address(), "logs.app", usize::MAX, Duration::from_secs(5)));
+    let got: Vec<&String> = got.iter().filter(|l| l.starts_with("o-")).collect();
+    let (_, duplicates) = compare(&written, &got.iter().map(|s| (*s).clone()).collect::<Vec<_>>());
+    assert_eq!(duplicates, 0);
+    assert_eq!(got.len() as u64 + skipped, written.len() as u64, "delivered + skipped = written, exactly");
+    // What it got is in order.
+    let mut last = None;
+    for l in got {
+        assert!(last.is_none_or(|p: &String| p < l), "out of order: {l}");
+        last = Some(l);
+    }
+}
+
+#[test]
+fn a_stalled_required_files_sink_holds_the_ring_and_kafka_waits_with_it_then_both_catch_up() {
+    let broker = Broker::start();
+    broker.create_topic("logs.app", 1);
+    let mut agent = Agent::start(Setup {
+        ring_capacity: "256KiB".into(),
+        max_record_bytes: "4KiB".into(),
+        policy: "block".into(),
+        block_timeout: "60s".into(),
+        extra: format!("[sinks.kafka]\ntype = \"kafka\"\nbrokers = [\"{}\"]\ntopic = \"logs.app\"\n", broker.address()),
+        ..Setup::default()
+    });
+    // The files sink cannot create its service directory: a file is in the way.
+    std::fs::create_dir_all(&agent.out).expect("out dir");
+    let blocker = agent.out.join("stall");
+    std::fs::write(&blocker, b"").expect("blocker");
+    let vol = agent.volume("stall");
+    let written = numbered("s-", 10_000, 100); // 1 MB through a 256 KiB ring
+    let writer = {
+        let path = vol.join("app.log");
+        let w = written.clone();
+        std::thread::spawn(move || write_lines(&path, &w))
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let s = agent.stats();
+    assert!(u(&s["ring"]["blocked_pushes_total"]) > 0, "the writer waits for the stalled sink: {}", s["ring"]);
+    let kafka_so_far = u(&agent.sink_stats("kafka")["delivered_records_total"]);
+    assert!(kafka_so_far < written.len() as u64, "kafka cannot run ahead of the ring");
+    assert!(u(&agent.sink_stats("files")["errors_total"]) > 0);
+
+    std::fs::remove_file(&blocker).expect("unblock");
+    writer.join().expect("writer");
+    agent.wait_idle(Duration::from_secs(60));
+    assert_eq!(as_strings(&agent.sink_lines("stall", "app")), written);
+    let got = values(&consume(&broker.address(), "logs.app", written.len(), Duration::from_secs(5)));
+    assert_eq!(got, written);
+    assert_eq!(u(&agent.stats()["ring"]["dropped_records_total"]), 0);
+    assert!(agent.stop().success());
+}
