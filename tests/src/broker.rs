@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
@@ -31,7 +31,7 @@ pub fn tansu_bin() -> PathBuf {
     on_path.unwrap_or_else(|| {
         panic!(
             "the Kafka-protocol broker tansu is missing: `cargo xtask setup` installs it \
-             (cargo install tansu --version 0.6.0 --locked --features dynostore,libsql), or set LOGTAP_TANSU"
+             (cargo install tansu --version 0.6.0 --locked --features dynostore), or set LOGTAP_TANSU"
         )
     })
 }
@@ -137,6 +137,8 @@ pub struct Consumed {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
     pub headers: BTreeMap<String, String>,
+    /// When the consumer had it.
+    pub received_at: SystemTime,
 }
 
 /// Reads `topic` from the beginning on its own (no consumer group) until `expected` messages
@@ -196,6 +198,7 @@ fn read(broker: &str, topic: &str, mut more: impl FnMut(&[Consumed], bool) -> bo
                     key: m.key().unwrap_or_default().to_vec(),
                     value: m.payload().unwrap_or_default().to_vec(),
                     headers,
+                    received_at: SystemTime::now(),
                 });
             }
             Some(Err(e)) => eprintln!("consumer: {e}"),

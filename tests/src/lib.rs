@@ -47,6 +47,7 @@ pub struct Setup {
     pub block_timeout: String,
     pub max_record_bytes: String,
     pub partial_flush: String,
+    pub flush_interval: String,
     pub writeback_cache: bool,
     pub shutdown_timeout: String,
     pub timezone: String,
@@ -65,6 +66,7 @@ impl Default for Setup {
             block_timeout: "5s".into(),
             max_record_bytes: "256KiB".into(),
             partial_flush: "1s".into(),
+            flush_interval: "200ms".into(),
             writeback_cache: true,
             shutdown_timeout: "10s".into(),
             timezone: "UTC".into(),
@@ -100,6 +102,7 @@ impl Setup {
         format!(
             "shutdown_timeout = \"{}\"\n\
              [volumes]\nmount = \"{}\"\nwriteback_cache = {}\nmax_record_bytes = \"{}\"\npartial_flush = \"{}\"\n\
+             flush_interval = \"{}\"\n\
              [ring]\ncapacity = \"{}\"\npolicy = \"{}\"\nblock_timeout = \"{}\"\n\
              [control]\nsocket = \"{}\"\n{sink}{}",
             self.shutdown_timeout,
@@ -107,6 +110,7 @@ impl Setup {
             self.writeback_cache,
             self.max_record_bytes,
             self.partial_flush,
+            self.flush_interval,
             self.ring_capacity,
             self.policy,
             self.block_timeout,

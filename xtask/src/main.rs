@@ -10,7 +10,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 
   run [-- DAEMON ARGS]   build logtap (release) and run the agent; with no --config it uses
                          /etc/logtap/logtap.toml if present, else the built-in defaults
-  test                   set up, then fmt check, clippy, and every test (real FUSE mounts, as root)
+  test                   set up (and install the Kafka-protocol broker tansu once), then fmt check,
+                         clippy, and every test (real FUSE mounts, eBPF, a real broker; as root)
   bench [-- BENCH ARGS]  build release and run the side-by-side benchmarks
   setup                  install what the other commands need, and nothing else";
 
@@ -113,6 +114,37 @@ fn ebpf_toolchain() -> anyhow::Result<()> {
     Ok(())
 }
 
+const TANSU_VERSION: &str = "0.6.0";
+
+fn cargo_bin(program: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    home.join("bin").join(program)
+}
+
+/// The Kafka-protocol broker the tests and benchmarks run against: tansu, built from
+/// crates.io once (15-30 minutes on two cores) and reused.
+fn broker() -> anyhow::Result<()> {
+    let tansu = cargo_bin("tansu");
+    let version = Command::new(&tansu).arg("--version").output();
+    if version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(TANSU_VERSION)) {
+        return Ok(());
+    }
+    say(&format!("installing the Kafka-protocol broker tansu {TANSU_VERSION} (15-30 minutes, once)"));
+    sh(Command::new("cargo").args([
+        "install",
+        "tansu",
+        "--version",
+        TANSU_VERSION,
+        "--locked",
+        "--features",
+        "dynostore",
+    ]))
+    .context("the tests need a Kafka-protocol broker and tansu did not install")
+}
+
 fn setup() -> anyhow::Result<()> {
     if !is_root() {
         bail!("logtap mounts FUSE filesystems: run as root");
@@ -140,18 +172,24 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 
 fn test() -> anyhow::Result<()> {
     setup()?;
+    broker()?;
     sh(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
     sh(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     sh(Command::new("cargo").args(["build", "-p", "logtap"]))?;
     let bin = root().join("target/debug/logtap");
-    sh(Command::new("cargo").args(["test", "--workspace"]).env("LOGTAP_BIN", bin))
+    sh(Command::new("cargo")
+        .args(["test", "--workspace"])
+        .env("LOGTAP_BIN", bin)
+        .env("LOGTAP_TANSU", cargo_bin("tansu")))
 }
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
     setup()?;
+    broker()?;
     sh(Command::new("cargo").args(["build", "--release", "-p", "logtap", "-p", "logtap-e2e", "--bins"]))?;
     let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
     sh(Command::new(root().join("target/release/logtap-bench"))
         .args(args)
-        .env("LOGTAP_BIN", root().join("target/release/logtap")))
+        .env("LOGTAP_BIN", root().join("target/release/logtap"))
+        .env("LOGTAP_TANSU", cargo_bin("tansu")))
 }

@@ -4,8 +4,11 @@
 //! - volumes: the same writers into tmpfs and into a logtap volume;
 //! - pipes: a pipe writer with no probe, with the eBPF programs attached but the writer not
 //!   watched, and watched (captured), plus the rate at which kernel losses begin.
+//! - kafka: lines written into a volume until the Kafka sink has them acknowledged by a local
+//!   tansu broker, against rdkafka producing the same records straight from memory (the
+//!   ceiling), and write()-to-Kafka latency at 10 MB/s.
 //!
-//! Options: `--only volumes|pipes`, `--lines N` (default 1000000), `--dd-mib N` (default 256),
+//! Options: `--only volumes|pipes|kafka`, `--lines N` (default 1000000), `--dd-mib N` (default 256),
 //! `--rounds N` (default 3).
 
 use std::fs::OpenOptions;
@@ -129,11 +132,195 @@ impl Drop for Tmpfs {
 fn main() {
     logtap_e2e::require_root_and_fuse();
     let a = args();
-    if a.only.as_deref() != Some("pipes") {
+    let run = |part: &str| a.only.as_deref().is_none_or(|o| o == part);
+    if run("volumes") {
         volumes(&a);
     }
-    if a.only.as_deref() != Some("volumes") {
+    if run("pipes") {
         pipes(&a);
+    }
+    if run("kafka") {
+        kafka(&a);
+    }
+}
+
+/// The sink's producer settings, for the direct producer too.
+fn producer_config(broker: &str) -> rdkafka::ClientConfig {
+    let mut c = rdkafka::ClientConfig::new();
+    c.set("bootstrap.servers", broker)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "1000000");
+    c
+}
+
+/// rdkafka producing `n` records of `len` bytes from memory, one key: records/s.
+fn direct_producer(broker: &str, topic: &str, n: usize, len: usize) -> f64 {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<DefaultProducerContext> = producer_config(broker).create().expect("producer");
+    let lines: Vec<Vec<u8>> = (0..n).map(|i| format!("{i:08} {}", "x".repeat(len - 9)).into_bytes()).collect();
+    let start = Instant::now();
+    for l in &lines {
+        let mut record = BaseRecord::to(topic).key("bench/app").payload(l.as_slice());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120)).expect("every record acknowledged");
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// `n` lines of `len` bytes (newline included) through 64 KiB writes.
+fn write_buffered(path: &Path, n: usize, len: usize) {
+    let f = OpenOptions::new().create(true).append(true).open(path).expect("open");
+    let mut w = std::io::BufWriter::with_capacity(64 << 10, f);
+    let pad = "x".repeat(len - 10);
+    for i in 0..n {
+        writeln!(w, "{i:08} {pad}").expect("write");
+    }
+    w.flush().expect("flush");
+}
+
+fn delivered(agent: &Agent) -> u64 {
+    agent.sink_stats("kafka")["delivered_records_total"].as_u64().unwrap_or(0)
+}
+
+fn kafka(a: &Args) {
+    use logtap_e2e::broker::{tail, Broker};
+    let broker = Broker::start();
+    let mut rows = Vec::new();
+    let mut cpu_rows = Vec::new();
+    for (len, n) in [(100, a.lines), (1024, a.lines / 5)] {
+        let agent = Agent::start(Setup {
+            sink: Sink::Kafka { brokers: broker.address(), settings: "topic = \"bench.{module}\"\n".into() },
+            policy: "block".into(),
+            block_timeout: "120s".into(),
+            ..Setup::default()
+        });
+        let vol = agent.volume("bench");
+        let pid = agent.pid();
+        let (mut direct, mut ours) = (Vec::new(), Vec::new());
+        let (cpu0, mut bytes) = (cpu_seconds(pid), 0u64);
+        for round in 0..a.rounds {
+            let topic = format!("bench.d{len}x{round}");
+            broker.create_topic(&topic, 1);
+            direct.push(direct_producer(&broker.address(), &topic, n, len));
+            let module = format!("l{len}x{round}");
+            broker.create_topic(&format!("bench.{module}"), 1);
+            let before = delivered(&agent);
+            let start = Instant::now();
+            write_buffered(&vol.join(format!("{module}.log")), n, len);
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while delivered(&agent) < before + n as u64 {
+                assert!(Instant::now() < deadline, "not delivered: {}", agent.sink_stats("kafka"));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            ours.push(n as f64 / start.elapsed().as_secs_f64());
+            bytes += (n * len) as u64;
+        }
+        let cpu = cpu_seconds(pid) - cpu0;
+        let (d, o) = (median(direct), median(ours));
+        let mb = |r: f64| r * len as f64 / 1e6;
+        rows.push(format!(
+            "| {len}-byte lines ({n} per run) | {d:.0} rec/s, {:.0} MB/s | {o:.0} rec/s, {:.0} MB/s | {:.0} % |",
+            mb(d),
+            mb(o),
+            100.0 * o / d
+        ));
+        cpu_rows
+            .push(format!("| agent CPU per GB delivered, {len}-byte lines | {:.2} s/GB |", cpu / (bytes as f64 / 1e9)));
+        let k = agent.sink_stats("kafka");
+        assert_eq!(k["rejected_records_total"], 0);
+    }
+
+    // write()-to-Kafka latency at 10 MB/s: 100-byte lines stamped with their write time, read
+    // back by a consumer as they arrive.
+    let mut latency_rows = Vec::new();
+    for flush_interval in ["200ms", "20ms"] {
+        let agent = Agent::start(Setup {
+            sink: Sink::Kafka { brokers: broker.address(), settings: "topic = \"lat.{module}\"\n".into() },
+            flush_interval: flush_interval.into(),
+            ..Setup::default()
+        });
+        let topic = format!("lat.f{}", flush_interval.trim_end_matches("ms"));
+        broker.create_topic(&topic, 1);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let consumer = tail(broker.address(), topic.clone(), stop.clone());
+        let vol = agent.volume("lat");
+        let path = vol.join(format!("f{}.log", flush_interval.trim_end_matches("ms")));
+        let mut f = OpenOptions::new().create(true).append(true).open(&path).expect("open");
+        let seconds = 5;
+        let start = Instant::now();
+        // 1000 lines every 10 ms: 100 000 lines/s of 100 bytes.
+        for tick in 0..seconds * 100 {
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
+            let mut buf = Vec::with_capacity(100 * 1000);
+            for i in 0..1000 {
+                let mut line = format!("{now} {tick}-{i} ");
+                line.extend(std::iter::repeat_n('x', 99 - line.len()));
+                buf.extend_from_slice(line.as_bytes());
+                buf.push(b'\n');
+            }
+            f.write_all(&buf).expect("write");
+            let due = start + Duration::from_millis(10 * (tick as u64 + 1));
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let rate = (seconds * 100 * 1000 * 100) as f64 / start.elapsed().as_secs_f64() / 1e6;
+        drop(f);
+        agent.wait_idle(Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let got = consumer.join().unwrap_or_default();
+        let k = agent.sink_stats("kafka");
+        // The consumer's clock at receipt: an upper bound of the acknowledgement time.
+        let mut lat: Vec<f64> = got
+            .iter()
+            .filter_map(|c| {
+                let written: f64 = std::str::from_utf8(&c.value).ok()?.split(' ').next()?.parse().ok()?;
+                let at = c.received_at.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_nanos() as f64;
+                Some((at - written) / 1e9)
+            })
+            .collect();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| {
+            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(f64::NAN)
+        };
+        latency_rows.push(format!(
+            "| {rate:.1} MB/s, volumes.flush_interval {flush_interval}, {} lines | write() to consumer: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms | capture to ack: p50 {:.0} ms, p99 {:.0} ms |",
+            got.len(),
+            q(0.5) * 1e3,
+            q(0.99) * 1e3,
+            lat.last().copied().unwrap_or(f64::NAN) * 1e3,
+            k["latency"]["p50_seconds"].as_f64().unwrap_or(f64::NAN) * 1e3,
+            k["latency"]["p99_seconds"].as_f64().unwrap_or(f64::NAN) * 1e3,
+        ));
+    }
+
+    println!("| workload (volume to a local tansu broker, acks=all, idempotent, lz4) | rdkafka from memory (ceiling) | logtap | logtap / ceiling |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    println!();
+    println!("| agent figure | value |");
+    println!("|---|---|");
+    for r in cpu_rows {
+        println!("{r}");
+    }
+    println!();
+    println!("| latency run | end to end | in the agent |");
+    println!("|---|---|---|");
+    for r in latency_rows {
+        println!("{r}");
     }
 }
 
