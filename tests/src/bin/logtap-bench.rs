@@ -155,20 +155,43 @@ fn producer_config(broker: &str) -> rdkafka::ClientConfig {
     c
 }
 
-/// rdkafka producing `n` records of `len` bytes from memory, one key: records/s.
+/// rdkafka producing `n` records of `len` bytes from memory: the messages the sink makes (key,
+/// headers, timestamp), one key. Records/s.
 fn direct_producer(broker: &str, topic: &str, n: usize, len: usize) -> f64 {
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    let producer: ThreadedProducer<DefaultProducerContext> = producer_config(broker).create().expect("producer");
-    let lines: Vec<Vec<u8>> = (0..n).map(|i| format!("{i:08} {}", "x".repeat(len - 9)).into_bytes()).collect();
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+    // Polled on the producing thread, as the sink does (no cross-thread frees in malloc).
+    let producer: BaseProducer<DefaultProducerContext> = producer_config(broker).create().expect("producer");
+    let lines: Vec<Vec<u8>> = (0..n).map(|i| format!("{i:08} {}", "x".repeat(len - 10)).into_bytes()).collect();
+    let mut headers = OwnedHeaders::new_with_capacity(5);
+    for (key, value) in [("host", "bench"), ("service", "bench"), ("module", "app"), ("volume", "bench"), ("path", "app.log")]
+    {
+        headers = headers.insert(Header { key, value: Some(value) });
+    }
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as i64;
+    // Connected, with its producer id, before the clock starts (the agent's producer is too).
+    producer.send(BaseRecord::to(topic).key("warm-up").payload("warm-up")).expect("warm-up");
+    producer.flush(Duration::from_secs(30)).expect("warm-up acknowledged");
     let start = Instant::now();
-    for l in &lines {
-        let mut record = BaseRecord::to(topic).key("bench/app").payload(l.as_slice());
+    for (i, l) in lines.iter().enumerate() {
+        if i % 1024 == 0 {
+            producer.poll(Duration::ZERO);
+            // A window like the sink's (about 16 MiB): a deeper queue only slows librdkafka.
+            while producer.in_flight_count() as usize * len > 16 << 20 {
+                producer.poll(Duration::from_millis(1));
+            }
+        }
+        let mut record = BaseRecord::to(topic)
+            .key("bench/app")
+            .payload(l.as_slice())
+            .timestamp(now)
+            .headers(headers.clone());
         loop {
             match producer.send(record) {
                 Ok(()) => break,
                 Err((_, r)) => {
                     record = r;
-                    std::thread::sleep(Duration::from_millis(1));
+                    producer.poll(Duration::from_millis(1));
                 }
             }
         }
@@ -253,6 +276,8 @@ fn kafka(a: &Args) {
         broker.create_topic(&topic, 1);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let consumer = tail(broker.address(), topic.clone(), stop.clone());
+        // The consumer is connected and polling before the first line.
+        std::thread::sleep(Duration::from_secs(1));
         let vol = agent.volume("lat");
         let path = vol.join(format!("f{}.log", flush_interval.trim_end_matches("ms")));
         let mut f = OpenOptions::new().create(true).append(true).open(&path).expect("open");

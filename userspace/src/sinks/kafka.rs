@@ -20,8 +20,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, FromClientConfigAndContext, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
-use tokio::sync::Notify;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, PurgeConfig};
 use tracing::{debug, error, warn};
 
 use super::{Delivery, DeliveryError, Outcome, Sink};
@@ -33,6 +32,8 @@ use crate::stats::{Delivered, SinkCounters};
 const MESSAGE_HEADROOM: u64 = 64 << 10;
 /// Routes cached at most (one per stream); the cache starts over beyond this.
 const MAX_ROUTES: usize = 16384;
+/// How often a waiting delivery serves the producer's callbacks.
+const POLL_INTERVAL: Duration = Duration::from_millis(1);
 /// Kafka's longest topic name.
 const MAX_TOPIC: usize = 249;
 /// Failed deliveries in a row before the producer is replaced: a broker that lost the
@@ -94,7 +95,6 @@ struct Tracker {
     first_error: Mutex<Option<String>>,
     /// The sink's count of failed deliveries in a row.
     failures: Arc<AtomicU32>,
-    done: Notify,
 }
 
 impl Tracker {
@@ -104,14 +104,11 @@ impl Tracker {
             pending: AtomicUsize::new(1),
             first_error: Mutex::new(None),
             failures,
-            done: Notify::new(),
         }
     }
 
     fn finish(&self) {
-        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.done.notify_one();
-        }
+        self.pending.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn fail(&self, index: usize, outcome: Outcome, error: &KafkaError) {
@@ -120,10 +117,15 @@ impl Tracker {
         self.finish();
     }
 
-    async fn wait(self: Arc<Self>) -> Result<(), DeliveryError> {
-        if self.pending.load(Ordering::Acquire) != 0 {
-            // notify_one keeps a permit if the last report came in before this wait.
-            self.done.notified().await;
+    /// Serves the producer's callbacks (on this thread: no polling thread, and messages are
+    /// freed where they were allocated) until every report of the batch is in.
+    async fn wait(self: Arc<Self>, producer: Arc<BaseProducer<Context>>) -> Result<(), DeliveryError> {
+        loop {
+            producer.poll(Duration::ZERO);
+            if self.pending.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
         }
         let outcomes: Vec<Outcome> = self
             .outcomes
@@ -281,7 +283,7 @@ fn cut(bytes: &[u8], n: usize) -> Vec<std::ops::Range<usize>> {
 
 pub struct KafkaSink {
     client: ClientConfig,
-    producer: ThreadedProducer<Context>,
+    producer: Arc<BaseProducer<Context>>,
     counters: Arc<SinkCounters>,
     topic: Template,
     key: Template,
@@ -293,9 +295,9 @@ pub struct KafkaSink {
     failures: Arc<AtomicU32>,
 }
 
-fn producer(client: &ClientConfig, counters: &Arc<SinkCounters>) -> anyhow::Result<ThreadedProducer<Context>> {
+fn producer(client: &ClientConfig, counters: &Arc<SinkCounters>) -> anyhow::Result<Arc<BaseProducer<Context>>> {
     let context = Context { counters: counters.clone() };
-    Ok(ThreadedProducer::from_config_and_context(client, context)?)
+    Ok(Arc::new(BaseProducer::from_config_and_context(client, context)?))
 }
 
 impl KafkaSink {
@@ -359,9 +361,9 @@ impl KafkaSink {
             match self.producer.send(message) {
                 Ok(()) => return,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // librdkafka's queue is full (options lowered it): wait for reports to drain it.
+                    // librdkafka's queue is full (options lowered it): take reports to drain it.
                     message = back;
-                    std::thread::sleep(Duration::from_millis(2));
+                    self.producer.poll(Duration::from_millis(2));
                 }
                 Err((error, back)) => return self.producer.context().failed(&error, &back.delivery_opaque),
             }
@@ -434,11 +436,12 @@ impl Sink for KafkaSink {
             None
         };
         if let Some(why) = reset {
-            // The old producer fails what it still holds (purged), and those records come back
-            // through their batches' retries.
+            // The old producer fails what it still holds (purged; deliveries waiting on it
+            // still poll it), and those records come back through their batches' retries.
             warn!(sink = %self.counters.name, "kafka: {why}; starting a new producer");
             match producer(&self.client, &self.counters) {
                 Ok(p) => {
+                    self.producer.purge(PurgeConfig::default().queue().inflight());
                     self.producer = p;
                     self.failures.store(0, Ordering::Relaxed);
                 }
@@ -450,7 +453,9 @@ impl Sink for KafkaSink {
             self.send_record(&tracker, index, r);
         }
         tracker.finish();
-        Box::pin(tracker.wait())
+        // Reports of earlier batches, and room in librdkafka's queue.
+        self.producer.poll(Duration::ZERO);
+        Box::pin(tracker.wait(self.producer.clone()))
     }
 }
 

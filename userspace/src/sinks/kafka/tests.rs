@@ -267,10 +267,10 @@ fn a_fatal_producer_error_gets_a_new_producer() {
         );
     }
     assert!(sink.producer.client().fatal_error().is_some());
-    // The error callback runs on the polling thread.
+    // The error callback runs when the producer is polled.
     let deadline = Instant::now() + Duration::from_secs(5);
     while counters.snapshot().errors_by_kind.is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+        sink.producer.poll(Duration::from_millis(10));
     }
     assert!(counters.snapshot().errors_by_kind.contains_key("OutOfOrderSequenceNumber"));
     deliver(&mut sink, &records(&origin("a.log"), &[b"after"])).unwrap();
