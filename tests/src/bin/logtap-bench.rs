@@ -164,7 +164,8 @@ fn direct_producer(broker: &str, topic: &str, n: usize, len: usize) -> f64 {
     let producer: BaseProducer<DefaultProducerContext> = producer_config(broker).create().expect("producer");
     let lines: Vec<Vec<u8>> = (0..n).map(|i| format!("{i:08} {}", "x".repeat(len - 10)).into_bytes()).collect();
     let mut headers = OwnedHeaders::new_with_capacity(5);
-    for (key, value) in [("host", "bench"), ("service", "bench"), ("module", "app"), ("volume", "bench"), ("path", "app.log")]
+    for (key, value) in
+        [("host", "bench"), ("service", "bench"), ("module", "app"), ("volume", "bench"), ("path", "app.log")]
     {
         headers = headers.insert(Header { key, value: Some(value) });
     }
@@ -181,11 +182,8 @@ fn direct_producer(broker: &str, topic: &str, n: usize, len: usize) -> f64 {
                 producer.poll(Duration::from_millis(1));
             }
         }
-        let mut record = BaseRecord::to(topic)
-            .key("bench/app")
-            .payload(l.as_slice())
-            .timestamp(now)
-            .headers(headers.clone());
+        let mut record =
+            BaseRecord::to(topic).key("bench/app").payload(l.as_slice()).timestamp(now).headers(headers.clone());
         loop {
             match producer.send(record) {
                 Ok(()) => break,
