@@ -33,14 +33,15 @@ const MAX_BATCHES_IN_FLIGHT: usize = 64;
 const MAX_BYTES_IN_FLIGHT: usize = 16 << 20;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// What became of one record in a delivery that did not fully succeed.
+/// What became of one record in a delivery that did not fully succeed. Ordered from best to
+/// worst: a record sent as several messages takes the worst outcome of its parts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Outcome {
-    Delivered,
-    /// Refused for good by the destination (counted by the sink as rejected); not offered again.
-    Rejected,
+    Delivered = 0,
+    /// Refused for good by the destination (counted as rejected); not offered again.
+    Rejected = 1,
     /// Not delivered: offered again after a backoff.
-    Retry,
+    Retry = 2,
 }
 
 /// A delivery that did not fully succeed: the outcome of each record of the batch, in order.
