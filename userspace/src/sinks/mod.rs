@@ -198,6 +198,7 @@ async fn run<S: Sink>(mut sink: S, ring: Arc<Ring>, reader: ReaderId, counters: 
             }
             Event::Done(result) => {
                 let Some(f) = in_flight.front_mut() else { continue };
+                let mut finished = true;
                 match result {
                     Ok(()) => {
                         delivered(&counters, f.records.iter());
@@ -230,16 +231,15 @@ async fn run<S: Sink>(mut sink: S, ring: Arc<Ring>, reader: ReaderId, counters: 
                             f.delivery = sink.deliver(&retry);
                             f.records = retry;
                             f.retrying = true;
-                            counters
-                                .in_flight_records
-                                .store(in_flight.iter().map(|f| f.records.len() as u64).sum(), Relaxed);
-                            continue;
+                            finished = false;
                         }
                     }
                 }
-                if let Some(f) = in_flight.pop_front() {
-                    bytes_in_flight -= f.bytes;
-                    ring.ack(reader, f.end);
+                if finished {
+                    if let Some(f) = in_flight.pop_front() {
+                        bytes_in_flight -= f.bytes;
+                        ring.ack(reader, f.end);
+                    }
                 }
             }
         }
