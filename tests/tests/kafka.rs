@@ -289,6 +289,8 @@ fn a_stalled_required_files_sink_holds_the_ring_and_kafka_waits_with_it_then_bot
         policy: "block".into(),
         block_timeout: "60s".into(),
         extra: format!("[sinks.kafka]\ntype = \"kafka\"\nbrokers = [\"{}\"]\ntopic = \"logs.app\"\n", broker.address()),
+        // The stall must not end a line held half-written behind it as a partial record.
+        partial_flush: "30s".into(),
         ..Setup::default()
     });
     // The files sink cannot create its service directory: a file is in the way.
