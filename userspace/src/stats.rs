@@ -506,39 +506,11 @@ pub fn prometheus(s: &Snapshot) -> String {
         vec![(String::new(), r.dropped_bytes_total as f64)],
     );
     let sink = |n: &str| format!("{{sink=\"{}\"}}", label_value(n));
-    metric(
-        "sink_delivered_records_total",
-        "counter",
-        "Records delivered.",
-        s.sinks.iter().map(|k| (sink(&k.name), k.delivered_records_total as f64)).collect(),
-    );
-    metric(
-        "sink_delivered_bytes_total",
-        "counter",
-        "Bytes delivered.",
-        s.sinks.iter().map(|k| (sink(&k.name), k.delivered_bytes_total as f64)).collect(),
-    );
-    metric(
-        "sink_errors_total",
-        "counter",
-        "Failed delivery attempts (each retried).",
-        s.sinks.iter().map(|k| (sink(&k.name), k.errors_total as f64)).collect(),
-    );
-    metric(
-        "sink_errors_by_kind_total",
-        "counter",
-        "Errors the destination reported, by kind.",
-        s.sinks
-            .iter()
-            .flat_map(|k| {
-                k.errors_by_kind.iter().map(|(kind, n)| {
-                    (format!("{{sink=\"{}\",kind=\"{}\"}}", label_value(&k.name), label_value(kind)), *n as f64)
-                })
-            })
-            .collect(),
-    );
     type SPick = fn(&SinkSnapshot) -> u64;
-    let sink_fields: [(&str, &str, &str, SPick); 5] = [
+    let sink_fields: [(&str, &str, &str, SPick); 8] = [
+        ("sink_delivered_records_total", "counter", "Records delivered.", |k| k.delivered_records_total),
+        ("sink_delivered_bytes_total", "counter", "Bytes delivered.", |k| k.delivered_bytes_total),
+        ("sink_errors_total", "counter", "Failed delivery attempts (each retried).", |k| k.errors_total),
         ("sink_in_flight_records", "gauge", "Records sent and not yet acknowledged.", |k| k.in_flight_records),
         ("sink_retried_records_total", "counter", "Records offered again after a failure.", |k| {
             k.retried_records_total
@@ -554,26 +526,30 @@ pub fn prometheus(s: &Snapshot) -> String {
     for (name, kind, help, pick) in sink_fields {
         metric(name, kind, help, s.sinks.iter().map(|k| (sink(&k.name), pick(k) as f64)).collect());
     }
+    metric(
+        "sink_errors_by_kind_total",
+        "counter",
+        "Errors the destination reported, by kind.",
+        s.sinks
+            .iter()
+            .flat_map(|k| {
+                k.errors_by_kind.iter().map(|(kind, n)| {
+                    (format!("{{sink=\"{}\",kind=\"{}\"}}", label_value(&k.name), label_value(kind)), *n as f64)
+                })
+            })
+            .collect(),
+    );
     let topic =
         |k: &SinkSnapshot, t: &str| format!("{{sink=\"{}\",topic=\"{}\"}}", label_value(&k.name), label_value(t));
-    metric(
-        "sink_topic_delivered_records_total",
-        "counter",
-        "Records delivered per topic.",
-        s.sinks
-            .iter()
-            .flat_map(|k| k.topics.iter().map(move |(t, d)| (topic(k, t), d.delivered_records_total as f64)))
-            .collect(),
-    );
-    metric(
-        "sink_topic_delivered_bytes_total",
-        "counter",
-        "Bytes delivered per topic.",
-        s.sinks
-            .iter()
-            .flat_map(|k| k.topics.iter().map(move |(t, d)| (topic(k, t), d.delivered_bytes_total as f64)))
-            .collect(),
-    );
+    type DPick = fn(&DeliveredSnapshot) -> u64;
+    let topic_fields: [(&str, &str, DPick); 2] = [
+        ("sink_topic_delivered_records_total", "Records delivered per topic.", |d| d.delivered_records_total),
+        ("sink_topic_delivered_bytes_total", "Bytes delivered per topic.", |d| d.delivered_bytes_total),
+    ];
+    for (name, help, pick) in topic_fields {
+        let rows = s.sinks.iter().flat_map(|k| k.topics.iter().map(move |(t, d)| (topic(k, t), pick(d) as f64)));
+        metric(name, "counter", help, rows.collect());
+    }
     let mut rows = Vec::new();
     for k in &s.sinks {
         for (q, v) in [("0.5", k.latency.p50_seconds), ("0.9", k.latency.p90_seconds), ("0.99", k.latency.p99_seconds)]
