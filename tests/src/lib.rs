@@ -334,6 +334,18 @@ pub fn numbered(prefix: &str, n: usize, len: usize) -> Vec<String> {
         .collect()
 }
 
+/// Calls `tick(i)` for i in 0..`ticks`, one every 10 ms from now (late ticks catch up).
+pub fn every_10ms(ticks: usize, mut tick: impl FnMut(usize)) {
+    let start = Instant::now();
+    for i in 0..ticks {
+        tick(i);
+        let due = start + Duration::from_millis(10 * (i as u64 + 1));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 pub fn as_strings(lines: &[Vec<u8>]) -> Vec<String> {
     lines.iter().map(|l| String::from_utf8_lossy(l).into_owned()).collect()
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use logtap_e2e::broker::{consume, tail, Broker, Consumed};
-use logtap_e2e::{as_strings, numbered, Agent, Setup, Sink};
+use logtap_e2e::{as_strings, every_10ms, numbered, Agent, Setup, Sink};
 
 fn kafka(broker: &Broker, settings: &str) -> Sink {
     Sink::Kafka { brokers: broker.address(), settings: format!("topic = \"logs.{{module}}\"\n{settings}") }
@@ -27,20 +27,15 @@ fn write_lines(path: &Path, lines: &[String]) {
 /// Writes `lines` at about `per_second`, in chunks, through one open file.
 fn write_paced(path: &Path, lines: &[String], per_second: usize) {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open volume file");
-    let chunk = (per_second / 100).max(1);
-    let start = Instant::now();
-    for (i, part) in lines.chunks(chunk).enumerate() {
+    let chunks: Vec<&[String]> = lines.chunks((per_second / 100).max(1)).collect();
+    every_10ms(chunks.len(), |i| {
         let mut buf = Vec::new();
-        for l in part {
+        for l in chunks[i] {
             buf.extend_from_slice(l.as_bytes());
             buf.push(b'\n');
         }
         f.write_all(&buf).expect("write");
-        let due = start + Duration::from_millis(10 * (i as u64 + 1));
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-    }
+    });
 }
 
 fn values(got: &[Consumed]) -> Vec<String> {

@@ -47,6 +47,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The `p` quantile of sorted values (NaN when there are none).
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or(f64::NAN)
+}
+
+/// A Markdown table: the header row, its separator, the rows, a blank line.
+fn table(header: &str, rows: &[String]) {
+    println!("{header}");
+    println!("|{}", "---|".repeat(header.matches('|').count().saturating_sub(1)));
+    for r in rows {
+        println!("{r}");
+    }
+    println!();
+}
+
 /// CPU seconds (user + system) a process has used.
 fn cpu_seconds(pid: i32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -282,7 +297,7 @@ fn kafka(a: &Args) {
         let seconds = 5;
         let start = Instant::now();
         // 1000 lines every 10 ms: 100 000 lines/s of 100 bytes.
-        for tick in 0..seconds * 100 {
+        logtap_e2e::every_10ms(seconds * 100, |tick| {
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
             let mut buf = Vec::with_capacity(100 * 1000);
             for i in 0..1000 {
@@ -292,11 +307,7 @@ fn kafka(a: &Args) {
                 buf.push(b'\n');
             }
             f.write_all(&buf).expect("write");
-            let due = start + Duration::from_millis(10 * (tick as u64 + 1));
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-        }
+        });
         let rate = (seconds * 100 * 1000 * 100) as f64 / start.elapsed().as_secs_f64() / 1e6;
         drop(f);
         agent.wait_idle(Duration::from_secs(60));
@@ -314,9 +325,7 @@ fn kafka(a: &Args) {
             })
             .collect();
         lat.sort_by(|a, b| a.total_cmp(b));
-        let q = |p: f64| {
-            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(f64::NAN)
-        };
+        let q = |p: f64| quantile(&lat, p);
         latency_rows.push(format!(
             "| {rate:.1} MB/s, volumes.flush_interval {flush_interval}, {} lines | write() to consumer: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms | capture to ack: p50 {:.0} ms, p99 {:.0} ms |",
             got.len(),
@@ -328,23 +337,12 @@ fn kafka(a: &Args) {
         ));
     }
 
-    println!("| workload (volume to a local tansu broker, acks=all, idempotent, lz4) | rdkafka from memory (ceiling) | logtap | logtap / ceiling |");
-    println!("|---|---|---|---|");
-    for r in rows {
-        println!("{r}");
-    }
-    println!();
-    println!("| agent figure | value |");
-    println!("|---|---|");
-    for r in cpu_rows {
-        println!("{r}");
-    }
-    println!();
-    println!("| latency run | end to end | in the agent |");
-    println!("|---|---|---|");
-    for r in latency_rows {
-        println!("{r}");
-    }
+    table(
+        "| workload (volume to a local tansu broker, acks=all, idempotent, lz4) | rdkafka from memory (ceiling) | logtap | logtap / ceiling |",
+        &rows,
+    );
+    table("| agent figure | value |", &cpu_rows);
+    table("| latency run | end to end | in the agent |", &latency_rows);
 }
 
 /// Pins a process (0: the calling thread) to CPU 0.
@@ -463,12 +461,7 @@ fn pipes(a: &Args) {
             captured as f64 / (1 << 20) as f64
         ));
     }
-    println!("| pipe writer and reader on CPU 0, {} rounds (median) | no probe | probe attached, writer unwatched | watched and captured | agent CPU per captured write (user space, files sink included) | kernel-counted losses (all rounds) |", a.rounds);
-    println!("|---|---|---|---|---|---|");
-    for r in rows {
-        println!("{r}");
-    }
-    println!();
+    table(&format!("| pipe writer and reader on CPU 0, {} rounds (median) | no probe | probe attached, writer unwatched | watched and captured | agent CPU per captured write (user space, files sink included) | kernel-counted losses (all rounds) |", a.rounds), &rows);
 
     // Where losses begin: 64 KiB writes paced at rising rates.
     println!("| 64 KiB writes, paced | achieved | captured | lost in the kernel |");
@@ -640,16 +633,9 @@ fn volumes(a: &Args) {
         })
         .collect();
     lat.sort_by(|a, b| a.total_cmp(b));
-    let q = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(f64::NAN)
-    };
+    let q = |p: f64| quantile(&lat, p);
 
-    println!("| workload | tmpfs | logtap volume | logtap / tmpfs |");
-    println!("|---|---|---|---|");
-    for r in rows {
-        println!("{r}");
-    }
-    println!();
+    table("| workload | tmpfs | logtap volume | logtap / tmpfs |", &rows);
     println!("| agent figure | value |");
     println!("|---|---|");
     println!(
