@@ -12,6 +12,11 @@ pub const MAX_CHUNKS: u32 = 16;
 pub const MAX_IOV: u32 = 8;
 /// Most watch targets at once (index of the per-target counters).
 pub const MAX_TARGETS: u32 = 4096;
+/// The target of writes from a cgroup that is in no watch map while `Settings::containers` is
+/// on: user space decides what the cgroup is (a container, or nothing to capture).
+pub const CONTAINERS_TARGET: u32 = MAX_TARGETS - 1;
+/// A `WATCH_CGROUPS` value: this cgroup is not captured (user space found it is no container).
+pub const TARGET_EXCLUDED: u32 = u32::MAX;
 
 /// A data event: a piece of what one write()/writev() put into a watched pipe.
 pub const EVENT_DATA: u32 = 1;
@@ -36,6 +41,11 @@ pub struct EventHeader {
     pub total: u64,
     /// Where this chunk starts within the write.
     pub offset: u64,
+    /// The writer's cgroup v2 id (for `CONTAINERS_TARGET`: which container it is).
+    pub cgroup: u64,
+    /// The inode of the pipe written to: which stream it is (stdout or stderr, or another
+    /// pipe) whatever fd number the write used (`echo >&2` in a shell writes through fd 1).
+    pub pipe: u64,
 }
 
 pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
@@ -74,8 +84,11 @@ pub struct Settings {
     pub fdtable_fd: u32,
     pub file_f_inode: u32,
     pub inode_i_mode: u32,
+    pub inode_i_ino: u32,
     /// Bytes copied per write at most.
     pub max_capture: u32,
+    /// Non-zero: capture every cgroup that no watch map names, as `CONTAINERS_TARGET`.
+    pub containers: u32,
 }
 
 #[cfg(feature = "user")]

@@ -4,6 +4,8 @@
 //! `sys_enter_write[v]` notes a candidate call per thread; `sys_exit_write[v]` copies the bytes
 //! the call returned (up to `max_capture`) into the ring buffer in chunks. Processes are
 //! watched by cgroup v2 id or by tgid; children are followed at fork and forgotten at exit.
+//! With `containers` on, every cgroup no map names is captured too, as `CONTAINERS_TARGET`,
+//! until user space says what it is: so a container's first write is never missed.
 //! Every offset (tracepoint fields, kernel structs) comes from user space at load time.
 #![no_std]
 #![no_main]
@@ -16,8 +18,8 @@ use aya_ebpf::macros::{map, tracepoint};
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf};
 use aya_ebpf::programs::TracePointContext;
 use logtap_common::{
-    EventHeader, Settings, TargetCounters, CHUNK, EVENT_DATA, EVENT_EXIT, EVENT_WRITE_END, HEADER_LEN, MAX_CHUNKS, MAX_IOV,
-    MAX_TARGETS,
+    EventHeader, Settings, TargetCounters, CHUNK, CONTAINERS_TARGET, EVENT_DATA, EVENT_EXIT, EVENT_WRITE_END, HEADER_LEN,
+    MAX_CHUNKS, MAX_IOV, MAX_TARGETS, TARGET_EXCLUDED,
 };
 
 /// Filled in by user space before load.
@@ -37,15 +39,17 @@ static SETTINGS: Settings = Settings {
     fdtable_fd: 0,
     file_f_inode: 0,
     inode_i_mode: 0,
+    inode_i_ino: 0,
     max_capture: 0,
+    containers: 0,
 };
 
 /// Watched processes: tgid (and tids of their threads, until they exit) -> target.
 #[map]
 static WATCH_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
-/// Watched cgroup v2 ids -> target.
+/// Watched cgroup v2 ids -> target, or `TARGET_EXCLUDED` (user space found no container there).
 #[map]
-static WATCH_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+static WATCH_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(65536, 0);
 
 const KIND_WRITE: u32 = 1;
 const KIND_WRITEV: u32 = 2;
@@ -61,6 +65,9 @@ struct Pending {
     ptr: u64,
     /// count or vlen.
     n: u64,
+    cgroup: u64,
+    /// The pipe's inode.
+    pipe: u64,
 }
 
 /// A call in flight, per thread (pid_tgid).
@@ -122,55 +129,62 @@ fn counters(target: u32) -> Option<&'static mut TargetCounters> {
     COUNTERS.get_ptr_mut(target).map(|p| unsafe { &mut *p })
 }
 
-/// The watch target of the current process, if any.
+/// The watch target of the current process, if any, and its cgroup.
 #[inline(always)]
-fn watched() -> Option<u32> {
+fn watched() -> Option<(u32, u64)> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: map lookups return pointers valid for the program's run.
-    if let Some(t) = unsafe { WATCH_PIDS.get(&tgid) } {
-        return Some(*t);
-    }
     // SAFETY: helper without arguments.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    unsafe { WATCH_CGROUPS.get(&cgroup) }.copied()
+    // SAFETY: map lookups return pointers valid for the program's run.
+    if let Some(t) = unsafe { WATCH_PIDS.get(&tgid) } {
+        return Some((*t, cgroup));
+    }
+    match unsafe { WATCH_CGROUPS.get(&cgroup) }.copied() {
+        Some(TARGET_EXCLUDED) => None,
+        Some(t) => Some((t, cgroup)),
+        None if settings().containers != 0 => Some((CONTAINERS_TARGET, cgroup)),
+        None => None,
+    }
 }
 
-/// Whether `fd` of the current task is a pipe or FIFO:
-/// task->files->fdt->fd[fd]->f_inode->i_mode, with offsets from BTF.
+/// The inode number of `fd` of the current task if it is a pipe or FIFO:
+/// task->files->fdt->fd[fd]->f_inode->{i_mode,i_ino}, with offsets from BTF.
 #[inline(always)]
-fn is_pipe(s: &Settings, fd: u32) -> bool {
+fn pipe_of(s: &Settings, fd: u32) -> Option<u64> {
     // SAFETY: every pointer is read with bpf_probe_read_kernel, which fails safely.
     unsafe {
         let task = bpf_get_current_task() as *const u8;
-        let Ok(files) = bpf_probe_read_kernel(task.add(s.task_files as usize) as *const *const u8) else { return false };
-        let Ok(fdt) = bpf_probe_read_kernel(files.add(s.files_fdt as usize) as *const *const u8) else { return false };
-        let Ok(fds) = bpf_probe_read_kernel(fdt.add(s.fdtable_fd as usize) as *const *const *const u8) else { return false };
-        let Ok(file) = bpf_probe_read_kernel(fds.add(fd as usize)) else { return false };
+        let files = bpf_probe_read_kernel(task.add(s.task_files as usize) as *const *const u8).ok()?;
+        let fdt = bpf_probe_read_kernel(files.add(s.files_fdt as usize) as *const *const u8).ok()?;
+        let fds = bpf_probe_read_kernel(fdt.add(s.fdtable_fd as usize) as *const *const *const u8).ok()?;
+        let file = bpf_probe_read_kernel(fds.add(fd as usize)).ok()?;
         if file.is_null() {
-            return false;
+            return None;
         }
-        let Ok(inode) = bpf_probe_read_kernel(file.add(s.file_f_inode as usize) as *const *const u8) else { return false };
-        let Ok(mode) = bpf_probe_read_kernel(inode.add(s.inode_i_mode as usize) as *const u16) else { return false };
-        mode & S_IFMT == S_IFIFO
+        let inode = bpf_probe_read_kernel(file.add(s.file_f_inode as usize) as *const *const u8).ok()?;
+        let mode = bpf_probe_read_kernel(inode.add(s.inode_i_mode as usize) as *const u16).ok()?;
+        if mode & S_IFMT != S_IFIFO {
+            return None;
+        }
+        bpf_probe_read_kernel(inode.add(s.inode_i_ino as usize) as *const u64).ok()
     }
 }
 
 #[inline(always)]
 fn enter(ctx: &TracePointContext, kind: u32, fd_at: u32, ptr_at: u32, n_at: u32) -> Result<(), i64> {
-    let Some(target) = watched() else { return Ok(()) };
+    // The fd first: it is the cheapest test and rules out most writes on a host.
     // SAFETY: offsets come from the tracepoint's format file.
     let fd: u64 = unsafe { ctx.read_at(fd_at as usize) }.map_err(|e| e as i64)?;
     let fd = fd as u32;
     if fd != 1 && fd != 2 {
         return Ok(());
     }
+    let Some((target, cgroup)) = watched() else { return Ok(()) };
     let s = settings();
-    if !is_pipe(&s, fd) {
-        return Ok(());
-    }
+    let Some(pipe) = pipe_of(&s, fd) else { return Ok(()) };
     let ptr: u64 = unsafe { ctx.read_at(ptr_at as usize) }.map_err(|e| e as i64)?;
     let n: u64 = unsafe { ctx.read_at(n_at as usize) }.map_err(|e| e as i64)?;
-    let p = Pending { kind, target, fd, _pad: 0, ptr, n };
+    let p = Pending { kind, target, fd, _pad: 0, ptr, n, cgroup, pipe };
     PENDING.insert(&bpf_get_current_pid_tgid(), &p, 0)?;
     Ok(())
 }
@@ -209,6 +223,8 @@ fn emit_segment(scratch: &mut Scratch, p: &Pending, total: u64, base: u64, len: 
             len: n as u32,
             total,
             offset: start + off,
+            cgroup: p.cgroup,
+            pipe: p.pipe,
         };
         // SAFETY: user memory read through the helper into our buffer.
         if unsafe { bpf_probe_read_user_buf((base + off) as *const u8, &mut scratch.data[..n]) }.is_err() {
@@ -345,6 +361,8 @@ fn writev_step(ctx: &TracePointContext) {
                 len: 0,
                 total: st.total,
                 offset: st.sent,
+                cgroup: st.p.cgroup,
+                pipe: st.p.pipe,
             });
             e.submit(wakeup());
         } else {
@@ -394,13 +412,14 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
     let target = match unsafe { WATCH_PIDS.get(&tid) }.copied() {
         Some(t) => {
             let _ = WATCH_PIDS.remove(&tid);
-            Some(t)
+            // SAFETY: helper without arguments.
+            Some((t, unsafe { bpf_get_current_cgroup_id() }))
         }
         None => watched(),
     };
-    if let (Some(target), true) = (target, tgid == tid) {
+    if let (Some((target, cgroup)), true) = (target, tgid == tid) {
         if let Some(mut e) = EVENTS.reserve::<EventHeader>(0) {
-            e.write(EventHeader { kind: EVENT_EXIT, target, tgid, tid, fd: 0, len: 0, total: 0, offset: 0 });
+            e.write(EventHeader { kind: EVENT_EXIT, target, tgid, tid, fd: 0, len: 0, total: 0, offset: 0, cgroup, pipe: 0 });
             e.submit(wakeup());
         }
     }

@@ -15,8 +15,9 @@ pub trait Capture: Send + 'static {
     fn volume_created(&self, volume: &str);
     /// A volume was removed (it was empty).
     fn volume_removed(&self, volume: &str);
-    /// A regular file was created at `path` (relative to its volume, `/`-separated).
-    fn stream(&self, volume: &str, path: &str) -> Self::Stream;
+    /// A regular file was created at `path` (relative to its volume, `/`-separated) by process
+    /// `creator` (0 when unknown): a container's process, for a container's log directory.
+    fn stream(&self, volume: &str, path: &str, creator: u32) -> Self::Stream;
 }
 
 /// What the model tells about one file.

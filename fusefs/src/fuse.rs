@@ -178,7 +178,7 @@ impl<C: Capture> Filesystem for Adapter<C> {
             // FIFOs, sockets and devices have no place in a log directory.
             return reply.error(Errno::EPERM);
         }
-        reply_entry(reply, self.model().create(parent.0, name, mode & !umask, owner(req), false));
+        reply_entry(reply, self.model().create(parent.0, name, mode & !umask, owner(req), req.pid(), false));
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
@@ -229,7 +229,7 @@ impl<C: Capture> Filesystem for Adapter<C> {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.model().create(parent.0, name, mode & !umask, owner(req), true) {
+        match self.model().create(parent.0, name, mode & !umask, owner(req), req.pid(), true) {
             Ok(a) => reply.created(&TTL, &file_attr(&a), Generation(0), FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }

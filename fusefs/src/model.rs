@@ -351,7 +351,16 @@ impl<C: Capture> Model<C> {
     }
 
     /// Makes a regular file (`create` and `mknod` with S_IFREG); opens it when `open` is set.
-    pub fn create(&mut self, parent: u64, name: &OsStr, mode: u32, owner: Owner, open: bool) -> FsResult<Attr> {
+    /// `creator` is the pid of the process that asked (0 when unknown).
+    pub fn create(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        owner: Owner,
+        creator: u32,
+        open: bool,
+    ) -> FsResult<Attr> {
         check_name(name)?;
         if self.closing {
             return Err(libc::ESHUTDOWN);
@@ -367,7 +376,7 @@ impl<C: Capture> Model<C> {
         let (volume, dir_path) = self.location(parent)?;
         let name_str = name.to_string_lossy();
         let path = if dir_path.is_empty() { name_str.into_owned() } else { format!("{dir_path}/{name_str}") };
-        let stream = self.capture.stream(&volume, &path);
+        let stream = self.capture.stream(&volume, &path, creator);
         let body = Body::File(File {
             size: 0,
             captured: 0,

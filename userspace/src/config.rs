@@ -38,6 +38,7 @@ pub struct Config {
     pub ring: RingConfig,
     pub control: ControlConfig,
     pub pipes: PipesConfig,
+    pub discovery: DiscoveryConfig,
     /// Named sinks; all of them receive every record.
     pub sinks: BTreeMap<String, SinkConfig>,
 }
@@ -53,6 +54,8 @@ pub struct VolumesConfig {
     pub partial_flush: Dur,
     pub max_record_bytes: ByteSize,
     pub tail_bytes: ByteSize,
+    /// Docker volume plugin socket (VolumeDriver protocol); empty: no plugin.
+    pub plugin_socket: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -83,6 +86,33 @@ impl Default for PipesConfig {
             max_write_capture: ByteSize(64 << 10),
             ring_buffer: ByteSize(16 << 20),
             targets: Vec::new(),
+        }
+    }
+}
+
+/// Following a container runtime through the Docker Engine API.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    pub enabled: bool,
+    /// The runtime's API socket: Docker's, or podman's (`/run/podman/podman.sock`).
+    pub docker_socket: PathBuf,
+    /// Container labels copied onto every record of the container.
+    pub labels: Vec<String>,
+    /// How long stdout/stderr records of a container wait for the runtime to name it.
+    pub hold_timeout: Dur,
+    /// Most bytes of such records held at once; beyond, the oldest go out unnamed.
+    pub hold_bytes: ByteSize,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            docker_socket: "/var/run/docker.sock".into(),
+            labels: Vec::new(),
+            hold_timeout: Dur(Duration::from_secs(10)),
+            hold_bytes: ByteSize(16 << 20),
         }
     }
 }
@@ -148,6 +178,8 @@ pub struct FilesSinkConfig {
     pub dir: PathBuf,
     /// Zone that decides the day in `{service}/{module}.{YYYYMMDD}`.
     pub timezone: Timezone,
+    /// `raw`: the line's bytes; `json`: the record's envelope with its identity.
+    pub format: Format,
     pub optional: bool,
 }
 
@@ -170,7 +202,7 @@ pub struct KafkaSinkConfig {
     pub key: Template,
     /// Record headers with the record's identity (service, module, volume, path, host, pid).
     pub headers: bool,
-    pub format: KafkaFormat,
+    pub format: Format,
     pub compression: Compression,
     /// How long librdkafka may try one message before its delivery fails and logtap retries it.
     pub delivery_timeout: Dur,
@@ -188,7 +220,7 @@ impl Default for KafkaSinkConfig {
             topic: Template::parse("logs.{service}").unwrap_or_default(),
             key: Template::parse("{volume}/{module}").unwrap_or_default(),
             headers: true,
-            format: KafkaFormat::Raw,
+            format: Format::Raw,
             compression: Compression::Lz4,
             delivery_timeout: Dur(Duration::from_secs(30)),
             max_message_bytes: ByteSize(1_000_000),
@@ -198,13 +230,14 @@ impl Default for KafkaSinkConfig {
     }
 }
 
-/// The value of a Kafka message.
+/// How a sink writes a record (a Kafka message's value, a line of the files sink).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum KafkaFormat {
+pub enum Format {
     /// The line's bytes as they were written.
     Raw,
-    /// The JSON envelope of the files sink (`message`, or `message_base64` for non-UTF-8).
+    /// The JSON envelope with the record's identity (`message`, or `message_base64` for
+    /// non-UTF-8).
     Json,
 }
 
@@ -240,6 +273,10 @@ pub enum Field {
     Volume,
     Path,
     Pid,
+    Tenant,
+    Container,
+    ContainerId,
+    Image,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,7 +286,9 @@ pub enum Part {
 }
 
 /// Text with `{field}` placeholders: `{host}`, `{service}`, `{module}`, `{volume}`, `{path}`
-/// (the file in its volume, or `stdout`/`stderr`), `{pid}`. `{{` and `}}` are literal braces.
+/// (the file in its volume, or `stdout`/`stderr`), `{pid}`, and for containers' records
+/// `{tenant}`, `{container}` (its name), `{container_id}`, `{image}` (empty otherwise).
+/// `{{` and `}}` are literal braces.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Template(pub Vec<Part>);
 
@@ -277,9 +316,14 @@ impl Template {
                         "volume" => Field::Volume,
                         "path" => Field::Path,
                         "pid" => Field::Pid,
+                        "tenant" => Field::Tenant,
+                        "container" => Field::Container,
+                        "container_id" => Field::ContainerId,
+                        "image" => Field::Image,
                         _ => {
                             return Err(format!(
-                                "unknown field {{{name}}} in template {s:?}: use host, service, module, volume, path or pid"
+                                "unknown field {{{name}}} in template {s:?}: use host, service, module, volume, \
+                                 path, pid, tenant, container, container_id or image"
                             ))
                         }
                     };
@@ -323,6 +367,7 @@ impl Default for Config {
             ring: RingConfig::default(),
             control: ControlConfig::default(),
             pipes: PipesConfig::default(),
+            discovery: DiscoveryConfig::default(),
             sinks: BTreeMap::from([("files".to_string(), SinkConfig::Files(FilesSinkConfig::default()))]),
         }
     }
@@ -339,6 +384,7 @@ impl Default for VolumesConfig {
             partial_flush: Dur(Duration::from_secs(1)),
             max_record_bytes: ByteSize(256 << 10),
             tail_bytes: ByteSize(64 << 10),
+            plugin_socket: "/run/docker/plugins/logtap.sock".into(),
         }
     }
 }
@@ -357,7 +403,7 @@ impl Default for ControlConfig {
 
 impl Default for FilesSinkConfig {
     fn default() -> Self {
-        Self { dir: "/var/log/logtap".into(), timezone: Timezone(chrono_tz::UTC), optional: false }
+        Self { dir: "/var/log/logtap".into(), timezone: Timezone(chrono_tz::UTC), format: Format::Raw, optional: false }
     }
 }
 
@@ -445,6 +491,16 @@ impl Config {
             if let SinkConfig::Kafka(k) = sink {
                 crate::sinks::kafka::check(k).map_err(|e| format!("sinks.{name}: {e}"))?;
             }
+        }
+        if !v.plugin_socket.as_os_str().is_empty() && !v.plugin_socket.is_absolute() {
+            return Err(format!("volumes.plugin_socket must be an absolute path or empty, not {:?}", v.plugin_socket));
+        }
+        let d = &self.discovery;
+        if !d.docker_socket.is_absolute() {
+            return Err(format!("discovery.docker_socket must be an absolute path, not {:?}", d.docker_socket));
+        }
+        if d.hold_timeout.0 < Duration::from_millis(100) {
+            return Err(format!("discovery.hold_timeout must be at least 100ms, not {}", d.hold_timeout));
         }
         if !self.control.socket.is_absolute() {
             return Err(format!("control.socket must be an absolute path, not {:?}", self.control.socket));

@@ -1,4 +1,4 @@
-//! The daemon: wires config, ring, sinks, the volume source and the control socket, then
+//! The daemon: wires config, ring, sinks, the sources, discovery and the control sockets, then
 //! waits for a signal and shuts down in order (stop taking writes, drain, unmount).
 
 use std::sync::Arc;
@@ -10,7 +10,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::control::plugin;
 use crate::control::server::{self, Control};
+use crate::discovery::{Discovery, Hold};
 use crate::ring::Ring;
 use crate::sinks;
 use crate::sources::pipes::PipeSource;
@@ -71,20 +73,36 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     };
     let source = VolumeSource::new(framing.clone(), ring.clone());
     stats.set_volumes(source.clone());
+    let d = &config.discovery;
+    let discovery = d.enabled.then(|| Discovery::new(d.clone(), v.mount.clone(), source.clone()));
+    let hold = Hold { timeout: d.hold_timeout.0, bytes: usize_of(d.hold_bytes.0, "discovery.hold_bytes")? };
+    if let Some((registry, _)) = &discovery {
+        source.set_directory(registry.clone(), hold);
+    }
     let p = &config.pipes;
     let pipes = if p.enabled {
         let _guard = rt.enter();
         let ring_buffer = u32::try_from(p.ring_buffer.0).context("pipes.ring_buffer")?;
-        PipeSource::start(framing, ring.clone(), p.max_write_capture.0, ring_buffer)
+        let containers = discovery.as_ref().map(|(registry, _)| (registry.clone() as _, hold));
+        PipeSource::start(framing, ring.clone(), p.max_write_capture.0, ring_buffer, containers)
     } else {
         PipeSource::new(framing, ring.clone(), p.max_write_capture.0, "disabled", None)
     };
+    let discovery = discovery.map(|(registry, asked)| {
+        registry.attach(pipes.clone());
+        let _guard = rt.enter();
+        registry.follow(asked);
+        registry
+    });
     for target in &p.targets {
         if let Err(e) = pipes.watch(target) {
             warn!(?target, "cannot watch a configured target: {e:#}");
         }
     }
     stats.set_pipes(pipes.clone());
+    if let Some(d) = &discovery {
+        stats.set_discovery(d.clone());
+    }
     // SAFETY: geteuid/getegid cannot fail.
     let me = unsafe { Owner { uid: libc::geteuid(), gid: libc::getegid() } };
     let model = Model::new(
@@ -108,6 +126,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         pipes: pipes.clone(),
         mountpoint: v.mount.clone(),
     });
+    let mut plugin_served = false;
+    if !v.plugin_socket.as_os_str().is_empty() {
+        let _guard = rt.enter();
+        match plugin::bind(&v.plugin_socket) {
+            Ok(l) => {
+                rt.spawn(plugin::serve(l, control.clone()));
+                plugin_served = true;
+            }
+            // The volumes and every other source keep working without the plugin.
+            Err(e) => warn!("the Docker volume plugin is not served: {e:#}"),
+        }
+    }
     rt.spawn(server::serve(listener, control));
     info!(
         host = %host,
@@ -173,6 +203,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let _ = std::fs::remove_file(&config.control.socket);
+    if plugin_served {
+        let _ = std::fs::remove_file(&v.plugin_socket);
+    }
     rt.shutdown_timeout(Duration::from_millis(200));
     info!("logtap stopped");
     Ok(())

@@ -1,13 +1,16 @@
 //! logtap: diskless container log capture.
 //!
-//! The path of a line: a write into a FUSE volume (crate `logtap-fusefs`) ->
-//! [`sources::volume`] -> [`framer`] -> [`record`] -> the one [`ring`] -> [`sinks`].
-//! [`stats`] counts every stage; [`control`] serves the stats and the volume API over a Unix
-//! socket; [`daemon`] wires it all from the [`config`].
+//! The path of a line: a write into a FUSE volume (crate `logtap-fusefs`) or to a stdout pipe
+//! (crate `logtap-ebpf`) -> [`sources::volume`] or [`sources::pipes`] -> [`framer`] ->
+//! [`record`] -> the one [`ring`] -> [`sinks`]. [`discovery`] follows the container runtime and
+//! tells the sources whose records are whose. [`stats`] counts every stage; [`control`] serves
+//! the stats and the volume API over a Unix socket (and the Docker volume plugin); [`daemon`]
+//! wires it all from the [`config`].
 
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod discovery;
 pub mod framer;
 pub mod record;
 pub mod ring;

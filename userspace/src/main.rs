@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use hyper::Method;
 use logtap::config::{self, Config};
 use logtap::control::client;
+use logtap::discovery::{DiscoverySnapshot, Stdout};
 use logtap::sources::pipes::{TargetSpec, UnwatchSpec};
 use logtap::sources::volume::VolumeSpec;
 use logtap::stats::{Snapshot, VolumeSnapshot};
@@ -76,6 +77,14 @@ enum Command {
         target_id: Option<u32>,
         #[command(flatten)]
         socket: SocketArg,
+    },
+    /// The containers the agent follows: identity, stdout capture, volumes, counters.
+    Containers {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
     },
     /// Check or print configuration.
     Config {
@@ -233,6 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let spec = TargetSpec {
                 pid: target.pid,
                 cgroup: target.cgroup,
+                container: None,
                 service: identity.service,
                 module: identity.module,
             };
@@ -251,6 +261,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let body = serde_json::to_vec(&spec).context("encoding the request")?;
             block_on(client::call(&socket.socket, Method::POST, "/v1/unwatch", Some(body)))?;
+            Ok(())
+        }
+        Command::Containers { socket, json } => {
+            let body = block_on(client::call(&socket.socket, Method::GET, "/v1/containers", None))?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&body));
+            } else {
+                let d: DiscoverySnapshot = serde_json::from_slice(&body).context("unreadable container list")?;
+                print!("{}", render_discovery(&d));
+            }
             Ok(())
         }
         Command::Volume { command: VolumeCommand::List { socket, json } } => {
@@ -297,7 +317,7 @@ fn run_command(
 
     let me = std::process::id();
     let post = |path: &str, body: Vec<u8>| block_on(client::call(socket, Method::POST, path, Some(body)));
-    let spec = TargetSpec { pid: Some(me), cgroup: None, service, module };
+    let spec = TargetSpec { pid: Some(me), service, module, ..Default::default() };
     let target = match post("/v1/watch", serde_json::to_vec(&spec)?) {
         Ok(answer) => serde_json::from_slice::<serde_json::Value>(&answer).ok().and_then(|v| v["target"].as_u64()),
         Err(e) => {
@@ -407,6 +427,18 @@ fn render_pipes(p: &logtap::sources::pipes::PipesSnapshot) -> String {
         out += &format!(": {reason}");
     }
     out += &format!(", {} pending\n", bytes(p.pending_bytes));
+    if let Some(c) = &p.containers {
+        out += &format!(
+            "containers: {} held ({}), {} records unnamed, {} of other cgroups ignored, {} unresolved, \
+             {} lost in the kernel\n",
+            c.held_records,
+            bytes(c.held_bytes),
+            c.unidentified_records_total,
+            bytes(c.ignored_bytes_total),
+            bytes(c.unresolved_bytes_total),
+            bytes(c.lost_bytes_total)
+        );
+    }
     if p.targets.is_empty() {
         return out;
     }
@@ -415,9 +447,11 @@ fn render_pipes(p: &logtap::sources::pipes::PipesSnapshot) -> String {
         "TARGET", "WATCHING", "SERVICE", "WRITES", "BYTES", "RECORDS", "TRUNCATED", "LOST", "DROPPED"
     );
     for t in &p.targets {
-        let what = match (&t.spec.pid, &t.spec.cgroup) {
-            (Some(pid), _) => format!("pid {pid}"),
-            (_, Some(cg)) => format!("cgroup {}", cg.display()),
+        let what = match (&t.spec.pid, &t.spec.cgroup, &t.container_identity) {
+            (Some(pid), _, _) => format!("pid {pid}"),
+            (_, Some(cg), _) => format!("cgroup {}", cg.display()),
+            (_, _, Some(c)) if !c.name.is_empty() => format!("container {}", c.name),
+            (_, _, Some(c)) => format!("container {}", logtap::discovery::identity::short_id(&c.id)),
             _ => String::new(),
         };
         let what = if t.ended { format!("{what} (ended)") } else { what };
@@ -437,6 +471,45 @@ fn render_pipes(p: &logtap::sources::pipes::PipesSnapshot) -> String {
     out
 }
 
+fn render_discovery(d: &DiscoverySnapshot) -> String {
+    let mut out = format!("\ncontainers ({}): {}", d.socket.display(), d.status);
+    if let Some(reason) = &d.reason {
+        out += &format!(": {reason}");
+    }
+    out += &format!(", {} reconnects, {} events\n", d.reconnects_total, d.events_total);
+    if d.containers.is_empty() {
+        return out;
+    }
+    out += &format!(
+        "{:<14} {:<20} {:<16} {:<10} {:<8} {:<10} {:>10} {:>11} {:>10}  {}\n",
+        "CONTAINER", "NAME", "SERVICE", "TENANT", "STATE", "STDOUT", "RECORDS", "BYTES", "LOST", "VOLUMES"
+    );
+    for c in &d.containers {
+        let stdout = match c.stdout {
+            Stdout::Captured => "captured",
+            Stdout::OptedOut => "opted out",
+            Stdout::NotCapturable => "NO",
+        };
+        out += &format!(
+            "{:<14} {:<20} {:<16} {:<10} {:<8} {:<10} {:>10} {:>11} {:>10}  {}\n",
+            logtap::discovery::identity::short_id(&c.id),
+            c.name,
+            c.service,
+            c.tenant,
+            c.state,
+            stdout,
+            c.pipe.captured_records_total,
+            bytes(c.pipe.captured_bytes_total),
+            bytes(c.lost_bytes_total),
+            c.volumes.join(",")
+        );
+        if let Some(reason) = &c.reason {
+            out += &format!("  not capturable: {reason}\n");
+        }
+    }
+    out
+}
+
 fn render_stats(s: &Snapshot) -> String {
     let r = &s.ring;
     let mut out = format!("logtap {} on {}, up {:.0}s\n\n", s.version, s.host, s.uptime_seconds);
@@ -451,6 +524,9 @@ fn render_stats(s: &Snapshot) -> String {
     );
     out += &render_volumes(&s.volumes);
     out += &render_pipes(&s.pipes);
+    if let Some(d) = &s.discovery {
+        out += &render_discovery(d);
+    }
     out += &format!(
         "\n{:<16} {:<8} {:>12} {:>11} {:>9} {:>8} {:>8} {:>9} {:>10} {:>10} {:>10}\n",
         "SINK", "TYPE", "DELIVERED", "BYTES", "IN FLIGHT", "RETRIED", "ERRORS", "REJECTED", "P50", "P99", "MAX"

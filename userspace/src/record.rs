@@ -1,13 +1,27 @@
 //! A record: one line (or a piece of an over-long one) with where and when it was captured.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use base64::Engine;
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::stats::StreamCounters;
+
+/// The container a record comes from, as discovery found it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    /// The runtime's full id (64 hex digits).
+    pub id: String,
+    /// Empty until the runtime has named it (see [`Origin::container`]).
+    pub name: String,
+    pub image: String,
+    /// The labels the config lists (`discovery.labels`), when the container has them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
 
 /// Whose bytes these are. Shared by every record of a stream, so a record costs one `Arc`.
 #[derive(Debug)]
@@ -21,6 +35,10 @@ pub struct Origin {
     pub module: Arc<str>,
     /// Path of the file inside its volume, or `stdout`/`stderr`.
     pub path: Arc<str>,
+    /// Who the container's owner is (`logtap.tenant`); empty when not set.
+    pub tenant: Arc<str>,
+    /// The container, for records of containers (their stdout/stderr, their volumes).
+    pub container: Option<Arc<Container>>,
     pub counters: StreamCounters,
 }
 
@@ -51,6 +69,10 @@ pub struct Envelope<'a> {
     pub service: &'a str,
     pub module: &'a str,
     pub path: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub tenant: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<&'a Container>,
     pub seq: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<&'a str>,
@@ -82,6 +104,8 @@ impl Record {
             service: &o.service,
             module: &o.module,
             path: &o.path,
+            tenant: &o.tenant,
+            container: o.container.as_deref(),
             seq: self.seq,
             message,
             message_base64,
@@ -115,6 +139,8 @@ pub(crate) mod tests {
             service: "svc".into(),
             module: "app".into(),
             path: path.into(),
+            tenant: "".into(),
+            container: None,
             counters: StreamCounters::detached(),
         })
     }

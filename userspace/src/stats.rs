@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::discovery::{Discovery, DiscoverySnapshot};
 use crate::ring::{Ring, RingSnapshot};
 use crate::sources::pipes::{PipeSource, PipesSnapshot};
 
@@ -39,6 +40,19 @@ pub struct CountersSnapshot {
     pub split_records_total: u64,
     pub overwritten_bytes_total: u64,
     pub refused_bytes_total: u64,
+}
+
+impl CountersSnapshot {
+    /// Adds another stream's counts (a container's over its targets).
+    pub fn add(&mut self, o: &CountersSnapshot) {
+        self.captured_records_total += o.captured_records_total;
+        self.captured_bytes_total += o.captured_bytes_total;
+        self.dropped_records_total += o.dropped_records_total;
+        self.dropped_bytes_total += o.dropped_bytes_total;
+        self.split_records_total += o.split_records_total;
+        self.overwritten_bytes_total += o.overwritten_bytes_total;
+        self.refused_bytes_total += o.refused_bytes_total;
+    }
 }
 
 impl Counters {
@@ -344,6 +358,9 @@ pub struct VolumeSnapshot {
     pub name: String,
     pub service: String,
     pub labels: BTreeMap<String, String>,
+    /// The container that mounts it (its identity goes on the volume's records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::record::Container>,
     #[serde(flatten)]
     pub totals: CountersSnapshot,
     pub files: BTreeMap<String, CountersSnapshot>,
@@ -357,6 +374,9 @@ pub struct Snapshot {
     pub ring: RingSnapshot,
     pub volumes: Vec<VolumeSnapshot>,
     pub pipes: PipesSnapshot,
+    /// The container runtime followed, and its containers (absent when discovery is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<DiscoverySnapshot>,
     pub sinks: Vec<SinkSnapshot>,
 }
 
@@ -373,6 +393,7 @@ pub struct Stats {
     sinks: Mutex<Vec<Arc<SinkCounters>>>,
     volumes: Mutex<Option<Arc<dyn VolumeList>>>,
     pipes: Mutex<Option<Arc<PipeSource>>>,
+    discovery: Mutex<Option<Arc<Discovery>>>,
 }
 
 impl Stats {
@@ -385,7 +406,18 @@ impl Stats {
             sinks: Mutex::default(),
             volumes: Mutex::default(),
             pipes: Mutex::default(),
+            discovery: Mutex::default(),
         }
+    }
+
+    pub fn set_discovery(&self, discovery: Arc<Discovery>) {
+        *lock(&self.discovery) = Some(discovery);
+    }
+
+    /// The runtime followed and its containers, with their pipe counters.
+    pub fn discovery(&self) -> Option<DiscoverySnapshot> {
+        let pipes = self.pipes();
+        lock(&self.discovery).as_ref().map(|d| d.snapshot(&pipes))
     }
 
     pub fn set_pipes(&self, pipes: Arc<PipeSource>) {
@@ -397,6 +429,7 @@ impl Stats {
             status: "disabled".into(),
             reason: None,
             pending_bytes: 0,
+            containers: None,
             targets: Vec::new(),
         })
     }
@@ -416,13 +449,15 @@ impl Stats {
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let pipes = self.pipes();
         Snapshot {
             host: self.host.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             ring: self.ring.snapshot(),
             volumes: self.volumes(),
-            pipes: self.pipes(),
+            discovery: lock(&self.discovery).as_ref().map(|d| d.snapshot(&pipes)),
+            pipes,
             sinks: lock(&self.sinks).iter().map(|s| s.snapshot()).collect(),
         }
     }

@@ -48,7 +48,7 @@ impl Capture for Recorder {
     fn volume_removed(&self, volume: &str) {
         self.0.lock().unwrap().push(Event::VolumeGone(volume.into()));
     }
-    fn stream(&self, volume: &str, path: &str) -> RecStream {
+    fn stream(&self, volume: &str, path: &str, _creator: u32) -> RecStream {
         self.0.lock().unwrap().push(Event::Stream(volume.into(), path.into()));
         RecStream { path: path.into(), log: self.0.clone() }
     }
@@ -89,7 +89,7 @@ fn os(s: &str) -> &OsStr {
 fn with_file() -> (Model<Recorder>, Recorder, u64) {
     let (mut m, rec) = model(4096);
     let vol = m.mkdir(ROOT, os("v"), 0o755, ME).unwrap().ino;
-    let file = m.create(vol, os("app.log"), 0o644, ME, true).unwrap().ino;
+    let file = m.create(vol, os("app.log"), 0o644, ME, 0, true).unwrap().ino;
     (m, rec, file)
 }
 
@@ -101,7 +101,7 @@ fn volumes_are_validated_and_announced() {
     assert_eq!(m.mkdir(ROOT, os(&"x".repeat(300)), 0o755, ME).unwrap_err(), libc::ENAMETOOLONG);
     m.mkdir(ROOT, os("web"), 0o755, ME).unwrap();
     assert_eq!(m.mkdir(ROOT, os("web"), 0o755, ME).unwrap_err(), libc::EEXIST);
-    assert_eq!(m.create(ROOT, os("f"), 0o644, ME, true).unwrap_err(), libc::EPERM);
+    assert_eq!(m.create(ROOT, os("f"), 0o644, ME, 0, true).unwrap_err(), libc::EPERM);
     assert_eq!(m.volumes(), vec!["web".to_string()]);
     m.rmdir(ROOT, os("web")).unwrap();
     assert_eq!(rec.events(), vec![Event::Volume("web".into()), Event::VolumeGone("web".into())]);
@@ -187,7 +187,7 @@ fn rename_keeps_the_stream_and_tells_the_new_path() {
 fn rename_over_an_existing_file_unlinks_it() {
     let (mut m, rec, f) = with_file();
     let vol = m.lookup(ROOT, os("v")).unwrap().ino;
-    let g = m.create(vol, os("new.log"), 0o644, ME, true).unwrap().ino;
+    let g = m.create(vol, os("new.log"), 0o644, ME, 0, true).unwrap().ino;
     m.write(g, 0, b"partial").unwrap();
     m.rename(vol, os("app.log"), vol, os("new.log"), false).unwrap();
     assert!(rec.events().contains(&Event::End("new.log".into())));
@@ -206,7 +206,7 @@ fn rename_rules() {
     assert_eq!(m.rename(ROOT, os("v"), ROOT, os("v2"), false), Err(libc::EPERM));
     assert_eq!(m.rename(v, os("d"), sub, os("d2"), false), Err(libc::EINVAL));
     assert_eq!(m.rename(v, os("app.log"), v, os("d"), false), Err(libc::EISDIR));
-    m.create(v, os("b.log"), 0o644, ME, false).unwrap();
+    m.create(v, os("b.log"), 0o644, ME, 0, false).unwrap();
     assert_eq!(m.rename(v, os("app.log"), v, os("b.log"), true), Err(libc::EEXIST));
     assert_eq!(m.rmdir(v, os("d")), Err(libc::ENOTEMPTY));
     m.rename(d, os("sub"), v, os("sub2"), false).unwrap();
@@ -218,7 +218,7 @@ fn nested_paths_follow_directory_renames() {
     let (mut m, rec) = model(4096);
     let v = m.mkdir(ROOT, os("v"), 0o755, ME).unwrap().ino;
     let d = m.mkdir(v, os("d"), 0o755, ME).unwrap().ino;
-    m.create(d, os("x.log"), 0o644, ME, false).unwrap();
+    m.create(d, os("x.log"), 0o644, ME, 0, false).unwrap();
     m.rename(v, os("d"), v, os("e"), false).unwrap();
     let events = rec.events();
     assert!(events.contains(&Event::Stream("v".into(), "d/x.log".into())));
@@ -250,7 +250,7 @@ fn closing_refuses_writes_and_counts_them() {
     assert_eq!(m.write(f, 7, b"more\n"), Err(libc::ESHUTDOWN));
     assert!(rec.events().contains(&Event::Refused("app.log".into(), 5)));
     let vol = m.lookup(ROOT, os("v")).unwrap().ino;
-    assert_eq!(m.create(vol, os("n"), 0o644, ME, true).unwrap_err(), libc::ESHUTDOWN);
+    assert_eq!(m.create(vol, os("n"), 0o644, ME, 0, true).unwrap_err(), libc::ESHUTDOWN);
     assert_eq!(m.open(f, true), Err(libc::ESHUTDOWN));
     assert_eq!(m.open(f, false), Ok(()));
 }
@@ -265,7 +265,7 @@ fn errors_not_panics() {
     assert_eq!(m.getattr(9999).unwrap_err(), libc::ENOENT);
     assert_eq!(m.write(f, u64::MAX - 1, b"xyz").unwrap_err(), libc::EFBIG);
     let vol = m.lookup(ROOT, os("v")).unwrap().ino;
-    assert_eq!(m.create(vol, os("a/b"), 0o644, ME, true).unwrap_err(), libc::EINVAL);
+    assert_eq!(m.create(vol, os("a/b"), 0o644, ME, 0, true).unwrap_err(), libc::EINVAL);
     assert_eq!(m.unlink(vol, os("missing")).unwrap_err(), libc::ENOENT);
 }
 

@@ -1,7 +1,7 @@
 //! The daemon's side of the control socket.
 //!
-//! `GET /v1/stats`, `GET /v1/volumes`, `POST /v1/volumes`, `GET /v1/targets`, `POST /v1/watch`,
-//! `POST /v1/unwatch`, `GET /metrics`, `GET /v1/health`.
+//! `GET /v1/stats`, `GET /v1/volumes`, `POST /v1/volumes`, `GET /v1/targets`,
+//! `GET /v1/containers`, `POST /v1/watch`, `POST /v1/unwatch`, `GET /metrics`, `GET /v1/health`.
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -37,6 +37,17 @@ pub struct Control {
 /// and sets the configured mode and group.
 pub fn bind(config: &ControlConfig) -> anyhow::Result<UnixListener> {
     let path = &config.socket;
+    let listener = bind_unix(path, config.mode.0)?;
+    if !config.group.is_empty() {
+        let gid = group_id(&config.group)?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("cannot give {} to group {}", path.display(), config.group))?;
+    }
+    Ok(listener)
+}
+
+/// Binds a Unix socket unless a live server answers there; a stale socket file is replaced.
+pub fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -47,13 +58,8 @@ pub fn bind(config: &ControlConfig) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(path).with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
     }
     let listener = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.mode.0))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-    if !config.group.is_empty() {
-        let gid = group_id(&config.group)?;
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .with_context(|| format!("cannot give {} to group {}", path.display(), config.group))?;
-    }
     Ok(listener)
 }
 
@@ -71,8 +77,17 @@ fn group_id(name: &str) -> anyhow::Result<u32> {
     Ok(unsafe { (*gr).gr_gid })
 }
 
-/// Serves connections until the task is dropped.
+/// Serves the control API until the task is dropped.
 pub async fn serve(listener: UnixListener, control: Arc<Control>) {
+    serve_http(listener, move |req| handle(req, control.clone())).await
+}
+
+/// Serves HTTP/1.1 connections on `listener` with `handler`, until the task is dropped.
+pub async fn serve_http<H, F>(listener: UnixListener, handler: H)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -82,9 +97,9 @@ pub async fn serve(listener: UnixListener, control: Arc<Control>) {
                 continue;
             }
         };
-        let control = control.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handle(req, control.clone()));
+            let service = hyper::service::service_fn(handler);
             if let Err(e) =
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
             {
@@ -99,7 +114,7 @@ struct ErrorBody {
     error: String,
 }
 
-fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
     let bytes = serde_json::to_vec_pretty(body).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
     let mut r = Response::new(Full::new(Bytes::from(bytes)));
     *r.status_mut() = status;
@@ -127,6 +142,10 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Result<Respons
         }
         (&Method::GET, "/v1/health") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         (&Method::GET, "/v1/targets") => json(StatusCode::OK, &control.stats.pipes()),
+        (&Method::GET, "/v1/containers") => match control.stats.discovery() {
+            Some(d) => json(StatusCode::OK, &d),
+            None => error(StatusCode::NOT_FOUND, "container discovery is off (discovery.enabled = false)"),
+        },
         (&Method::POST, "/v1/watch") => match body::<TargetSpec>(req).await {
             Ok(spec) => match control.pipes.watch(&spec) {
                 Ok(id) => json(StatusCode::CREATED, &serde_json::json!({ "target": id })),
@@ -141,21 +160,44 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Result<Respons
             },
             Err(r) => r,
         },
-        (_, "/v1/stats" | "/v1/volumes" | "/metrics" | "/v1/health" | "/v1/targets" | "/v1/watch" | "/v1/unwatch") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-        }
+        (
+            _,
+            "/v1/stats" | "/v1/volumes" | "/metrics" | "/v1/health" | "/v1/targets" | "/v1/containers" | "/v1/watch"
+            | "/v1/unwatch",
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     };
     Ok(response)
 }
 
-/// A JSON request body, or the error answer to send.
-async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Full<Bytes>>> {
+/// A JSON request body (`{}` when empty), or the error text.
+pub async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, String> {
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return Err(error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"))),
+        Err(e) => return Err(format!("cannot read the request body: {e}")),
     };
-    serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &body };
+    serde_json::from_slice(body).map_err(|e| format!("invalid request: {e}"))
+}
+
+/// A JSON request body, or the error answer to send.
+async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Full<Bytes>>> {
+    read_json(req).await.map_err(|e| error(StatusCode::BAD_REQUEST, e))
+}
+
+/// Defines a volume and makes its directory through the mount; whether it existed already.
+pub async fn ensure_volume(control: &Control, spec: VolumeSpec) -> Result<bool, (StatusCode, String)> {
+    let existed = control.volumes.get(&spec.name).is_some();
+    if let Err(e) = control.volumes.define(&spec) {
+        let status = if matches!(e, SpecError::Conflict(_)) { StatusCode::CONFLICT } else { StatusCode::BAD_REQUEST };
+        return Err((status, e.to_string()));
+    }
+    let dir = control.mountpoint.join(&spec.name);
+    match tokio::task::spawn_blocking(move || make_dir(&dir, &spec)).await {
+        Ok(Ok(())) => Ok(existed),
+        Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))),
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, format!("volume creation failed: {e}"))),
+    }
 }
 
 async fn create_volume(req: Request<Incoming>, control: &Control) -> Response<Full<Bytes>> {
@@ -163,19 +205,11 @@ async fn create_volume(req: Request<Incoming>, control: &Control) -> Response<Fu
         Ok(s) => s,
         Err(r) => return r,
     };
-    let existed = control.volumes.get(&spec.name).is_some();
-    if let Err(e) = control.volumes.define(&spec) {
-        let status = if matches!(e, SpecError::Conflict(_)) { StatusCode::CONFLICT } else { StatusCode::BAD_REQUEST };
-        return error(status, e.to_string());
-    }
     let name = spec.name.clone();
-    let dir = control.mountpoint.join(&spec.name);
-    let made = tokio::task::spawn_blocking(move || make_dir(&dir, &spec)).await;
-    match made {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("volume creation failed: {e}")),
-    }
+    let existed = match ensure_volume(control, spec).await {
+        Ok(existed) => existed,
+        Err((status, message)) => return error(status, message),
+    };
     let snapshot = control.stats.volumes().into_iter().find(|v| v.name == name);
     if !existed {
         info!(volume = %name, "volume created through the control socket");

@@ -1,5 +1,6 @@
-//! The files sink: `{dir}/{service}/{module}.{YYYYMMDD}`, one record per line, the day taken
-//! in the configured time zone (the Flume consumer layout).
+//! The files sink: `{dir}/{service}/{module}.{YYYYMMDD}`, one record per line (its bytes, or its
+//! JSON envelope with the identity), the day taken in the configured time zone (the Flume
+//! consumer layout).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 
 use super::{Delivery, DeliveryError, Sink};
-use crate::config::FilesSinkConfig;
+use crate::config::{FilesSinkConfig, Format};
 use crate::record::Record;
 
 /// Files kept open at most; the least recently used is closed beyond this.
@@ -28,7 +29,10 @@ struct OpenFile {
 pub struct FilesSink {
     dir: PathBuf,
     tz: chrono_tz::Tz,
+    format: Format,
     open: HashMap<(Arc<str>, Arc<str>), OpenFile>,
+    /// One record's JSON line, reused.
+    json: Vec<u8>,
 }
 
 /// A name made safe as one path component: no separators, no leading dot, bounded length.
@@ -47,7 +51,13 @@ pub fn path_component(name: &str) -> String {
 impl FilesSink {
     pub fn new(config: &FilesSinkConfig) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.dir).with_context(|| format!("cannot create {}", config.dir.display()))?;
-        Ok(Self { dir: config.dir.clone(), tz: config.timezone.0, open: HashMap::new() })
+        Ok(Self {
+            dir: config.dir.clone(),
+            tz: config.timezone.0,
+            format: config.format,
+            open: HashMap::new(),
+            json: Vec::new(),
+        })
     }
 
     fn day(&self, at: SystemTime) -> String {
@@ -107,6 +117,8 @@ impl FilesSink {
     }
 
     fn write(&mut self, records: &[Record]) -> Result<(), DeliveryError> {
+        let format = self.format;
+        let mut json = std::mem::take(&mut self.json);
         let mut at = 0;
         while at < records.len() {
             // A run: records of one stream captured within the same second share a file.
@@ -122,13 +134,19 @@ impl FilesSink {
             let f = self.writer(first, day).map_err(fail)?;
             f.last_used = Instant::now();
             for r in &records[at..at + run] {
-                f.writer
-                    .write_all(&r.bytes)
-                    .and_then(|()| f.writer.write_all(b"\n"))
-                    .map_err(|e| fail(anyhow::Error::new(e).context("writing a record")))?;
+                let written = match format {
+                    Format::Raw => f.writer.write_all(&r.bytes).and_then(|()| f.writer.write_all(b"\n")),
+                    Format::Json => {
+                        json.clear();
+                        r.to_json_line(&mut json);
+                        f.writer.write_all(&json)
+                    }
+                };
+                written.map_err(|e| fail(anyhow::Error::new(e).context("writing a record")))?;
             }
             at += run;
         }
+        self.json = json;
         // Buffered lines of earlier records may be lost with the error: offer the whole batch again.
         self.flush_all().map_err(|error| DeliveryError::after(0, records.len(), error))
     }
@@ -163,6 +181,7 @@ mod tests {
         let mut sink = FilesSink::new(&FilesSinkConfig {
             dir: dir.path().into(),
             timezone: Timezone(chrono_tz::Asia::Shanghai),
+            format: Format::Raw,
             optional: false,
         })
         .unwrap();
@@ -174,5 +193,37 @@ mod tests {
         sink.write(&[a, b]).unwrap();
         let text = std::fs::read(dir.path().join("svc/app.20240201")).unwrap();
         assert_eq!(text, b"first\n\xffx\n");
+    }
+
+    #[test]
+    fn json_lines_carry_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = FilesSink::new(&FilesSinkConfig {
+            dir: dir.path().into(),
+            timezone: Timezone(chrono_tz::UTC),
+            format: Format::Json,
+            optional: false,
+        })
+        .unwrap();
+        let mut r = record(b"hello");
+        let container = crate::record::Container { id: "c1".into(), name: "web".into(), ..Default::default() };
+        r.origin = Arc::new(crate::record::Origin {
+            tenant: "acme".into(),
+            container: Some(Arc::new(container)),
+            counters: r.origin.counters.clone(),
+            host: r.origin.host.clone(),
+            pid: 7,
+            volume: "".into(),
+            service: "svc".into(),
+            module: "stdout".into(),
+            path: "stdout".into(),
+        });
+        sink.write(&[r]).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("svc/stdout.19700101")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(v["message"], "hello");
+        assert_eq!(v["tenant"], "acme");
+        assert_eq!(v["container"]["name"], "web");
+        assert_eq!(v["pid"], 7);
     }
 }

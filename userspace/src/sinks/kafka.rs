@@ -24,7 +24,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, Pur
 use tracing::{debug, error, warn};
 
 use super::{Delivery, DeliveryError, Outcome, Sink};
-use crate::config::{Field, KafkaFormat, KafkaSinkConfig, Part, Template};
+use crate::config::{Field, Format, KafkaSinkConfig, Part, Template};
 use crate::record::{Origin, Record};
 use crate::stats::{Delivered, SinkCounters};
 
@@ -231,6 +231,10 @@ fn render(template: &Template, o: &Origin, out: &mut String) {
             Part::Field(Field::Volume) => out.push_str(&o.volume),
             Part::Field(Field::Path) => out.push_str(&o.path),
             Part::Field(Field::Pid) => out.push_str(&o.pid.to_string()),
+            Part::Field(Field::Tenant) => out.push_str(&o.tenant),
+            Part::Field(Field::Container) => out.push_str(o.container.as_ref().map_or("", |c| &c.name)),
+            Part::Field(Field::ContainerId) => out.push_str(o.container.as_ref().map_or("", |c| &c.id)),
+            Part::Field(Field::Image) => out.push_str(o.container.as_ref().map_or("", |c| &c.image)),
         }
     }
 }
@@ -247,7 +251,7 @@ fn topic_name(template: &Template, o: &Origin) -> String {
 }
 
 fn headers(o: &Origin) -> OwnedHeaders {
-    let mut h = OwnedHeaders::new_with_capacity(6)
+    let mut h = OwnedHeaders::new_with_capacity(10)
         .insert(Header { key: "host", value: Some(o.host.as_bytes()) })
         .insert(Header { key: "service", value: Some(o.service.as_bytes()) })
         .insert(Header { key: "module", value: Some(o.module.as_bytes()) });
@@ -257,6 +261,20 @@ fn headers(o: &Origin) -> OwnedHeaders {
     h = h.insert(Header { key: "path", value: Some(o.path.as_bytes()) });
     if o.pid != 0 {
         h = h.insert(Header { key: "pid", value: Some(o.pid.to_string().as_bytes()) });
+    }
+    if !o.tenant.is_empty() {
+        h = h.insert(Header { key: "tenant", value: Some(o.tenant.as_bytes()) });
+    }
+    if let Some(c) = &o.container {
+        h = h.insert(Header { key: "container_id", value: Some(c.id.as_bytes()) });
+        for (key, value) in [("container_name", &c.name), ("image", &c.image)] {
+            if !value.is_empty() {
+                h = h.insert(Header { key, value: Some(value.as_bytes()) });
+            }
+        }
+        for (key, value) in &c.labels {
+            h = h.insert(Header { key: &format!("label.{key}"), value: Some(value.as_bytes()) });
+        }
     }
     h
 }
@@ -288,7 +306,7 @@ pub struct KafkaSink {
     topic: Template,
     key: Template,
     with_headers: bool,
-    format: KafkaFormat,
+    format: Format,
     max_value: usize,
     routes: HashMap<usize, Arc<Route>>,
     json: Vec<u8>,
@@ -374,10 +392,8 @@ impl KafkaSink {
         let route = self.route(&r.origin);
         let at = r.captured_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
         match self.format {
-            KafkaFormat::Raw if r.bytes.len() <= self.max_value => {
-                self.send(tracker, index, &route, &r.bytes, at, None)
-            }
-            KafkaFormat::Raw => {
+            Format::Raw if r.bytes.len() <= self.max_value => self.send(tracker, index, &route, &r.bytes, at, None),
+            Format::Raw => {
                 self.counters.split_records.fetch_add(1, Ordering::Relaxed);
                 let pieces = cut(&r.bytes, r.bytes.len().div_ceil(self.max_value));
                 for (i, range) in pieces.iter().enumerate() {
@@ -385,7 +401,7 @@ impl KafkaSink {
                     self.send(tracker, index, &route, &r.bytes[range.clone()], at, Some(&part));
                 }
             }
-            KafkaFormat::Json => {
+            Format::Json => {
                 let mut json = std::mem::take(&mut self.json);
                 json.clear();
                 r.to_json(&mut json);

@@ -1,6 +1,6 @@
 //! Sources: where records come from. Each source keeps a [`LineStream`] per stream of bytes
-//! (a file, a process's stdout), which frames them with the one [`crate::framer`] and pushes
-//! the records into the one [`crate::ring`].
+//! (a file, a process's stdout), which frames them with the one [`crate::framer`]; the source
+//! pushes the records into the one [`crate::ring`].
 
 pub mod pipes;
 pub mod volume;
@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::framer::{Frame, Framer};
 use crate::record::{Origin, Record};
-use crate::ring::Ring;
 
 /// When a batch of bytes was captured: read once per FUSE request or ring-buffer drain, not
 /// once per line (clock reads were a tenth of the agent's time with small lines).
@@ -26,51 +25,36 @@ impl Stamp {
     }
 }
 
-/// One stream of bytes on its way to the ring: framing, sequence numbers, counting.
-/// Records go to the ring at once, or into a caller's batch (`*_into`) that it pushes once.
+/// One stream of bytes on its way to the ring: framing, sequence numbers, counting. Records go
+/// into the caller's batch, which the caller pushes (or holds while its identity is unknown).
 pub struct LineStream {
     pub origin: Arc<Origin>,
     framer: Framer,
     seq: u64,
     frames: Vec<Frame>,
-    ring: Arc<Ring>,
 }
 
 impl LineStream {
-    pub fn new(origin: Arc<Origin>, max_record_bytes: usize, ring: Arc<Ring>) -> Self {
-        Self { origin, framer: Framer::new(max_record_bytes), seq: 0, frames: Vec::new(), ring }
+    pub fn new(origin: Arc<Origin>, max_record_bytes: usize) -> Self {
+        Self { origin, framer: Framer::new(max_record_bytes), seq: 0, frames: Vec::new() }
     }
 
     /// New bytes of the stream.
-    pub fn push(&mut self, data: &[u8]) {
-        let mut batch = Vec::new();
-        self.push_into(data, Stamp::now(), &mut batch);
-        self.ring.push(batch);
-    }
-
-    pub fn push_into(&mut self, data: &[u8], at: Stamp, batch: &mut Vec<Record>) {
+    pub fn push(&mut self, data: &[u8], at: Stamp, batch: &mut Vec<Record>) {
         self.framer.push(data, at.now, &mut self.frames);
         self.emit(at.wall, batch);
     }
 
     /// What came so far ends a record.
-    pub fn end_record(&mut self) {
-        let mut batch = Vec::new();
-        self.end_record_into(Stamp::now(), &mut batch);
-        self.ring.push(batch);
-    }
-
-    pub fn end_record_into(&mut self, at: Stamp, batch: &mut Vec<Record>) {
+    pub fn end_record(&mut self, at: Stamp, batch: &mut Vec<Record>) {
         self.framer.flush(&mut self.frames);
         self.emit(at.wall, batch);
     }
 
     /// Ends a partial record that has waited `age`.
-    pub fn idle(&mut self, now: Instant, age: Duration) {
-        let mut batch = Vec::new();
+    pub fn idle(&mut self, now: Instant, age: Duration, batch: &mut Vec<Record>) {
         self.framer.flush_older_than(now, age, &mut self.frames);
-        self.emit(SystemTime::now(), &mut batch);
-        self.ring.push(batch);
+        self.emit(SystemTime::now(), batch);
     }
 
     /// Bytes of a partial line waiting for its end.

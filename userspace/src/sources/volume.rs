@@ -3,15 +3,23 @@
 //! The filesystem model (crate `logtap-fusefs`) hands each file's new bytes to a
 //! [`FileStream`]; the stream frames them into lines and pushes the records into the ring,
 //! right in the FUSE request, so that the `block` policy holds the writer back.
+//!
+//! A volume's records carry the identity of the container that mounts it (discovery links
+//! them). A file made by a container's process before discovery has linked the volume gets its
+//! creator's identity; if the runtime has not named that container yet, the file's records wait
+//! for it (up to `discovery.hold_timeout`).
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use logtap_fusefs::{validate_volume_name, Capture, Stream};
 
-use super::LineStream;
-use crate::record::Origin;
+use super::{LineStream, Stamp};
+use crate::discovery::identity::Identity;
+use crate::discovery::{cgroups, Directory, Hold, Lookup};
+use crate::record::{Container, Origin, Record};
 use crate::ring::Ring;
 use crate::stats::{GroupCounters, VolumeList, VolumeSnapshot};
 
@@ -20,6 +28,8 @@ use crate::stats::{GroupCounters, VolumeList, VolumeSnapshot};
 pub struct Volume {
     pub name: Arc<str>,
     pub service: Arc<str>,
+    /// Given when the volume was made (else the service is the volume name).
+    service_explicit: bool,
     pub labels: BTreeMap<String, String>,
     counters: Arc<GroupCounters>,
 }
@@ -84,11 +94,25 @@ pub struct VolumeSource {
     framing: Framing,
     ring: Arc<Ring>,
     volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
+    /// The container that mounts a volume (by volume name, whether it exists yet or not):
+    /// its identity goes on the volume's records.
+    links: Mutex<HashMap<String, Arc<Identity>>>,
+    /// Bumped at every link change, so that file streams know to take their identity again.
+    generation: AtomicU64,
+    /// Who containers are, with discovery on.
+    containers: OnceLock<(Arc<dyn Directory>, Hold)>,
 }
 
 impl VolumeSource {
     pub fn new(framing: Framing, ring: Arc<Ring>) -> Arc<Self> {
-        Arc::new(Self { framing, ring, volumes: Mutex::default() })
+        Arc::new(Self {
+            framing,
+            ring,
+            volumes: Mutex::default(),
+            links: Mutex::default(),
+            generation: AtomicU64::new(0),
+            containers: OnceLock::new(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Volume>>> {
@@ -110,6 +134,7 @@ impl VolumeSource {
         let v = Arc::new(Volume {
             name: spec.name.as_str().into(),
             service,
+            service_explicit: spec.service.is_some(),
             labels: spec.labels.clone(),
             counters: Arc::default(),
         });
@@ -128,6 +153,7 @@ impl VolumeSource {
             Arc::new(Volume {
                 name: name.into(),
                 service: name.into(),
+                service_explicit: false,
                 labels: BTreeMap::new(),
                 counters: Arc::default(),
             })
@@ -138,15 +164,74 @@ impl VolumeSource {
         self.lock().get(name).cloned()
     }
 
-    fn origin(&self, volume: &Volume, path: &str, counters: crate::stats::StreamCounters) -> Arc<Origin> {
+    /// Discovery is on: files made by containers' processes get their identity.
+    pub fn set_directory(&self, directory: Arc<dyn Directory>, hold: Hold) {
+        let _ = self.containers.set((directory, hold));
+    }
+
+    /// The identity of the container whose process `pid` made a file in an unlinked volume:
+    /// known, or (`Err`) the container's id, not named yet.
+    fn creator(&self, volume: &str, pid: u32) -> Result<Option<Arc<Identity>>, String> {
+        let Some((directory, _)) = self.containers.get() else { return Ok(None) };
+        if pid == 0 || self.link_of(volume).is_some() {
+            return Ok(None);
+        }
+        let Some(id) = cgroups::container_of_process(pid) else { return Ok(None) };
+        match directory.lookup(&id) {
+            Lookup::Known(i) => Ok(Some(i)),
+            Lookup::Pending => Err(id),
+            Lookup::Unknown => Ok(None),
+        }
+    }
+
+    /// A container mounts the volume: its records get the container's identity.
+    pub fn link(&self, volume: &str, container: Arc<Identity>) {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if links.get(volume).is_some_and(|i| *i == container) {
+            return;
+        }
+        tracing::info!(volume, container = %container.container.name, "volume linked to its container");
+        links.insert(volume.to_string(), container);
+        self.generation.fetch_add(1, Relaxed);
+    }
+
+    /// The container is gone (a link by another container since stays).
+    pub fn unlink(&self, volume: &str, container_id: &str) {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if links.get(volume).is_some_and(|i| i.container.id == container_id) {
+            links.remove(volume);
+            self.generation.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn link_of(&self, volume: &str) -> Option<Arc<Identity>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner()).get(volume).cloned()
+    }
+
+    fn origin(
+        &self,
+        volume: &Volume,
+        path: &str,
+        counters: crate::stats::StreamCounters,
+        creator: Option<&Arc<Identity>>,
+    ) -> Arc<Origin> {
         let file_name = path.rsplit('/').next().unwrap_or(path);
+        let link = self.link_of(&volume.name).or_else(|| creator.cloned());
+        // A service set on the container wins, then one the volume was made with, then the
+        // container's name, then the volume's.
+        let service = match &link {
+            Some(c) if c.service_explicit || !volume.service_explicit => c.service.clone(),
+            _ => volume.service.clone(),
+        };
         Arc::new(Origin {
             host: self.framing.host.clone(),
             pid: 0,
             volume: volume.name.clone(),
-            service: volume.service.clone(),
+            service,
             module: module_of(file_name).into(),
             path: path.into(),
+            tenant: link.as_ref().map_or_else(|| "".into(), |c| c.tenant.clone()),
+            container: link.map(|c| c.container.clone()),
             counters,
         })
     }
@@ -160,6 +245,7 @@ impl VolumeList for VolumeSource {
                 name: v.name.to_string(),
                 service: v.service.to_string(),
                 labels: v.labels.clone(),
+                container: self.link_of(&v.name).map(|c| Container::clone(&c.container)),
                 totals: v.counters.totals.snapshot(),
                 files: v.counters.streams(),
             })
@@ -216,16 +302,30 @@ impl Capture for VolumeCapture {
         tracing::info!(volume, "volume removed");
     }
 
-    fn stream(&self, volume: &str, path: &str) -> FileStream {
+    fn stream(&self, volume: &str, path: &str, creator: u32) -> FileStream {
         let v = self.0.volume(volume);
         let counters = v.counters.stream(path);
-        let origin = self.0.origin(&v, path, counters);
+        let (creator, waiting) = match self.0.creator(volume, creator) {
+            Ok(known) => (known, None),
+            Err(container) => (None, Some(Waiting { container, since: Instant::now(), records: Vec::new() })),
+        };
+        let origin = self.0.origin(&v, path, counters, creator.as_ref());
         FileStream {
-            lines: LineStream::new(origin, self.0.framing.max_record_bytes, self.0.ring.clone()),
+            lines: LineStream::new(origin, self.0.framing.max_record_bytes),
+            generation: self.0.generation.load(Relaxed),
             source: self.0.clone(),
             volume: v,
+            creator,
+            waiting,
         }
     }
+}
+
+/// Records of a file made by a container the runtime has not named yet.
+struct Waiting {
+    container: String,
+    since: Instant,
+    records: Vec<Record>,
 }
 
 /// One file's bytes on their way to the ring.
@@ -233,11 +333,77 @@ pub struct FileStream {
     source: Arc<VolumeSource>,
     volume: Arc<Volume>,
     lines: LineStream,
+    /// The source's link generation the origin was made at.
+    generation: u64,
+    /// The container of the process that made the file (used while the volume is unlinked).
+    creator: Option<Arc<Identity>>,
+    waiting: Option<Waiting>,
+}
+
+impl FileStream {
+    /// Takes the volume's identity again if a container was linked or unlinked since.
+    fn refresh(&mut self) {
+        let now = self.source.generation.load(Relaxed);
+        if now != self.generation {
+            self.generation = now;
+            self.lines.origin = self.reorigin(&self.lines.origin);
+        }
+    }
+
+    fn reorigin(&self, old: &Origin) -> Arc<Origin> {
+        self.source.origin(&self.volume, &old.path, old.counters.clone(), self.creator.as_ref())
+    }
+
+    /// Frames into the ring, or into the waiting records while the creator is not named.
+    fn emit(&mut self, frame: impl FnOnce(&mut LineStream, &mut Vec<Record>)) {
+        self.refresh();
+        let mut batch = Vec::new();
+        let out = match &mut self.waiting {
+            Some(w) => &mut w.records,
+            None => &mut batch,
+        };
+        frame(&mut self.lines, out);
+        self.source.ring.push(batch);
+        self.settle(false);
+    }
+
+    /// Waiting records go out once the creator is named, unknown to the runtime, or waited
+    /// for long enough (`force`: the file is going).
+    fn settle(&mut self, force: bool) {
+        let Some(w) = &self.waiting else { return };
+        let Some((directory, hold)) = self.source.containers.get() else { return };
+        let go = match directory.lookup(&w.container) {
+            Lookup::Known(i) => {
+                self.creator = Some(i);
+                true
+            }
+            Lookup::Unknown => true,
+            Lookup::Pending => {
+                let bytes: usize = w.records.iter().map(|r| r.bytes.len()).sum();
+                let late = force || w.since.elapsed() >= hold.timeout || bytes >= hold.bytes;
+                if late {
+                    tracing::warn!(container = %w.container, volume = %self.volume.name, "container not named by the runtime in time; its file's records go out without its identity");
+                }
+                late
+            }
+        };
+        if !go {
+            return;
+        }
+        let Some(mut w) = self.waiting.take() else { return };
+        self.lines.origin = self.reorigin(&self.lines.origin);
+        let mut renamed: HashMap<*const Origin, Arc<Origin>> = HashMap::new();
+        for r in &mut w.records {
+            let o = renamed.entry(Arc::as_ptr(&r.origin)).or_insert_with(|| self.reorigin(&r.origin)).clone();
+            r.origin = o;
+        }
+        self.source.ring.push(w.records);
+    }
 }
 
 impl Stream for FileStream {
     fn append(&mut self, data: &[u8]) {
-        self.lines.push(data);
+        self.emit(|lines, out| lines.push(data, Stamp::now(), out));
     }
 
     fn overwritten(&mut self, bytes: u64) {
@@ -249,23 +415,25 @@ impl Stream for FileStream {
     }
 
     fn end_record(&mut self) {
-        self.lines.end_record();
+        self.emit(|lines, out| lines.end_record(Stamp::now(), out));
     }
 
     fn moved(&mut self, path: &str) {
         let old = &self.lines.origin;
         self.volume.counters.stream_moved(&old.path, path, &old.counters.stream);
-        self.lines.origin = self.source.origin(&self.volume, path, old.counters.clone());
+        self.lines.origin = self.source.origin(&self.volume, path, old.counters.clone(), self.creator.as_ref());
     }
 
     fn idle(&mut self, now: Instant) {
-        self.lines.idle(now, self.source.framing.partial_flush);
+        let age = self.source.framing.partial_flush;
+        self.emit(|lines, out| lines.idle(now, age, out));
     }
 }
 
 impl Drop for FileStream {
     fn drop(&mut self) {
-        self.lines.end_record();
+        self.emit(|lines, out| lines.end_record(Stamp::now(), out));
+        self.settle(true);
         self.volume.counters.stream_gone(&self.lines.origin.path, &self.lines.origin.counters.stream);
     }
 }

@@ -140,7 +140,7 @@ fn delivers_in_order_with_topic_key_and_headers() {
 fn json_values_are_lossless_and_long_records_are_split_to_fit() {
     let cluster = cluster("logs.svc", 1);
     let mut c = config(&cluster);
-    c.format = KafkaFormat::Json;
+    c.format = Format::Json;
     c.max_message_bytes = ByteSize(1024);
     let (mut sink, counters) = sink(&c);
     let long: String = "é\"\t".repeat(900); // escaping makes the envelope much longer than the line
@@ -287,6 +287,8 @@ fn templates_render_and_topics_are_sanitised() {
         service: "web shop/ü".into(),
         module: "stdout".into(),
         path: "stdout".into(),
+        tenant: "".into(),
+        container: None,
         counters: StreamCounters::detached(),
     };
     assert_eq!(topic_name(&Template::parse("logs.{service}").unwrap(), &o), "logs.web_shop__");
@@ -302,6 +304,8 @@ fn templates_render_and_topics_are_sanitised() {
         service: "s".into(),
         module: "m".into(),
         path: "stdout".into(),
+        tenant: "".into(),
+        container: None,
         counters: StreamCounters::detached(),
     };
     let mut key = String::new();

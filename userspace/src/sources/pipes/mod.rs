@@ -1,31 +1,37 @@
 //! The pipe source: what watched processes write to their stdout/stderr pipes, captured in
-//! the kernel by the eBPF programs (crate `ebpf/`) and read here from the BPF ring buffer.
+//! the kernel by the eBPF programs (crate `ebpf/`) and read here from the BPF ring buffer
+//! ([`reader`]).
 //!
-//! Chunks of one write() are put back together per thread, whole writes are framed into lines
-//! per (process, fd) by the one framer, and the records go into the shared ring.
+//! Targets are what is watched: a process (and its children), a cgroup, or a container. With
+//! container discovery on, the kernel captures every cgroup no target names; the reader finds
+//! which container a new cgroup belongs to ([`cgroups`]), makes it a target with the identity
+//! discovery gives (holding its records until the runtime has named it), and tells the kernel
+//! to leave cgroups that are no container alone.
 
 mod btf;
 mod probe;
+mod reader;
 mod tracefs;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use logtap_common::{EventHeader, TargetCounters, EVENT_DATA, EVENT_EXIT, EVENT_WRITE_END, HEADER_LEN, MAX_TARGETS};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use logtap_common::{TargetCounters, CONTAINERS_TARGET, TARGET_EXCLUDED};
 use serde::{Deserialize, Serialize};
-use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::volume::Framing;
-use super::{LineStream, Stamp};
-use crate::record::Origin;
+use crate::discovery::identity::Identity;
+use crate::discovery::{cgroups, Directory, Hold};
+use crate::record::{Container, Origin};
 use crate::ring::Ring;
-use crate::stats::{CountersSnapshot, GroupCounters};
+use crate::stats::{CountersSnapshot, GroupCounters, StreamCounters};
 
 /// What to watch, and the identity its records get.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +43,9 @@ pub struct TargetSpec {
     /// A cgroup v2 directory; every process in it is watched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// A container (its id): made by discovery, never by a watch request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
     /// Module of the records (default: `stdout` or `stderr`).
@@ -58,11 +67,101 @@ pub struct UnwatchSpec {
     pub target: Option<u32>,
 }
 
+/// Whose a target's records are; a container target learns it when the runtime names it.
+#[derive(Debug, Clone)]
+struct Who {
+    service: Arc<str>,
+    module: Option<Arc<str>>,
+    tenant: Arc<str>,
+    container: Option<Arc<Container>>,
+    /// False while (or because) the runtime has not named the container.
+    identified: bool,
+}
+
+impl Who {
+    fn of(i: &Identity, identified: bool) -> Self {
+        Who {
+            service: i.service.clone(),
+            module: i.module.clone(),
+            tenant: i.tenant.clone(),
+            container: Some(i.container.clone()),
+            identified,
+        }
+    }
+
+    /// The origin of a stream of this target: `fd_name` is `stdout` or `stderr`.
+    fn origin(&self, host: &Arc<str>, pid: u32, fd_name: &str, counters: StreamCounters) -> Arc<Origin> {
+        Arc::new(Origin {
+            host: host.clone(),
+            pid,
+            volume: "".into(),
+            service: self.service.clone(),
+            module: self.module.clone().unwrap_or_else(|| fd_name.into()),
+            path: fd_name.into(),
+            tenant: self.tenant.clone(),
+            container: self.container.clone(),
+            counters,
+        })
+    }
+}
+
 struct Target {
     id: u32,
     spec: TargetSpec,
-    service: Arc<str>,
+    who: Mutex<Who>,
     counters: Arc<GroupCounters>,
+    /// Container targets: the cgroups found to be the container's (one per start).
+    cgroups: Mutex<Vec<u64>>,
+    /// Container targets: the runtime's stdout and stderr pipes.
+    pipes: Mutex<StdPipes>,
+    /// Bytes written to other pipes (a pipeline inside a container, `exec` sessions).
+    other_pipe_bytes: AtomicU64,
+}
+
+/// The inodes of a container's stdout and stderr pipes, from its init process's fds 1 and 2
+/// (one pair per start). They name a write's stream whatever fd number it used; a write to any
+/// other pipe is not the container's output. Unknown (init gone): the fd number names it.
+#[derive(Debug, Default)]
+struct StdPipes {
+    stdout: Vec<u64>,
+    stderr: Vec<u64>,
+}
+
+impl StdPipes {
+    fn learn(&mut self, pid: u32) {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let ino = |fd: u32| {
+            let m = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).ok()?;
+            m.file_type().is_fifo().then(|| m.ino())
+        };
+        if let (Some(out), Some(err)) = (ino(1), ino(2)) {
+            self.stdout.push(out);
+            self.stderr.push(err);
+        }
+    }
+
+    /// `stdout` or `stderr`; `None` for a pipe that is neither.
+    fn name(&self, pipe: u64, fd: u32) -> Option<&'static str> {
+        let by_fd = if fd == 2 { "stderr" } else { "stdout" };
+        match (self.stdout.contains(&pipe), self.stderr.contains(&pipe)) {
+            (true, false) => Some("stdout"),
+            (false, true) => Some("stderr"),
+            // One pipe for both: the fd tells them apart.
+            (true, true) => Some(by_fd),
+            (false, false) if self.stdout.is_empty() => Some(by_fd),
+            (false, false) => None,
+        }
+    }
+}
+
+impl Target {
+    fn who(&self) -> Who {
+        lock(&self.who).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,7 +172,15 @@ pub struct TargetSnapshot {
     /// The service its records carry.
     #[serde(rename = "service")]
     pub service_name: String,
-    /// Removed (`logtap run` ended, or unwatched); kept among the last ones for their counts.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_identity: Option<Container>,
+    /// A container target whose records went out before the runtime named it.
+    #[serde(default)]
+    pub identified: bool,
+    /// Removed (`logtap run` ended, unwatched, the container died); kept among the last ones
+    /// for their counts.
     pub ended: bool,
     /// Counted in the kernel: calls that wrote to a watched pipe, their bytes, the bytes past
     /// `max_write_capture`, and events (bytes) the BPF ring buffer had no room for.
@@ -82,10 +189,36 @@ pub struct TargetSnapshot {
     pub truncated_bytes_total: u64,
     pub lost_events_total: u64,
     pub lost_bytes_total: u64,
+    /// Container targets: bytes written to pipes other than the container's stdout/stderr
+    /// (a pipeline inside it, `exec` sessions), not captured.
+    #[serde(default)]
+    pub other_pipe_bytes_total: u64,
     /// Counted here: records and bytes framed, dropped by the ring, split.
     #[serde(flatten)]
     pub totals: CountersSnapshot,
     pub streams: BTreeMap<String, CountersSnapshot>,
+}
+
+/// Capture of every container's stdout/stderr (with discovery on).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ContainersSnapshot {
+    /// Counted in the kernel: writes from cgroups not yet told apart (container or not).
+    pub unclassified_writes_total: u64,
+    pub unclassified_written_bytes_total: u64,
+    pub lost_events_total: u64,
+    pub lost_bytes_total: u64,
+    /// Bytes from cgroups that are no container: not captured (the kernel is told to skip them).
+    pub ignored_bytes_total: u64,
+    /// Bytes from cgroups removed before they could be told apart: lost.
+    pub unresolved_bytes_total: u64,
+    /// Records waiting for the runtime to name their container.
+    pub held_records: u64,
+    pub held_bytes: u64,
+    /// Records that went out with the container's id only (not named within `hold_timeout`,
+    /// or the runtime did not know it).
+    pub unidentified_records_total: u64,
+    /// cgroups the kernel skips.
+    pub excluded_cgroups: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,6 +229,8 @@ pub struct PipesSnapshot {
     pub reason: Option<String>,
     /// Bytes waiting for the rest of their write or line, over all streams.
     pub pending_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containers: Option<ContainersSnapshot>,
     pub targets: Vec<TargetSnapshot>,
 }
 
@@ -108,15 +243,29 @@ struct Maps {
 struct State {
     maps: Option<Maps>,
     targets: BTreeMap<u32, Arc<Target>>,
+    /// Live container targets by container id.
+    containers: HashMap<String, u32>,
     status: String,
     reason: Option<String>,
     pending_bytes: u64,
     /// The last targets removed, with their final counts.
-    ended: std::collections::VecDeque<TargetSnapshot>,
+    ended: VecDeque<TargetSnapshot>,
+    /// cgroups the kernel is told to skip.
+    excluded: HashSet<u64>,
 }
 
 /// How many removed targets stay visible in the stats.
 const ENDED_KEPT: usize = 64;
+
+/// Counted by the reader for container capture.
+#[derive(Default)]
+struct ContainerCounts {
+    ignored_bytes: AtomicU64,
+    unresolved_bytes: AtomicU64,
+    held_records: AtomicU64,
+    held_bytes: AtomicU64,
+    unidentified_records: AtomicU64,
+}
 
 pub struct PipeSource {
     framing: Framing,
@@ -125,28 +274,41 @@ pub struct PipeSource {
     state: Mutex<State>,
     /// Work for the event loop, which first reads what is already in the ring buffer.
     commands: Mutex<Option<mpsc::UnboundedSender<Command>>>,
+    /// Set when every container is captured.
+    directory: Option<Arc<dyn Directory>>,
+    hold: Hold,
+    counts: ContainerCounts,
 }
 
 enum Command {
     /// Forget a target once what it already wrote is read.
     Remove(u32),
+    /// The runtime has named a container (or said it does not know it).
+    Identified(String),
+    /// A container died: its lines end, its target goes.
+    Died(String),
     /// Shutdown: read everything, end every partial line.
     Close(tokio::sync::oneshot::Sender<()>),
-}
-
-/// The cgroup v2 id of a directory: its inode number.
-fn cgroup_id(path: &std::path::Path) -> anyhow::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).with_context(|| format!("no cgroup at {}", path.display()))?;
-    if !m.is_dir() {
-        bail!("{} is not a cgroup directory", path.display());
-    }
-    Ok(m.ino())
 }
 
 impl PipeSource {
     /// A source that is not running (disabled, or the kernel refused the programs).
     pub fn new(framing: Framing, ring: Arc<Ring>, max_capture: u64, status: &str, reason: Option<String>) -> Arc<Self> {
+        Self::with(framing, ring, max_capture, status, reason, None)
+    }
+
+    fn with(
+        framing: Framing,
+        ring: Arc<Ring>,
+        max_capture: u64,
+        status: &str,
+        reason: Option<String>,
+        containers: Option<(Arc<dyn Directory>, Hold)>,
+    ) -> Arc<Self> {
+        let (directory, hold) = match containers {
+            Some((d, h)) => (Some(d), h),
+            None => (None, Hold { timeout: Duration::ZERO, bytes: 0 }),
+        };
         Arc::new(Self {
             framing,
             ring,
@@ -154,42 +316,62 @@ impl PipeSource {
             state: Mutex::new(State {
                 maps: None,
                 targets: BTreeMap::new(),
+                containers: HashMap::new(),
                 status: status.into(),
                 reason,
                 pending_bytes: 0,
-                ended: std::collections::VecDeque::new(),
+                ended: VecDeque::new(),
+                excluded: HashSet::new(),
             }),
             commands: Mutex::new(None),
+            directory,
+            hold,
+            counts: ContainerCounts::default(),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// Loads and attaches the programs and starts reading their events on the current tokio
-    /// runtime. On failure the source says why in its stats and the agent carries on.
-    pub fn start(framing: Framing, ring: Arc<Ring>, max_capture: u64, ring_buffer_bytes: u32) -> Arc<Self> {
-        match probe::load(max_capture as u32, ring_buffer_bytes) {
-            Ok(loaded) => {
-                let source = Self::new(framing, ring, max_capture, "running", None);
+    /// runtime. With a `directory`, every container is captured from its first write. On
+    /// failure the source says why in its stats and the agent carries on.
+    pub fn start(
+        framing: Framing,
+        ring: Arc<Ring>,
+        max_capture: u64,
+        ring_buffer_bytes: u32,
+        containers: Option<(Arc<dyn Directory>, Hold)>,
+    ) -> Arc<Self> {
+        let loaded = probe::load(max_capture as u32, ring_buffer_bytes, containers.is_some()).and_then(|loaded| {
+            let root = containers.as_ref().map(|_| cgroups::v2_root()).transpose()?;
+            Ok((loaded, root))
+        });
+        match loaded {
+            Ok((loaded, root)) => {
+                let source = Self::with(framing, ring, max_capture, "running", None, containers);
                 let (tx, rx) = mpsc::unbounded_channel();
-                *source.commands.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+                *lock(&source.commands) = Some(tx);
                 source.lock().maps =
                     Some(Maps { pids: loaded.pids, cgroups: loaded.cgroups, counters: loaded.counters });
+                if let Some(root) = &root {
+                    source.exclude_host_and_self(root);
+                }
+                let index = root.map(cgroups::Index::new);
                 let s = source.clone();
                 let ebpf = loaded.ebpf;
                 tokio::spawn(async move {
                     // The programs stay attached while `ebpf` lives.
                     let _ebpf = ebpf;
-                    if let Err(e) = s.clone().run(loaded.events, rx).await {
+                    if let Err(e) = s.clone().run(loaded.events, rx, index).await {
                         warn!("the eBPF event reader stopped: {e:#}");
                         let mut st = s.lock();
                         st.status = "unavailable".into();
                         st.reason = Some(format!("{e:#}"));
                     }
                 });
-                info!("eBPF pipe capture loaded and attached");
+                info!(containers = source.directory.is_some(), "eBPF pipe capture loaded and attached");
                 source
             }
             Err(e) => {
@@ -208,8 +390,33 @@ impl PipeSource {
         }
     }
 
+    /// The host's root cgroup and the agent's own are never containers: skip them from the start
+    /// (the agent's stdout sink must not capture itself).
+    fn exclude_host_and_self(&self, root: &std::path::Path) {
+        match cgroups::id_of(root).and_then(|host| Ok([host, cgroups::own_id(root)?])) {
+            Ok(ids) => ids.iter().for_each(|id| self.exclude(*id)),
+            Err(e) => warn!("cannot find the agent's own cgroup to skip it: {e:#}"),
+        }
+    }
+
+    /// The kernel stops capturing a cgroup that is no container (or opted out).
+    fn exclude(&self, cgroup: u64) {
+        let mut st = self.lock();
+        let State { maps, excluded, .. } = &mut *st;
+        let Some(maps) = maps.as_mut() else { return };
+        match maps.cgroups.insert(cgroup, TARGET_EXCLUDED, 0) {
+            Ok(()) => {
+                excluded.insert(cgroup);
+            }
+            Err(e) => warn!(cgroup, "cannot tell the kernel to skip a cgroup: {e}"),
+        }
+    }
+
     /// Starts watching; returns the target's id.
     pub fn watch(&self, spec: &TargetSpec) -> anyhow::Result<u32> {
+        if spec.container.is_some() {
+            bail!("containers are watched by discovery, not by a watch request");
+        }
         if spec.pid.is_some() == spec.cgroup.is_some() {
             bail!("name exactly one of pid or cgroup");
         }
@@ -219,44 +426,11 @@ impl PipeSource {
         if let Some(m) = &spec.module {
             logtap_fusefs::validate_volume_name(m).map_err(|e| anyhow::anyhow!("invalid module name {m:?}: {e}"))?;
         }
-        let cgroup = spec.cgroup.as_deref().map(cgroup_id).transpose()?;
+        let cgroup = spec.cgroup.as_deref().map(cgroups::id_of).transpose()?;
         if let Some(pid) = spec.pid {
             if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
                 bail!("no process {pid}");
             }
-        }
-        let mut st = self.lock();
-        let State { maps, targets, status, reason, .. } = &mut *st;
-        let Some(maps) = maps.as_mut() else {
-            bail!("eBPF pipe capture is {status}{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default());
-        };
-        // One target per process or cgroup: a second would silently take the first's records.
-        if let Some(t) = spec.pid.and_then(|pid| maps.pids.get(&pid, 0).ok()) {
-            bail!("process {} is already watched by target {t}", spec.pid.unwrap_or_default());
-        }
-        if let Some(t) = cgroup.and_then(|cg| maps.cgroups.get(&cg, 0).ok()) {
-            bail!(
-                "cgroup {} is already watched by target {t}",
-                spec.cgroup.as_deref().unwrap_or(std::path::Path::new("")).display()
-            );
-        }
-        let id = (0..MAX_TARGETS).find(|i| !targets.contains_key(i)).context("too many watch targets")?;
-        // Fresh counters for a reused slot.
-        maps.counters
-            .set(
-                id,
-                aya::maps::PerCpuValues::try_from(vec![
-                    TargetCounters::default();
-                    aya::util::nr_cpus().map_err(|(_, e)| e)?
-                ])?,
-                0,
-            )
-            .context("resetting the target's counters")?;
-        if let Some(pid) = spec.pid {
-            maps.pids.insert(pid, id, 0).context("adding the process to the watch map")?;
-        }
-        if let Some(cg) = cgroup {
-            maps.cgroups.insert(cg, id, 0).context("adding the cgroup to the watch map")?;
         }
         let service = spec.service.clone().unwrap_or_else(|| match (spec.pid, &spec.cgroup) {
             (Some(pid), _) => format!("pid-{pid}"),
@@ -265,12 +439,67 @@ impl PipeSource {
             }
             _ => "unknown".into(),
         });
-        targets.insert(
+        let who = Who {
+            service: service.into(),
+            module: spec.module.as_deref().map(Into::into),
+            tenant: "".into(),
+            container: None,
+            identified: true,
+        };
+        let mut st = self.lock();
+        {
+            let State { maps, status, reason, .. } = &mut *st;
+            let Some(maps) = maps.as_mut() else {
+                bail!(
+                    "eBPF pipe capture is {status}{}",
+                    reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+                );
+            };
+            // One target per process or cgroup: a second would silently take the first's records.
+            if let Some(t) = spec.pid.and_then(|pid| maps.pids.get(&pid, 0).ok()) {
+                bail!("process {} is already watched by target {t}", spec.pid.unwrap_or_default());
+            }
+            if let Some(t) = cgroup.and_then(|cg| maps.cgroups.get(&cg, 0).ok()).filter(|t| *t != TARGET_EXCLUDED) {
+                bail!(
+                    "cgroup {} is already watched by target {t}",
+                    spec.cgroup.as_deref().unwrap_or(std::path::Path::new("")).display()
+                );
+            }
+        }
+        let target = Self::add_target(&mut st, spec.clone(), who)?;
+        let Some(maps) = st.maps.as_mut() else { bail!("eBPF pipe capture stopped") };
+        if let Some(pid) = spec.pid {
+            maps.pids.insert(pid, target.id, 0).context("adding the process to the watch map")?;
+        }
+        if let Some(cg) = cgroup {
+            maps.cgroups.insert(cg, target.id, 0).context("adding the cgroup to the watch map")?;
+        }
+        info!(target = target.id, ?spec, "watching");
+        Ok(target.id)
+    }
+
+    /// A new target with fresh kernel counters.
+    fn add_target(st: &mut State, spec: TargetSpec, who: Who) -> anyhow::Result<Arc<Target>> {
+        let Some(maps) = st.maps.as_mut() else { bail!("eBPF pipe capture is not running") };
+        let id = (0..CONTAINERS_TARGET).find(|i| !st.targets.contains_key(i)).context("too many watch targets")?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        maps.counters
+            .set(id, aya::maps::PerCpuValues::try_from(vec![TargetCounters::default(); cpus])?, 0)
+            .context("resetting the target's counters")?;
+        let target = Arc::new(Target {
             id,
-            Arc::new(Target { id, spec: spec.clone(), service: service.as_str().into(), counters: Arc::default() }),
-        );
-        info!(target = id, ?spec, "watching");
-        Ok(id)
+            spec,
+            who: Mutex::new(who),
+            counters: Arc::default(),
+            cgroups: Mutex::default(),
+            pipes: Mutex::default(),
+            other_pipe_bytes: AtomicU64::new(0),
+        });
+        st.targets.insert(id, target.clone());
+        if let Some(c) = &target.spec.container {
+            st.containers.insert(c.clone(), id);
+        }
+        Ok(target)
     }
 
     pub fn unwatch(&self, spec: &UnwatchSpec) -> anyhow::Result<()> {
@@ -280,17 +509,33 @@ impl PipeSource {
             maps.pids.remove(&pid).with_context(|| format!("process {pid} is not watched"))?;
         }
         if let Some(cg) = &spec.cgroup {
-            maps.cgroups.remove(&cgroup_id(cg)?).with_context(|| format!("cgroup {} is not watched", cg.display()))?;
+            maps.cgroups
+                .remove(&cgroups::id_of(cg)?)
+                .with_context(|| format!("cgroup {} is not watched", cg.display()))?;
         }
         if let Some(id) = spec.target {
             if !st.targets.contains_key(&id) {
                 bail!("no target {id}");
             }
-            if let Some(tx) = &*self.commands.lock().unwrap_or_else(|e| e.into_inner()) {
-                let _ = tx.send(Command::Remove(id));
-            }
+            self.send(Command::Remove(id));
         }
         Ok(())
+    }
+
+    fn send(&self, command: Command) {
+        if let Some(tx) = &*lock(&self.commands) {
+            let _ = tx.send(command);
+        }
+    }
+
+    /// Discovery has an answer for a container (named, opted out, or unknown to the runtime).
+    pub fn identified(&self, container_id: &str) {
+        self.send(Command::Identified(container_id.to_string()));
+    }
+
+    /// A container died: what it wrote is read, its partial lines end and its target goes.
+    pub fn died(&self, container_id: &str) {
+        self.send(Command::Died(container_id.to_string()));
     }
 
     fn remove_target(&self, id: u32) {
@@ -302,13 +547,21 @@ impl PipeSource {
                 st.ended.pop_front();
             }
         }
-        let target = st.targets.get(&id).cloned();
-        if let (Some(maps), Some(t)) = (st.maps.as_mut(), target) {
+        let Some(t) = st.targets.remove(&id) else { return };
+        if let Some(c) = &t.spec.container {
+            if st.containers.get(c) == Some(&id) {
+                st.containers.remove(c);
+            }
+        }
+        if let Some(maps) = st.maps.as_mut() {
             if let Some(pid) = t.spec.pid {
                 let _ = maps.pids.remove(&pid);
             }
-            if let Some(cg) = t.spec.cgroup.as_deref().and_then(|c| cgroup_id(c).ok()) {
+            if let Some(cg) = t.spec.cgroup.as_deref().and_then(|c| cgroups::id_of(c).ok()) {
                 let _ = maps.cgroups.remove(&cg);
+            }
+            for cg in lock(&t.cgroups).iter() {
+                let _ = maps.cgroups.remove(cg);
             }
             // Children still in the kernel's map for this target are dropped with their entries.
             let stale: Vec<u32> =
@@ -317,16 +570,13 @@ impl PipeSource {
                 let _ = maps.pids.remove(&pid);
             }
         }
-        st.targets.remove(&id);
         info!(target = id, "target removed");
     }
 
-    fn snapshot_of(&self, st: &State, id: u32) -> Option<TargetSnapshot> {
-        let t = st.targets.get(&id)?;
-        let k = st
-            .maps
+    fn kernel_counters(st: &State, id: u32) -> TargetCounters {
+        st.maps
             .as_ref()
-            .and_then(|m| m.counters.get(&t.id, 0).ok())
+            .and_then(|m| m.counters.get(&id, 0).ok())
             .map(|per_cpu| {
                 per_cpu.iter().fold(TargetCounters::default(), |a, c| TargetCounters {
                     writes: a.writes + c.writes,
@@ -336,19 +586,29 @@ impl PipeSource {
                     lost_bytes: a.lost_bytes + c.lost_bytes,
                 })
             })
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    fn snapshot_of(&self, st: &State, id: u32) -> Option<TargetSnapshot> {
+        let t = st.targets.get(&id)?;
+        let k = Self::kernel_counters(st, id);
+        let who = t.who();
         let mut spec = t.spec.clone();
         spec.service = None;
         Some(TargetSnapshot {
             id: t.id,
             spec,
-            service_name: t.service.to_string(),
+            service_name: who.service.to_string(),
+            tenant: who.tenant.to_string(),
+            container_identity: who.container.as_deref().cloned(),
+            identified: who.identified,
             ended: false,
             writes_total: k.writes,
             written_bytes_total: k.bytes,
             truncated_bytes_total: k.truncated_bytes,
             lost_events_total: k.lost_events,
             lost_bytes_total: k.lost_bytes,
+            other_pipe_bytes_total: t.other_pipe_bytes.load(Relaxed),
             totals: t.counters.totals.snapshot(),
             streams: t.counters.streams(),
         })
@@ -358,7 +618,29 @@ impl PipeSource {
         let st = self.lock();
         let mut targets: Vec<TargetSnapshot> = st.targets.keys().filter_map(|id| self.snapshot_of(&st, *id)).collect();
         targets.extend(st.ended.iter().cloned());
-        PipesSnapshot { status: st.status.clone(), reason: st.reason.clone(), pending_bytes: st.pending_bytes, targets }
+        let containers = self.directory.as_ref().map(|_| {
+            let k = Self::kernel_counters(&st, CONTAINERS_TARGET);
+            let c = &self.counts;
+            ContainersSnapshot {
+                unclassified_writes_total: k.writes,
+                unclassified_written_bytes_total: k.bytes,
+                lost_events_total: k.lost_events,
+                lost_bytes_total: k.lost_bytes,
+                ignored_bytes_total: c.ignored_bytes.load(Relaxed),
+                unresolved_bytes_total: c.unresolved_bytes.load(Relaxed),
+                held_records: c.held_records.load(Relaxed),
+                held_bytes: c.held_bytes.load(Relaxed),
+                unidentified_records_total: c.unidentified_records.load(Relaxed),
+                excluded_cgroups: st.excluded.len() as u64,
+            }
+        });
+        PipesSnapshot {
+            status: st.status.clone(),
+            reason: st.reason.clone(),
+            pending_bytes: st.pending_bytes,
+            containers,
+            targets,
+        }
     }
 
     fn target(&self, id: u32) -> Option<Arc<Target>> {
@@ -367,250 +649,12 @@ impl PipeSource {
 
     /// Shutdown: reads what the kernel has already handed over and ends every partial line.
     pub async fn close(&self) {
-        let tx = self.commands.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let tx = lock(&self.commands).take();
         if let Some(tx) = tx {
             let (done, wait) = tokio::sync::oneshot::channel();
             if tx.send(Command::Close(done)).is_ok() {
                 let _ = wait.await;
             }
         }
-    }
-
-    async fn run(
-        self: Arc<Self>,
-        events: RingBuf<MapData>,
-        mut commands: mpsc::UnboundedReceiver<Command>,
-    ) -> anyhow::Result<()> {
-        // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so the fd stays
-        // open for as long as it is registered.
-        let mut events = unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)
-            .context("polling the BPF ring buffer")?;
-        let mut asm = Reassembly::default();
-        // The kernel wakes us only when a lot is waiting; this timer collects the rest.
-        let mut drain = tokio::time::interval(Duration::from_millis(10));
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                guard = events.readable_mut() => {
-                    let mut guard = guard.context("waiting on the BPF ring buffer")?;
-                    self.drain(guard.get_inner_mut(), &mut asm);
-                    guard.clear_ready();
-                }
-                Some(command) = commands.recv() => {
-                    // Read what is already there before acting.
-                    self.read_events(events.get_mut(), &mut asm);
-                    let close = match command {
-                        Command::Remove(id) => {
-                            asm.end_target(id);
-                            self.remove_target(id);
-                            None
-                        }
-                        Command::Close(done) => {
-                            let at = Stamp::now();
-                            for s in asm.streams.values_mut() {
-                                s.lines.end_record_into(at, &mut asm.batch);
-                            }
-                            Some(done)
-                        }
-                    };
-                    self.ring.push(std::mem::take(&mut asm.batch));
-                    if let Some(done) = close {
-                        let _ = done.send(());
-                        return Ok(());
-                    }
-                }
-                _ = drain.tick() => self.drain(events.get_mut(), &mut asm),
-                _ = tick.tick() => {
-                    let now = Instant::now();
-                    for s in asm.streams.values_mut() {
-                        s.lines.idle(now, self.framing.partial_flush);
-                    }
-                    let pending = asm.pending_bytes();
-                    self.lock().pending_bytes = pending;
-                }
-            }
-        }
-    }
-
-    /// Reads every waiting event; the records go to the ring in one push.
-    fn drain(&self, events: &mut RingBuf<MapData>, asm: &mut Reassembly) {
-        self.read_events(events, asm);
-        let batch = std::mem::take(&mut asm.batch);
-        self.ring.push(batch);
-    }
-
-    fn read_events(&self, events: &mut RingBuf<MapData>, asm: &mut Reassembly) {
-        asm.stamp = Stamp::now();
-        while let Some(item) = events.next() {
-            let Some(header) = item.get(..HEADER_LEN) else { continue };
-            // SAFETY: EventHeader is plain old data; read_unaligned copes with any alignment.
-            let h: EventHeader = unsafe { std::ptr::read_unaligned(header.as_ptr().cast()) };
-            match h.kind {
-                EVENT_DATA => {
-                    let Some(data) = item.get(HEADER_LEN..HEADER_LEN + h.len as usize) else { continue };
-                    self.data(&h, data, asm);
-                }
-                EVENT_WRITE_END => {
-                    if let Some(partial) = asm.writes.remove(&(h.tid, h.fd)) {
-                        self.deliver(asm, &partial.header, &partial.data, true);
-                    }
-                }
-                EVENT_EXIT => {
-                    // Writes whose chunks were lost still deliver what came.
-                    let threads: Vec<(u32, u32)> =
-                        asm.writes.iter().filter(|(_, w)| w.header.tgid == h.tgid).map(|(k, _)| *k).collect();
-                    for key in threads {
-                        if let Some(partial) = asm.writes.remove(&key) {
-                            self.deliver(asm, &partial.header, &partial.data, true);
-                        }
-                    }
-                    asm.end_process(h.tgid);
-                }
-                _ => {}
-            }
-        }
-    }
-
-    fn data(&self, h: &EventHeader, data: &[u8], asm: &mut Reassembly) {
-        let want = h.total.min(self.max_capture);
-        let end = h.offset + data.len() as u64;
-        let key = (h.tid, h.fd);
-        if h.offset == 0 {
-            // A thread has one write in flight: an unfinished one before this lost chunks in
-            // the kernel (counted there); deliver what came of it.
-            if let Some(partial) = asm.writes.remove(&key) {
-                self.deliver(asm, &partial.header, &partial.data, true);
-            }
-            if end >= want {
-                // The common case: a write in one chunk.
-                self.deliver(asm, h, data, h.total > want);
-                return;
-            }
-        }
-        let w = asm.writes.entry(key).or_insert_with(|| Partial { header: *h, data: Vec::new() });
-        w.data.extend_from_slice(data);
-        if end >= want {
-            if let Some(done) = asm.writes.remove(&key) {
-                self.deliver(asm, h, &done.data, h.total > want);
-            }
-        }
-    }
-
-    /// A whole write (or what came of it) goes to its (process, fd) line stream. `cut` ends
-    /// the record after it: the rest of the write, newline included, was not copied.
-    fn deliver(&self, asm: &mut Reassembly, h: &EventHeader, bytes: &[u8], cut: bool) {
-        let stream = asm.streams.entry((h.tgid, h.fd)).or_insert_with(|| {
-            let target = self.target(h.target);
-            self.stream(h, target.as_deref())
-        });
-        stream.lines.push_into(bytes, asm.stamp, &mut asm.batch);
-        if cut {
-            stream.lines.end_record_into(asm.stamp, &mut asm.batch);
-        }
-    }
-
-    fn stream(&self, h: &EventHeader, target: Option<&Target>) -> PipeStream {
-        let fd_name: &str = if h.fd == 2 { "stderr" } else { "stdout" };
-        let (service, module, counters) = match target {
-            Some(t) => (
-                t.service.clone(),
-                t.spec.module.as_deref().unwrap_or(fd_name).into(),
-                t.counters.stream(&format!("{}/{fd_name}", h.tgid)),
-            ),
-            None => ("unknown".into(), fd_name.into(), crate::stats::StreamCounters::detached()),
-        };
-        let origin = Arc::new(Origin {
-            host: self.framing.host.clone(),
-            pid: h.tgid,
-            volume: "".into(),
-            service,
-            module,
-            path: fd_name.into(),
-            counters,
-        });
-        PipeStream {
-            target: h.target,
-            lines: LineStream::new(origin, self.framing.max_record_bytes, self.ring.clone()),
-        }
-    }
-}
-
-struct PipeStream {
-    target: u32,
-    lines: LineStream,
-}
-
-/// A write whose chunks are still arriving.
-struct Partial {
-    header: EventHeader,
-    data: Vec<u8>,
-}
-
-/// Hashes the small integer keys of the reassembly maps (a multiply and a rotate instead of
-/// SipHash, which showed in profiles at a million events a second; the keys are pids and fds
-/// from the kernel, not attacker-chosen strings).
-#[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-type IdMap<V> = HashMap<(u32, u32), V, std::hash::BuildHasherDefault<IdHasher>>;
-
-struct Reassembly {
-    /// Writes whose chunks are still arriving, per (tid, fd).
-    writes: IdMap<Partial>,
-    /// Line streams per (tgid, fd).
-    streams: IdMap<PipeStream>,
-    /// Records of this drain, pushed to the ring together.
-    batch: Vec<crate::record::Record>,
-    /// When this drain began.
-    stamp: Stamp,
-}
-
-impl Default for Reassembly {
-    fn default() -> Self {
-        Self { writes: IdMap::default(), streams: IdMap::default(), batch: Vec::new(), stamp: Stamp::now() }
-    }
-}
-
-impl Reassembly {
-    /// A process exited: its partial lines end and its state goes.
-    fn end_process(&mut self, tgid: u32) {
-        for fd in [1, 2] {
-            if let Some(mut s) = self.streams.remove(&(tgid, fd)) {
-                s.lines.end_record_into(self.stamp, &mut self.batch);
-            }
-        }
-    }
-
-    fn end_target(&mut self, target: u32) {
-        let keys: Vec<(u32, u32)> = self.streams.iter().filter(|(_, s)| s.target == target).map(|(k, _)| *k).collect();
-        for k in keys {
-            if let Some(mut s) = self.streams.remove(&k) {
-                s.lines.end_record_into(self.stamp, &mut self.batch);
-            }
-        }
-    }
-
-    fn pending_bytes(&self) -> u64 {
-        let writes: usize = self.writes.values().map(|w| w.data.len()).sum();
-        let lines: usize = self.streams.values().map(|s| s.lines.pending()).sum();
-        (writes + lines) as u64
     }
 }

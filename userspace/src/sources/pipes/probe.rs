@@ -19,7 +19,7 @@ pub struct Loaded {
     pub counters: PerCpuArray<MapData, TargetCounters>,
 }
 
-fn settings(max_capture: u32) -> anyhow::Result<Settings> {
+fn settings(max_capture: u32, containers: bool) -> anyhow::Result<Settings> {
     let btf = Btf::from_file("/sys/kernel/btf/vmlinux").context("kernel BTF is needed to find struct offsets")?;
     let root = tracefs::root()?;
     let f = |cat: &str, name: &str, field: &str| tracefs::field_offset(&root, cat, name, field);
@@ -38,16 +38,19 @@ fn settings(max_capture: u32) -> anyhow::Result<Settings> {
         fdtable_fd: btf.member_offset("fdtable", "fd")?,
         file_f_inode: btf.member_offset("file", "f_inode")?,
         inode_i_mode: btf.member_offset("inode", "i_mode")?,
+        inode_i_ino: btf.member_offset("inode", "i_ino")?,
         max_capture,
+        containers: u32::from(containers),
     })
 }
 
-pub fn load(max_capture: u32, ring_buffer_bytes: u32) -> anyhow::Result<Loaded> {
+/// `containers`: also capture every cgroup no watch map names (see `CONTAINERS_TARGET`).
+pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool) -> anyhow::Result<Loaded> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("loading eBPF programs needs root");
     }
-    let settings = settings(max_capture)?;
+    let settings = settings(max_capture, containers)?;
     let mut ebpf = EbpfLoader::new()
         // No CO-RE relocations to do (offsets come from our own BTF reader above), so aya
         // need not parse the whole kernel BTF: that cost tens of MiB of peak memory.

@@ -1,0 +1,329 @@
+//! Container discovery: follows a container runtime through the Docker Engine API (Docker, or
+//! podman's service) and tells the sources whose records are whose.
+//!
+//! [`runtime`] lists the containers at start, follows their events and inspects them;
+//! [`identity`] turns what the runtime says into the identity on every record. This module
+//! keeps the registry: the pipe source asks it who a container is ([`Directory`]), the volume
+//! source is told which volumes a container mounts, and the stats show every container.
+
+mod api;
+pub mod cgroups;
+pub mod identity;
+mod runtime;
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::config::DiscoveryConfig;
+use crate::sources::pipes::PipeSource;
+use crate::sources::volume::VolumeSource;
+use crate::stats::CountersSnapshot;
+use identity::Identity;
+
+/// Who containers are: the sources ask when they see a container write before the runtime has
+/// said who it is.
+pub trait Directory: Send + Sync {
+    fn lookup(&self, container_id: &str) -> Lookup;
+}
+
+pub enum Lookup {
+    /// The runtime has described it.
+    Known(Arc<Identity>),
+    /// It is being asked; the pipe source hears the answer through `PipeSource::identified`,
+    /// the volume source asks again.
+    Pending,
+    /// The runtime does not know it.
+    Unknown,
+}
+
+/// How records of a container not named yet wait for its identity.
+#[derive(Debug, Clone, Copy)]
+pub struct Hold {
+    pub timeout: Duration,
+    pub bytes: usize,
+}
+
+/// Whether a container's stdout/stderr can be captured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stdout {
+    Captured,
+    /// `logtap.stdout=false`.
+    OptedOut,
+    /// A tty, or an fd that is no pipe: the eBPF programs only see pipe writes.
+    NotCapturable,
+}
+
+struct Entry {
+    identity: Arc<Identity>,
+    /// As the runtime says: created, running, exited...
+    state: String,
+    pid: u32,
+    stdout: Stdout,
+    reason: Option<String>,
+    /// logtap volumes among its mounts.
+    volumes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerSnapshot {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    pub state: String,
+    pub pid: u32,
+    pub stdout: Stdout,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub volumes: Vec<String>,
+    /// Its stdout/stderr records (over its pipe targets still in the stats), counted here.
+    pub pipe: CountersSnapshot,
+    /// Counted in the kernel: bytes written to its pipes, and what the BPF ring buffer lost.
+    pub written_bytes_total: u64,
+    pub lost_bytes_total: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiscoverySnapshot {
+    /// `connecting`, `connected` or `disconnected` (with the reason).
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub socket: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    pub reconnects_total: u64,
+    pub events_total: u64,
+    pub containers: Vec<ContainerSnapshot>,
+}
+
+struct Registry {
+    status: String,
+    reason: Option<String>,
+    api_version: Option<String>,
+    reconnects: u64,
+    events: u64,
+    containers: BTreeMap<String, Entry>,
+    /// Asked about by the pipe source, not yet described.
+    asked: HashSet<String>,
+    /// Ids the runtime said it does not know (newest last, bounded).
+    gone: VecDeque<String>,
+    /// The last containers removed, for their counts.
+    removed: VecDeque<Entry>,
+}
+
+/// How many unknown ids are remembered.
+const GONE_KEPT: usize = 1024;
+/// How many removed containers stay in the stats.
+const REMOVED_KEPT: usize = 64;
+
+pub struct Discovery {
+    config: DiscoveryConfig,
+    /// The volumes' mount: a container mount under it links the container to a volume.
+    mountpoint: PathBuf,
+    pipes: OnceLock<Arc<PipeSource>>,
+    volumes: Arc<VolumeSource>,
+    registry: Mutex<Registry>,
+    /// Containers to inspect now (the pipe source saw them write before the runtime's event).
+    ask: mpsc::UnboundedSender<String>,
+}
+
+impl Discovery {
+    /// A registry; [`Discovery::follow`] starts following the runtime.
+    pub fn new(
+        config: DiscoveryConfig,
+        mountpoint: PathBuf,
+        volumes: Arc<VolumeSource>,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
+        let (ask, asked) = mpsc::unbounded_channel();
+        let registry = Registry {
+            status: "connecting".into(),
+            reason: None,
+            api_version: None,
+            reconnects: 0,
+            events: 0,
+            containers: BTreeMap::new(),
+            asked: HashSet::new(),
+            gone: VecDeque::new(),
+            removed: VecDeque::new(),
+        };
+        let d =
+            Arc::new(Self { config, mountpoint, pipes: OnceLock::new(), volumes, registry: Mutex::new(registry), ask });
+        (d, asked)
+    }
+
+    /// Follows the runtime on the current tokio runtime, reconnecting for ever.
+    pub fn follow(self: &Arc<Self>, asked: mpsc::UnboundedReceiver<String>) {
+        tokio::spawn(runtime::follow(self.clone(), asked));
+    }
+
+    /// The pipe source, made after the registry because the registry is its directory.
+    pub fn attach(&self, pipes: Arc<PipeSource>) {
+        let _ = self.pipes.set(pipes);
+    }
+
+    fn tell_pipes(&self, what: impl FnOnce(&PipeSource)) {
+        if let Some(p) = self.pipes.get() {
+            what(p);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_status(&self, status: &str, reason: Option<String>) {
+        let mut r = self.lock();
+        if status == "disconnected" && r.status != "disconnected" {
+            r.reconnects += 1;
+        }
+        r.status = status.into();
+        r.reason = reason;
+    }
+
+    /// What the runtime said of a container: its identity, and what it mounts.
+    fn described(&self, entry: Entry) {
+        let id = entry.identity.container.id.clone();
+        let linked = entry.volumes.clone();
+        let previous = {
+            let mut r = self.lock();
+            r.asked.remove(&id);
+            r.containers.insert(id.clone(), entry)
+        };
+        if let Some(previous) = previous {
+            for v in previous.volumes.iter().filter(|v| !linked.contains(v)) {
+                self.volumes.unlink(v, &id);
+            }
+        }
+        if let Some(identity) = self.lock().containers.get(&id).map(|e| e.identity.clone()) {
+            for v in &linked {
+                self.volumes.link(v, identity.clone());
+            }
+        }
+        self.tell_pipes(|p| p.identified(&id));
+    }
+
+    /// The runtime does not know this id (removed before it was asked).
+    fn unknown(&self, id: &str) {
+        {
+            let mut r = self.lock();
+            r.asked.remove(id);
+            if !r.gone.iter().any(|g| g == id) {
+                r.gone.push_back(id.to_string());
+                if r.gone.len() > GONE_KEPT {
+                    r.gone.pop_front();
+                }
+            }
+        }
+        self.tell_pipes(|p| p.identified(id));
+    }
+
+    fn died(&self, id: &str) {
+        if let Some(e) = self.lock().containers.get_mut(id) {
+            e.state = "exited".into();
+        }
+        self.tell_pipes(|p| p.died(id));
+    }
+
+    fn removed(&self, id: &str) {
+        let entry = self.lock().containers.remove(id);
+        if let Some(mut e) = entry {
+            for v in &e.volumes {
+                self.volumes.unlink(v, id);
+            }
+            e.state = "removed".into();
+            let mut r = self.lock();
+            r.removed.push_back(e);
+            if r.removed.len() > REMOVED_KEPT {
+                r.removed.pop_front();
+            }
+        }
+        self.tell_pipes(|p| p.died(id));
+    }
+
+    /// Ids asked about and not described yet: asked again after a reconnect.
+    fn still_asked(&self) -> Vec<String> {
+        self.lock().asked.iter().cloned().collect()
+    }
+
+    /// The volumes a container mount names: a directory of our mount (a bind mount, or the
+    /// path the volume plugin gave).
+    fn volume_of(&self, source: &str) -> Option<String> {
+        let rel = std::path::Path::new(source).strip_prefix(&self.mountpoint).ok()?;
+        let first = rel.components().next()?;
+        Some(first.as_os_str().to_string_lossy().into_owned())
+    }
+
+    pub fn snapshot(&self, pipes: &crate::sources::pipes::PipesSnapshot) -> DiscoverySnapshot {
+        let r = self.lock();
+        let containers = r
+            .containers
+            .values()
+            .chain(r.removed.iter())
+            .map(|e| {
+                let i = &e.identity;
+                let mut pipe = CountersSnapshot::default();
+                let (mut written, mut lost) = (0, 0);
+                for t in pipes.targets.iter().filter(|t| t.spec.container.as_deref() == Some(&i.container.id)) {
+                    pipe.add(&t.totals);
+                    written += t.written_bytes_total;
+                    lost += t.lost_bytes_total;
+                }
+                ContainerSnapshot {
+                    id: i.container.id.clone(),
+                    name: i.container.name.clone(),
+                    image: i.container.image.clone(),
+                    service: i.service.to_string(),
+                    module: i.module.as_deref().map(str::to_string),
+                    tenant: i.tenant.to_string(),
+                    labels: i.container.labels.clone(),
+                    state: e.state.clone(),
+                    pid: e.pid,
+                    stdout: e.stdout.clone(),
+                    reason: e.reason.clone(),
+                    volumes: e.volumes.clone(),
+                    pipe,
+                    written_bytes_total: written,
+                    lost_bytes_total: lost,
+                }
+            })
+            .collect();
+        DiscoverySnapshot {
+            status: r.status.clone(),
+            reason: r.reason.clone(),
+            socket: self.config.docker_socket.clone(),
+            api_version: r.api_version.clone(),
+            reconnects_total: r.reconnects,
+            events_total: r.events,
+            containers,
+        }
+    }
+}
+
+impl Directory for Discovery {
+    fn lookup(&self, container_id: &str) -> Lookup {
+        let mut r = self.lock();
+        if let Some(e) = r.containers.get(container_id) {
+            return Lookup::Known(e.identity.clone());
+        }
+        if r.gone.iter().any(|g| g == container_id) {
+            return Lookup::Unknown;
+        }
+        if r.asked.insert(container_id.to_string()) {
+            let _ = self.ask.send(container_id.to_string());
+        }
+        Lookup::Pending
+    }
+}
