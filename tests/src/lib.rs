@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod broker;
+pub mod podman;
 
 pub fn logtap_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("LOGTAP_BIN") {
@@ -51,6 +52,8 @@ pub struct Setup {
     pub writeback_cache: bool,
     pub shutdown_timeout: String,
     pub timezone: String,
+    /// The files sink's `format`: `raw` or `json`.
+    pub files_format: String,
     /// More TOML appended to the config (tables the fields above do not cover).
     pub extra: String,
     /// The agent's stdout on a pipe for the test (implied by `Sink::Stdout`).
@@ -70,6 +73,7 @@ impl Default for Setup {
             writeback_cache: true,
             shutdown_timeout: "10s".into(),
             timezone: "UTC".into(),
+            files_format: "raw".into(),
             extra: String::new(),
             pipe_stdout: false,
         }
@@ -82,6 +86,8 @@ pub struct Agent {
     pub socket: PathBuf,
     pub out: PathBuf,
     pub config: PathBuf,
+    /// The Docker volume plugin's socket.
+    pub plugin: PathBuf,
     child: Option<Child>,
     rt: tokio::runtime::Runtime,
 }
@@ -90,9 +96,10 @@ impl Setup {
     pub fn toml(&self, dir: &Path) -> String {
         let sink = match &self.sink {
             Sink::Files => format!(
-                "[sinks.files]\ntype = \"files\"\ndir = \"{}\"\ntimezone = \"{}\"\n",
+                "[sinks.files]\ntype = \"files\"\ndir = \"{}\"\ntimezone = \"{}\"\nformat = \"{}\"\n",
                 dir.join("out").display(),
-                self.timezone
+                self.timezone,
+                self.files_format
             ),
             Sink::Stdout => "[sinks.stdout]\ntype = \"stdout\"\n".to_string(),
             Sink::Kafka { brokers, settings } => {
@@ -102,7 +109,7 @@ impl Setup {
         format!(
             "shutdown_timeout = \"{}\"\n\
              [volumes]\nmount = \"{}\"\nwriteback_cache = {}\nmax_record_bytes = \"{}\"\npartial_flush = \"{}\"\n\
-             flush_interval = \"{}\"\n\
+             flush_interval = \"{}\"\nplugin_socket = \"{}\"\n\
              [ring]\ncapacity = \"{}\"\npolicy = \"{}\"\nblock_timeout = \"{}\"\n\
              [control]\nsocket = \"{}\"\n{sink}{}",
             self.shutdown_timeout,
@@ -111,6 +118,7 @@ impl Setup {
             self.max_record_bytes,
             self.partial_flush,
             self.flush_interval,
+            dir.join("plugin.sock").display(),
             self.ring_capacity,
             self.policy,
             self.block_timeout,
@@ -143,6 +151,7 @@ impl Agent {
             mount: dir.path().join("volumes"),
             socket: dir.path().join("logtap.sock"),
             out: dir.path().join("out"),
+            plugin: dir.path().join("plugin.sock"),
             config,
             dir,
             child: Some(child),
@@ -207,6 +216,16 @@ impl Agent {
             lines.extend(parts);
         }
         lines
+    }
+
+    /// The files sink's lines for `service`/`module` as JSON (`files_format = "json"`).
+    pub fn json_lines(&self, service: &str, module: &str) -> Vec<Value> {
+        self.sink_lines(service, module)
+            .iter()
+            .map(|l| {
+                serde_json::from_slice(l).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(l)))
+            })
+            .collect()
     }
 
     /// Waits until the files sink holds `n` lines for `service`/`module` (or the timeout).

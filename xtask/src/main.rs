@@ -152,8 +152,17 @@ fn setup() -> anyhow::Result<()> {
     if !Path::new("/dev/fuse").exists() {
         bail!("/dev/fuse is missing: this machine cannot mount FUSE filesystems");
     }
-    // python3: the rotating-logger test; dd, truncate: coreutils.
-    apt_install(&[("python3", "python3"), ("coreutils", "truncate")])?;
+    // python3: the rotating-logger test; dd, truncate: coreutils; podman (with runc, the
+    // runtime that works with this kind of machine's cgroups) and busybox-static: the container
+    // tests and benchmarks.
+    apt_install(&[
+        ("python3", "python3"),
+        ("coreutils", "truncate"),
+        ("podman", "podman"),
+        ("runc", "runc"),
+        ("busybox-static", "busybox"),
+        ("tar", "tar"),
+    ])?;
     rustup_components(&["rustfmt", "clippy"])?;
     ebpf_toolchain()?;
     say("setup done");

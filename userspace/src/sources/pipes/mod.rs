@@ -217,6 +217,9 @@ pub struct ContainersSnapshot {
     /// Records that went out with the container's id only (not named within `hold_timeout`,
     /// or the runtime did not know it).
     pub unidentified_records_total: u64,
+    /// Records captured before the runtime said the container opted out
+    /// (`logtap.stdout=false`): not delivered.
+    pub opted_out_records_total: u64,
     /// cgroups the kernel skips.
     pub excluded_cgroups: u64,
 }
@@ -265,6 +268,7 @@ struct ContainerCounts {
     held_records: AtomicU64,
     held_bytes: AtomicU64,
     unidentified_records: AtomicU64,
+    opted_out_records: AtomicU64,
 }
 
 pub struct PipeSource {
@@ -631,6 +635,7 @@ impl PipeSource {
                 held_records: c.held_records.load(Relaxed),
                 held_bytes: c.held_bytes.load(Relaxed),
                 unidentified_records_total: c.unidentified_records.load(Relaxed),
+                opted_out_records_total: c.opted_out_records.load(Relaxed),
                 excluded_cgroups: st.excluded.len() as u64,
             }
         });

@@ -399,7 +399,9 @@ impl PipeSource {
             Lookup::Pending => {}
             Lookup::Known(i) if !i.stdout => {
                 // Opted out: what was held is not wanted.
-                asm.held.remove(&target);
+                if let Some(h) = asm.held.remove(&target) {
+                    self.counts.opted_out_records.fetch_add(h.records.len() as u64, Relaxed);
+                }
                 asm.streams.retain(|_, s| s.target != target);
                 let cgroups = self.target(target).map(|t| super::lock(&t.cgroups).clone()).unwrap_or_default();
                 self.forget_target(target, asm);

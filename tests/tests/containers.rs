@@ -1,0 +1,421 @@
+//! Containers end to end: real podman containers (runc), podman's Docker-compatible API service
+//! on a socket of the test's own, the agent following it, the eBPF programs capturing every
+//! container's stdout/stderr and logtap volumes mounted as containers' log directories.
+//!
+//! Every agent captures every container on the machine, so these tests take turns.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use logtap_e2e::broker::{consume, Broker};
+use logtap_e2e::podman::{Podman, IMAGE};
+use logtap_e2e::{Agent, Setup};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The agent's config for following `podman`, files sink in JSON.
+fn setup(podman: &Podman, discovery: &str, extra: &str) -> Setup {
+    Setup {
+        files_format: "json".into(),
+        extra: format!(
+            "[discovery]\ndocker_socket = \"{}\"\nlabels = [\"team\"]\n{discovery}\n{extra}",
+            podman.socket.display()
+        ),
+        ..Setup::default()
+    }
+}
+
+fn containers(agent: &Agent) -> Value {
+    serde_json::from_slice(&agent.get("/v1/containers").expect("/v1/containers")).expect("JSON")
+}
+
+fn wait_status(agent: &Agent, status: &str) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let c = containers(agent);
+        if c["status"] == status {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "discovery is not {status}: {c}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The container's entry in `/v1/containers`, once it has one satisfying `ready`.
+fn container(agent: &Agent, name: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let all = containers(agent);
+        let found = all["containers"].as_array().and_then(|c| c.iter().find(|c| c["name"] == name).cloned());
+        if let Some(c) = found.filter(&ready) {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "no container {name} as expected: {all}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A shell script writing `n` numbered lines `{p}-out-i` to stdout, `{p}-err-i` to stderr and,
+/// when `file`, `{p}-file-i` to /var/log/app/app.log.
+fn script(p: &str, n: usize, file: bool) -> String {
+    let f = if file { format!("echo \"{p}-file-$i\" >> /var/log/app/app.log; ") } else { String::new() };
+    format!("i=0; while [ $i -lt {n} ]; do echo \"{p}-out-$i\"; echo \"{p}-err-$i\" >&2; {f}i=$((i+1)); done")
+}
+
+fn numbered(p: &str, stream: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{p}-{stream}-{i}")).collect()
+}
+
+/// Waits for `n` JSON records in the files sink for `service`/`module`.
+fn records(agent: &Agent, service: &str, module: &str, n: usize) -> Vec<Value> {
+    agent.wait_lines(service, module, n, WAIT);
+    agent.json_lines(service, module)
+}
+
+fn messages(records: &[Value]) -> Vec<String> {
+    records.iter().map(|r| r["message"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+#[test]
+fn a_containers_file_stdout_and_stderr_arrive_once_with_its_identity_in_files_and_kafka() {
+    let _turn = one_at_a_time();
+    let broker = Broker::start();
+    broker.create_topic("containers", 1);
+    let podman = Podman::start(None);
+    let kafka = format!(
+        "[sinks.kafka]\ntype = \"kafka\"\nbrokers = [\"{}\"]\ntopic = \"containers\"\nkey = \"{{container_id}}/{{path}}\"\n",
+        broker.address()
+    );
+    let agent = Agent::start(setup(&podman, "", &kafka));
+    wait_status(&agent, "connected");
+    let vol = agent.volume("web");
+    let n = 500;
+    let id = podman.run(&[
+        "-d",
+        "--name",
+        "lt-web",
+        "-l",
+        "logtap.service=shop",
+        "-l",
+        "logtap.tenant=acme",
+        "-l",
+        "team=payments",
+        "-v",
+        &format!("{}:/var/log/app", vol.display()),
+        IMAGE,
+        "sh",
+        "-c",
+        &script("w", n, true),
+    ]);
+    assert_eq!(podman.wait("lt-web"), 0);
+
+    for (module, stream) in [("stdout", "out"), ("stderr", "err"), ("app", "file")] {
+        let got = records(&agent, "shop", module, n);
+        assert_eq!(messages(&got), numbered("w", stream, n), "{module}");
+        for r in &got {
+            assert_eq!(r["container"]["id"], id.as_str(), "{r}");
+            assert_eq!(r["container"]["name"], "lt-web", "{r}");
+            assert_eq!(r["container"]["image"], IMAGE, "{r}");
+            assert_eq!(r["container"]["labels"]["team"], "payments", "{r}");
+            assert_eq!(r["tenant"], "acme", "{r}");
+        }
+        if module == "app" {
+            assert_eq!(got[0]["volume"], "web");
+        } else {
+            assert_eq!(got[0]["path"], module);
+            assert!(got[0]["pid"].as_u64().is_some_and(|p| p > 0));
+        }
+    }
+
+    agent.wait_delivered("kafka", 3 * n as u64, WAIT);
+    let got = consume(&broker.address(), "containers", 3 * n, Duration::from_secs(5));
+    let mut by_path: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in &got {
+        assert_eq!(m.headers["container_id"], id, "{:?}", m.headers);
+        assert_eq!(m.headers["container_name"], "lt-web");
+        assert_eq!(m.headers["image"], IMAGE);
+        assert_eq!(m.headers["tenant"], "acme");
+        assert_eq!(m.headers["service"], "shop");
+        assert_eq!(m.headers["label.team"], "payments");
+        assert_eq!(String::from_utf8_lossy(&m.key), format!("{id}/{}", m.headers["path"]));
+        by_path.entry(m.headers["path"].clone()).or_default().push(String::from_utf8_lossy(&m.value).into_owned());
+    }
+    assert_eq!(by_path["stdout"], numbered("w", "out", n));
+    assert_eq!(by_path["stderr"], numbered("w", "err", n));
+    assert_eq!(by_path["app.log"], numbered("w", "file", n));
+
+    let c = container(&agent, "lt-web", |c| c["pipe"]["captured_records_total"] == 2 * n as u64);
+    assert_eq!(c["stdout"], "captured");
+    assert_eq!(c["volumes"], json!(["web"]));
+    let s = agent.stats();
+    assert_eq!(s["pipes"]["containers"]["unidentified_records_total"], 0, "{}", s["pipes"]);
+    let v = agent.volume_stats("web");
+    assert_eq!(v["container"]["name"], "lt-web", "{v}");
+}
+
+#[test]
+fn labels_env_and_the_name_set_the_identity_and_opted_out_or_tty_containers_are_reported() {
+    let _turn = one_at_a_time();
+    let podman = Podman::start(None);
+    let agent = Agent::start(setup(&podman, "", ""));
+    wait_status(&agent, "connected");
+    let n = 50;
+    let quiet = agent.volume("quiet");
+    let runs: [(&str, Vec<&str>); 4] = [
+        ("lt-lab", vec!["-l", "logtap.service=lab-svc", "-l", "logtap.module=api", "-l", "logtap.tenant=t1"]),
+        ("lt-env", vec!["-e", "LOGTAP_SERVICE=env-svc", "-e", "LOGTAP_TENANT=t2"]),
+        ("lt-plain", vec![]),
+        ("lt-quiet", vec!["-l", "logtap.stdout=false"]),
+    ];
+    let quiet_mount = format!("{}:/var/log/app", quiet.display());
+    for (name, opts) in &runs {
+        let mut args = vec!["-d", "--name", name];
+        args.extend(opts.iter().copied());
+        if *name == "lt-quiet" {
+            args.extend(["-v", quiet_mount.as_str()]);
+        }
+        let prefix = name.trim_start_matches("lt-");
+        let body = script(prefix, n, *name == "lt-quiet");
+        args.extend([IMAGE, "sh", "-c", body.as_str()]);
+        podman.run(&args);
+    }
+    // A tty: its output goes to a terminal, which the eBPF programs do not see.
+    podman.run(&["-d", "-t", "--name", "lt-tty", IMAGE, "sleep", "60"]);
+    for (name, _) in &runs {
+        assert_eq!(podman.wait(name), 0);
+    }
+
+    // Labels: service, module (both streams), tenant.
+    let got = records(&agent, "lab-svc", "api", 2 * n);
+    let mut want: BTreeSet<String> = numbered("lab", "out", n).into_iter().collect();
+    want.extend(numbered("lab", "err", n));
+    assert_eq!(messages(&got).into_iter().collect::<BTreeSet<_>>(), want);
+    assert!(got.iter().all(|r| r["tenant"] == "t1" && r["container"]["name"] == "lt-lab"));
+    assert_eq!(got.iter().filter(|r| r["path"] == "stderr").count(), n);
+    // Environment variables.
+    let got = records(&agent, "env-svc", "stdout", n);
+    assert_eq!(messages(&got), numbered("env", "out", n));
+    assert!(got.iter().all(|r| r["tenant"] == "t2"));
+    assert_eq!(messages(&records(&agent, "env-svc", "stderr", n)), numbered("env", "err", n));
+    // Nothing set: the container's name, no tenant.
+    let got = records(&agent, "lt-plain", "stdout", n);
+    assert_eq!(messages(&got), numbered("plain", "out", n));
+    assert!(got.iter().all(|r| r.get("tenant").is_none()));
+    // Opted out: its stdout/stderr are not captured, its volume is.
+    let got = records(&agent, "lt-quiet", "app", n);
+    assert_eq!(messages(&got), numbered("quiet", "file", n));
+    assert!(agent.sink_lines("lt-quiet", "stdout").is_empty() && agent.sink_lines("lt-quiet", "stderr").is_empty());
+    let q = container(&agent, "lt-quiet", |_| true);
+    assert_eq!(q["stdout"], "opted_out");
+    // Captured before the runtime said so, if it started writing first: counted, not delivered.
+    let discarded = &agent.stats()["pipes"]["containers"]["opted_out_records_total"];
+    assert_eq!(&q["pipe"]["captured_records_total"], discarded, "{q}");
+
+    let t = container(&agent, "lt-tty", |c| c["stdout"] == "not_capturable");
+    assert!(t["reason"].as_str().is_some_and(|r| r.contains("tty")), "{t}");
+    let table = std::process::Command::new(logtap_e2e::logtap_bin())
+        .args(["containers", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("logtap containers");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("lt-tty") && table.contains("not capturable: the container has a tty"), "{table}");
+}
+
+#[test]
+fn containers_that_exit_right_after_writing_lose_nothing() {
+    let _turn = one_at_a_time();
+    let podman = Podman::start(None);
+    let agent = Agent::start(setup(&podman, "", ""));
+    wait_status(&agent, "connected");
+    let n = 300;
+    let names: Vec<String> = (0..5).map(|i| format!("lt-quick{i}")).collect();
+    for name in &names {
+        // `--rm`: the container is gone (and its cgroup removed) moments after its last write.
+        podman.run(&["--rm", "--name", name, IMAGE, "sh", "-c", &script(name, n, false)]);
+    }
+    for name in &names {
+        let got = records(&agent, name, "stdout", n);
+        assert_eq!(messages(&got), numbered(name, "out", n), "{name}");
+        assert!(got.iter().all(|r| r["container"]["name"] == name.as_str()), "{name}: unnamed records");
+        assert_eq!(messages(&records(&agent, name, "stderr", n)), numbered(name, "err", n), "{name}");
+    }
+    let c = &agent.stats()["pipes"]["containers"];
+    assert_eq!(c["unresolved_bytes_total"], 0, "{c}");
+    assert_eq!(c["unidentified_records_total"], 0, "{c}");
+}
+
+#[test]
+fn a_restarted_container_is_collected_once_per_run() {
+    let _turn = one_at_a_time();
+    let podman = Podman::start(None);
+    let agent = Agent::start(setup(&podman, "", ""));
+    wait_status(&agent, "connected");
+    let n = 200;
+    // Each run counts itself in the container's own filesystem, which survives a restart.
+    let body = format!(
+        "r=$(cat /tmp/runs 2>/dev/null || echo 0); r=$((r+1)); echo $r > /tmp/runs; \
+         i=0; while [ $i -lt {n} ]; do echo \"run$r-$i\"; i=$((i+1)); done"
+    );
+    podman.run(&["-d", "--name", "lt-again", IMAGE, "sh", "-c", &body]);
+    assert_eq!(podman.wait("lt-again"), 0);
+    records(&agent, "lt-again", "stdout", n);
+    podman.podman(&["start", "lt-again"]);
+    assert_eq!(podman.wait("lt-again"), 0);
+    let got = messages(&records(&agent, "lt-again", "stdout", 2 * n));
+    let mut want = Vec::new();
+    for run in 1..=2 {
+        want.extend((0..n).map(|i| format!("run{run}-{i}")));
+    }
+    assert_eq!(got, want);
+    // Nothing more comes later.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.sink_lines("lt-again", "stdout").len(), 2 * n);
+    let c = container(&agent, "lt-again", |_| true);
+    assert_eq!(c["pipe"]["captured_records_total"], 2 * n as u64, "{c}");
+}
+
+#[test]
+fn twenty_containers_at_once_each_line_to_its_own_container() {
+    let _turn = one_at_a_time();
+    let podman = Podman::start(None);
+    let agent = Agent::start(setup(&podman, "", ""));
+    wait_status(&agent, "connected");
+    let n = 500;
+    let names: Vec<String> = (0..20).map(|i| format!("lt-many{i:02}")).collect();
+    std::thread::scope(|s| {
+        for name in &names {
+            let podman = &podman;
+            s.spawn(move || {
+                let body = format!("i=0; while [ $i -lt {n} ]; do echo \"{name} $i\"; i=$((i+1)); done");
+                podman.run(&["-d", "--name", name, IMAGE, "sh", "-c", &body]);
+            });
+        }
+    });
+    for name in &names {
+        assert_eq!(podman.wait(name), 0);
+    }
+    for name in &names {
+        let got = records(&agent, name, "stdout", n);
+        let want: Vec<String> = (0..n).map(|i| format!("{name} {i}")).collect();
+        assert_eq!(messages(&got), want, "{name}");
+        assert!(got.iter().all(|r| r["container"]["name"] == name.as_str()));
+    }
+}
+
+#[test]
+fn the_runtime_api_going_away_and_coming_back() {
+    let _turn = one_at_a_time();
+    let mut podman = Podman::start(None);
+    let agent = Agent::start(setup(&podman, "hold_timeout = \"60s\"", ""));
+    wait_status(&agent, "connected");
+    podman.run(&["-d", "--name", "lt-before", IMAGE, "sh", "-c", "echo before; sleep 60"]);
+    container(&agent, "lt-before", |c| c["state"] == "running");
+
+    podman.stop_service();
+    let c = wait_status(&agent, "disconnected");
+    assert!(c["reason"].as_str().is_some_and(|r| !r.is_empty()), "{c}");
+    // Started while the API is away: its lines wait for its identity, nothing is lost.
+    podman.run(&["-d", "--name", "lt-away", IMAGE, "sh", "-c", &script("away", 100, false)]);
+    assert_eq!(podman.wait("lt-away"), 0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent.sink_lines("lt-away", "stdout").is_empty(), "named without the runtime?");
+    let held = &agent.stats()["pipes"]["containers"];
+    assert_eq!(held["held_records"], 200, "{held}");
+
+    podman.start_service();
+    let c = wait_status(&agent, "connected");
+    assert!(c["reconnects_total"].as_u64().is_some_and(|n| n >= 1), "{c}");
+    assert_eq!(messages(&records(&agent, "lt-away", "stdout", 100)), numbered("away", "out", 100));
+    assert_eq!(messages(&records(&agent, "lt-away", "stderr", 100)), numbered("away", "err", 100));
+    assert_eq!(messages(&records(&agent, "lt-before", "stdout", 1)), ["before"]);
+    let c = container(&agent, "lt-away", |_| true);
+    assert_eq!(c["pipe"]["captured_records_total"], 200, "{c}");
+    let s = agent.stats();
+    assert_eq!(s["pipes"]["containers"]["unidentified_records_total"], 0, "{}", s["pipes"]);
+    assert_eq!(s["pipes"]["containers"]["held_records"], 0);
+}
+
+/// One call of the volume plugin protocol: its answer, or the `Err` it gave.
+fn plugin(agent: &Agent, call: &str, body: Value) -> Result<Value, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let body = serde_json::to_vec(&body).expect("JSON");
+    let path = format!("/{call}");
+    match rt.block_on(logtap::control::client::call(&agent.plugin, hyper::Method::POST, &path, Some(body))) {
+        Ok(b) => {
+            let v: Value = serde_json::from_slice(&b).expect("JSON answer");
+            match v["Err"].as_str() {
+                Some(e) if !e.is_empty() => Err(e.to_string()),
+                _ => Ok(v),
+            }
+        }
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+#[test]
+fn the_volume_plugin_protocol_directly_and_through_podman() {
+    let _turn = one_at_a_time();
+    let podman = Podman::start(None);
+    let agent = Agent::start(setup(&podman, "", ""));
+    wait_status(&agent, "connected");
+
+    let activate = plugin(&agent, "Plugin.Activate", json!({})).unwrap();
+    assert_eq!(activate["Implements"], json!(["VolumeDriver"]));
+    assert_eq!(plugin(&agent, "VolumeDriver.Capabilities", json!({})).unwrap()["Capabilities"]["Scope"], "local");
+    let opts = json!({"service": "plug-svc", "label": "team=a", "mode": "0777"});
+    plugin(&agent, "VolumeDriver.Create", json!({"Name": "pv", "Opts": opts})).unwrap();
+    let mountpoint = agent.mount.join("pv");
+    let got = plugin(&agent, "VolumeDriver.Get", json!({"Name": "pv"})).unwrap();
+    assert_eq!(got["Volume"]["Mountpoint"], mountpoint.to_string_lossy().as_ref());
+    assert_eq!(got["Volume"]["Status"]["service"], "plug-svc");
+    let list = plugin(&agent, "VolumeDriver.List", json!({})).unwrap();
+    assert!(list["Volumes"].as_array().is_some_and(|v| v.iter().any(|v| v["Name"] == "pv")), "{list}");
+    let m = plugin(&agent, "VolumeDriver.Mount", json!({"Name": "pv", "ID": "m1"})).unwrap();
+    assert_eq!(m["Mountpoint"], mountpoint.to_string_lossy().as_ref());
+    assert_eq!(
+        std::fs::metadata(&mountpoint).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).ok(),
+        Some(0o777)
+    );
+    assert!(plugin(&agent, "VolumeDriver.Remove", json!({"Name": "pv"})).unwrap_err().contains("mounted"));
+    plugin(&agent, "VolumeDriver.Unmount", json!({"Name": "pv", "ID": "m1"})).unwrap();
+    assert_eq!(
+        plugin(&agent, "VolumeDriver.Path", json!({"Name": "pv"})).unwrap()["Mountpoint"],
+        mountpoint.to_string_lossy().as_ref()
+    );
+    let bad = plugin(&agent, "VolumeDriver.Create", json!({"Name": "../etc", "Opts": {}})).unwrap_err();
+    assert!(bad.contains("invalid volume name"), "{bad}");
+    let bad = plugin(&agent, "VolumeDriver.Create", json!({"Name": "x", "Opts": {"size": "1G"}})).unwrap_err();
+    assert!(bad.contains("unknown option"), "{bad}");
+    plugin(&agent, "VolumeDriver.Remove", json!({"Name": "pv"})).unwrap();
+    assert!(plugin(&agent, "VolumeDriver.Get", json!({"Name": "pv"})).is_err());
+    assert!(!mountpoint.exists());
+
+    // Through podman: the plugin as podman's volume driver `logtap`.
+    let podman = Podman::start(Some(&agent.plugin));
+    podman.podman(&["volume", "create", "--driver", "logtap", "-o", "service=plugged", "lt-vol"]);
+    podman.run(&[
+        "--rm",
+        "--name",
+        "lt-plugged",
+        "-v",
+        "lt-vol:/var/log/app",
+        IMAGE,
+        "sh",
+        "-c",
+        &script("p", 20, true),
+    ]);
+    let got = records(&agent, "plugged", "app", 20);
+    assert_eq!(messages(&got), numbered("p", "file", 20));
+    assert!(got.iter().all(|r| r["container"]["name"] == "lt-plugged" && r["volume"] == "lt-vol"), "{got:?}");
+    podman.podman(&["volume", "rm", "lt-vol"]);
+    assert!(!agent.mount.join("lt-vol").exists());
+}
