@@ -524,6 +524,64 @@ pub fn prometheus(s: &Snapshot) -> String {
         let live = s.pipes.targets.iter().filter(|t| !t.ended);
         metric(name, "counter", help, live.map(|t| (target(t), pick(t) as f64)).collect());
     }
+    if let Some(c) = &s.pipes.containers {
+        type CPick = fn(&crate::sources::pipes::ContainersSnapshot) -> u64;
+        let fields: [(&str, &str, &str, CPick); 8] = [
+            ("containers_unclassified_written_bytes_total", "counter", "Bytes from cgroups not yet told apart.", |c| {
+                c.unclassified_written_bytes_total
+            }),
+            ("containers_ignored_bytes_total", "counter", "Bytes of cgroups that are no container (skipped).", |c| {
+                c.ignored_bytes_total
+            }),
+            (
+                "containers_unresolved_bytes_total",
+                "counter",
+                "Bytes of cgroups removed before being told apart (lost).",
+                |c| c.unresolved_bytes_total,
+            ),
+            (
+                "containers_lost_bytes_total",
+                "counter",
+                "Unclassified bytes the BPF ring buffer had no room for.",
+                |c| c.lost_bytes_total,
+            ),
+            ("containers_held_records", "gauge", "Records waiting for the runtime to name their container.", |c| {
+                c.held_records
+            }),
+            ("containers_unidentified_records_total", "counter", "Records sent with the container id only.", |c| {
+                c.unidentified_records_total
+            }),
+            ("containers_opted_out_records_total", "counter", "Records of opted-out containers discarded.", |c| {
+                c.opted_out_records_total
+            }),
+            ("containers_excluded_cgroups", "gauge", "cgroups the kernel skips.", |c| c.excluded_cgroups),
+        ];
+        for (name, kind, help, pick) in fields {
+            metric(name, kind, help, vec![(String::new(), pick(c) as f64)]);
+        }
+    }
+    if let Some(d) = &s.discovery {
+        let up = f64::from(u8::from(d.status == "connected"));
+        metric(
+            "discovery_connected",
+            "gauge",
+            "Whether the container runtime's API answers.",
+            vec![(String::new(), up)],
+        );
+        let reconnects = d.reconnects_total as f64;
+        metric(
+            "discovery_reconnects_total",
+            "counter",
+            "Connections to the runtime lost.",
+            vec![(String::new(), reconnects)],
+        );
+        let live = d.containers.iter().filter(|c| c.state != "removed");
+        let container = |c: &crate::discovery::ContainerSnapshot| {
+            format!("{{container=\"{}\",service=\"{}\"}}", label_value(&c.name), label_value(&c.service))
+        };
+        let rows = live.map(|c| (container(c), c.pipe.captured_records_total as f64)).collect();
+        metric("container_pipe_captured_records_total", "counter", "stdout/stderr records per container.", rows);
+    }
     let r = &s.ring;
     metric("ring_capacity_bytes", "gauge", "Ring capacity.", vec![(String::new(), r.capacity_bytes as f64)]);
     metric("ring_used_bytes", "gauge", "Ring bytes in use.", vec![(String::new(), r.used_bytes as f64)]);

@@ -68,7 +68,7 @@ pub struct UnwatchSpec {
 }
 
 /// Whose a target's records are; a container target learns it when the runtime names it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct Who {
     service: Arc<str>,
     module: Option<Arc<str>>,

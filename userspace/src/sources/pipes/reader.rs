@@ -421,6 +421,9 @@ impl PipeSource {
     /// A target learns whose it is: its streams' next records carry it.
     fn rename(&self, target: u32, who: Who, asm: &mut Reassembly) {
         let Some(t) = self.target(target) else { return };
+        if t.who() == who {
+            return;
+        }
         *super::lock(&t.who) = who.clone();
         for s in asm.streams.values_mut().filter(|s| s.target == target) {
             s.lines.origin = reorigin(&s.lines.origin, &who);
