@@ -33,6 +33,24 @@ fn writev_fd(fd: i32, parts: &[&[u8]]) {
     assert_eq!(n as usize, parts.iter().map(|p| p.len()).sum::<usize>(), "short writev");
 }
 
+/// `n` lines of `len` bytes to `fd`, one write each, at `rate` bytes/s (0: as fast as it goes);
+/// `fill` may write line `i` into the buffer (its newline stays).
+fn pace(fd: i32, n: usize, len: usize, rate: usize, mut fill: impl FnMut(usize, &mut [u8])) {
+    let mut line = vec![b'x'; len - 1];
+    line.push(b'\n');
+    let start = std::time::Instant::now();
+    for i in 0..n {
+        fill(i, &mut line[..len - 1]);
+        write_fd(fd, &line);
+        if rate > 0 && i % 16 == 15 {
+            let due = std::time::Duration::from_secs_f64(((i + 1) * len) as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+}
+
 fn arg(i: usize, default: usize) -> usize {
     std::env::args().nth(i).and_then(|a| a.parse().ok()).unwrap_or(default)
 }
@@ -154,19 +172,28 @@ fn main() {
         "flood" => {
             let mut go = [0u8; 1];
             std::io::stdin().read_exact(&mut go).unwrap();
-            let (n, len, rate) = (arg(2, 100_000), arg(3, 100), arg(4, 0));
-            let mut line = vec![b'x'; len - 1];
-            line.push(b'\n');
-            let start = std::time::Instant::now();
-            for i in 0..n {
-                write_fd(1, &line);
-                if rate > 0 && i % 16 == 15 {
-                    let due = std::time::Duration::from_secs_f64(((i + 1) * len) as f64 / rate as f64);
-                    if let Some(wait) = due.checked_sub(start.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
+            pace(1, arg(2, 100_000), arg(3, 100), arg(4, 0), |_, _| {});
+        }
+        // `paced N LEN RATE START_MS [FILE]`: from START_MS (Unix time, ms) on, N numbered
+        // lines of LEN bytes at RATE bytes/s, to FILE (appended) or stdout: a container's logger.
+        "paced" => {
+            let (n, len, rate, start_ms) = (arg(2, 100_000), arg(3, 100), arg(4, 0), arg(5, 0));
+            let fd = match std::env::args().nth(6) {
+                Some(path) => {
+                    use std::os::fd::IntoRawFd;
+                    let f = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+                    f.unwrap_or_else(|e| panic!("open {path}: {e}")).into_raw_fd()
                 }
+                None => 1,
+            };
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            if let Some(wait) = std::time::Duration::from_millis(start_ms as u64).checked_sub(now) {
+                std::thread::sleep(wait);
             }
+            pace(fd, n, len, rate, |i, line| {
+                let number = format!("{i:08}");
+                line[..number.len()].copy_from_slice(number.as_bytes());
+            });
         }
         other => {
             eprintln!("pipe-writer: unknown mode {other:?}");

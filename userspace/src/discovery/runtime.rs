@@ -143,19 +143,18 @@ fn entry(d: &Discovery, info: &Inspect, id: &str) -> Entry {
 /// capture), or `None` when both are pipes or FIFOs. A shell redirects its own fds for a
 /// moment (`echo x >> file`), so it takes three looks 20 ms apart that all find no pipe.
 async fn not_a_pipe(pid: u32) -> Option<String> {
-    let mut why = None;
-    for _ in 0..3 {
-        why = [1, 2].into_iter().find_map(|fd| {
+    for look in 1..=3 {
+        let why = [1, 2].into_iter().find_map(|fd| {
             let link = format!("/proc/{pid}/fd/{fd}");
             let target = std::fs::read_link(&link).ok()?;
             let is_pipe = std::fs::metadata(&link).is_ok_and(|m| m.file_type().is_fifo());
             let name = if fd == 1 { "stdout" } else { "stderr" };
             (!is_pipe).then(|| format!("its {name} is {}, not a pipe", target.display()))
         });
-        if why.is_none() {
-            return None;
+        if why.is_none() || look == 3 {
+            return why;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    why
+    None
 }
