@@ -33,6 +33,23 @@ fn setup(podman: &Podman, discovery: &str, extra: &str) -> Setup {
     }
 }
 
+/// One test's turn: podman with its API service, and an agent following it. Bind `_turn`
+/// first: bindings drop in reverse, so the turn passes on last.
+struct Scene {
+    agent: Agent,
+    podman: Podman,
+    _turn: MutexGuard<'static, ()>,
+}
+
+/// `discovery` and `extra`: more keys of `[discovery]`, and more tables.
+fn scene(discovery: &str, extra: &str) -> Scene {
+    let turn = one_at_a_time();
+    let podman = Podman::start(None);
+    let agent = Agent::start(setup(&podman, discovery, extra));
+    wait_status(&agent, "connected");
+    Scene { agent, podman, _turn: turn }
+}
+
 fn containers(agent: &Agent) -> Value {
     serde_json::from_slice(&agent.get("/v1/containers").expect("/v1/containers")).expect("JSON")
 }
@@ -86,16 +103,13 @@ fn messages(records: &[Value]) -> Vec<String> {
 
 #[test]
 fn a_containers_file_stdout_and_stderr_arrive_once_with_its_identity_in_files_and_kafka() {
-    let _turn = one_at_a_time();
     let broker = Broker::start();
     broker.create_topic("containers", 1);
-    let podman = Podman::start(None);
     let kafka = format!(
         "[sinks.kafka]\ntype = \"kafka\"\nbrokers = [\"{}\"]\ntopic = \"containers\"\nkey = \"{{container_id}}/{{path}}\"\n",
         broker.address()
     );
-    let agent = Agent::start(setup(&podman, "", &kafka));
-    wait_status(&agent, "connected");
+    let Scene { _turn, agent, podman } = scene("", &kafka);
     let vol = agent.volume("web");
     let n = 500;
     let id = podman.run(&[
@@ -163,10 +177,7 @@ fn a_containers_file_stdout_and_stderr_arrive_once_with_its_identity_in_files_an
 
 #[test]
 fn labels_env_and_the_name_set_the_identity_and_opted_out_or_tty_containers_are_reported() {
-    let _turn = one_at_a_time();
-    let podman = Podman::start(None);
-    let agent = Agent::start(setup(&podman, "", ""));
-    wait_status(&agent, "connected");
+    let Scene { _turn, agent, podman } = scene("", "");
     let n = 50;
     let quiet = agent.volume("quiet");
     let runs: [(&str, Vec<&str>); 4] = [
@@ -232,10 +243,7 @@ fn labels_env_and_the_name_set_the_identity_and_opted_out_or_tty_containers_are_
 
 #[test]
 fn containers_that_exit_right_after_writing_lose_nothing() {
-    let _turn = one_at_a_time();
-    let podman = Podman::start(None);
-    let agent = Agent::start(setup(&podman, "", ""));
-    wait_status(&agent, "connected");
+    let Scene { _turn, agent, podman } = scene("", "");
     let n = 300;
     let names: Vec<String> = (0..5).map(|i| format!("lt-quick{i}")).collect();
     for name in &names {
@@ -255,10 +263,7 @@ fn containers_that_exit_right_after_writing_lose_nothing() {
 
 #[test]
 fn a_restarted_container_is_collected_once_per_run() {
-    let _turn = one_at_a_time();
-    let podman = Podman::start(None);
-    let agent = Agent::start(setup(&podman, "", ""));
-    wait_status(&agent, "connected");
+    let Scene { _turn, agent, podman } = scene("", "");
     let n = 200;
     // Each run counts itself in the container's own filesystem, which survives a restart.
     let body = format!(
@@ -285,10 +290,7 @@ fn a_restarted_container_is_collected_once_per_run() {
 
 #[test]
 fn twenty_containers_at_once_each_line_to_its_own_container() {
-    let _turn = one_at_a_time();
-    let podman = Podman::start(None);
-    let agent = Agent::start(setup(&podman, "", ""));
-    wait_status(&agent, "connected");
+    let Scene { _turn, agent, podman } = scene("", "");
     let n = 500;
     let names: Vec<String> = (0..20).map(|i| format!("lt-many{i:02}")).collect();
     std::thread::scope(|s| {
@@ -313,10 +315,7 @@ fn twenty_containers_at_once_each_line_to_its_own_container() {
 
 #[test]
 fn the_runtime_api_going_away_and_coming_back() {
-    let _turn = one_at_a_time();
-    let mut podman = Podman::start(None);
-    let agent = Agent::start(setup(&podman, "hold_timeout = \"60s\"", ""));
-    wait_status(&agent, "connected");
+    let Scene { _turn, agent, mut podman } = scene("hold_timeout = \"60s\"", "");
     podman.run(&["-d", "--name", "lt-before", IMAGE, "sh", "-c", "echo before; sleep 60"]);
     container(&agent, "lt-before", |c| c["state"] == "running");
 
@@ -363,10 +362,7 @@ fn plugin(agent: &Agent, call: &str, body: Value) -> Result<Value, String> {
 
 #[test]
 fn the_volume_plugin_protocol_directly_and_through_podman() {
-    let _turn = one_at_a_time();
-    let podman = Podman::start(None);
-    let agent = Agent::start(setup(&podman, "", ""));
-    wait_status(&agent, "connected");
+    let Scene { _turn, agent, podman: _runtime } = scene("", "");
 
     let activate = plugin(&agent, "Plugin.Activate", json!({})).unwrap();
     assert_eq!(activate["Implements"], json!(["VolumeDriver"]));

@@ -524,6 +524,8 @@ pub fn prometheus(s: &Snapshot) -> String {
         let live = s.pipes.targets.iter().filter(|t| !t.ended);
         metric(name, "counter", help, live.map(|t| (target(t), pick(t) as f64)).collect());
     }
+    // A series without labels.
+    let one = |v: f64| vec![(String::new(), v)];
     if let Some(c) = &s.pipes.containers {
         type CPick = fn(&crate::sources::pipes::ContainersSnapshot) -> u64;
         let fields: [(&str, &str, &str, CPick); 8] = [
@@ -557,24 +559,14 @@ pub fn prometheus(s: &Snapshot) -> String {
             ("containers_excluded_cgroups", "gauge", "cgroups the kernel skips.", |c| c.excluded_cgroups),
         ];
         for (name, kind, help, pick) in fields {
-            metric(name, kind, help, vec![(String::new(), pick(c) as f64)]);
+            metric(name, kind, help, one(pick(c) as f64));
         }
     }
     if let Some(d) = &s.discovery {
         let up = f64::from(u8::from(d.status == "connected"));
-        metric(
-            "discovery_connected",
-            "gauge",
-            "Whether the container runtime's API answers.",
-            vec![(String::new(), up)],
-        );
+        metric("discovery_connected", "gauge", "Whether the container runtime's API answers.", one(up));
         let reconnects = d.reconnects_total as f64;
-        metric(
-            "discovery_reconnects_total",
-            "counter",
-            "Connections to the runtime lost.",
-            vec![(String::new(), reconnects)],
-        );
+        metric("discovery_reconnects_total", "counter", "Connections to the runtime lost.", one(reconnects));
         let live = d.containers.iter().filter(|c| c.state != "removed");
         let container = |c: &crate::discovery::ContainerSnapshot| {
             format!("{{container=\"{}\",service=\"{}\"}}", label_value(&c.name), label_value(&c.service))
@@ -583,21 +575,16 @@ pub fn prometheus(s: &Snapshot) -> String {
         metric("container_pipe_captured_records_total", "counter", "stdout/stderr records per container.", rows);
     }
     let r = &s.ring;
-    metric("ring_capacity_bytes", "gauge", "Ring capacity.", vec![(String::new(), r.capacity_bytes as f64)]);
-    metric("ring_used_bytes", "gauge", "Ring bytes in use.", vec![(String::new(), r.used_bytes as f64)]);
-    metric("ring_records", "gauge", "Records in the ring.", vec![(String::new(), r.records as f64)]);
+    metric("ring_capacity_bytes", "gauge", "Ring capacity.", one(r.capacity_bytes as f64));
+    metric("ring_used_bytes", "gauge", "Ring bytes in use.", one(r.used_bytes as f64));
+    metric("ring_records", "gauge", "Records in the ring.", one(r.records as f64));
     metric(
         "ring_dropped_records_total",
         "counter",
         "Records dropped by the ring.",
-        vec![(String::new(), r.dropped_records_total as f64)],
+        one(r.dropped_records_total as f64),
     );
-    metric(
-        "ring_dropped_bytes_total",
-        "counter",
-        "Bytes dropped by the ring.",
-        vec![(String::new(), r.dropped_bytes_total as f64)],
-    );
+    metric("ring_dropped_bytes_total", "counter", "Bytes dropped by the ring.", one(r.dropped_bytes_total as f64));
     let sink = |n: &str| format!("{{sink=\"{}\"}}", label_value(n));
     type SPick = fn(&SinkSnapshot) -> u64;
     let sink_fields: [(&str, &str, &str, SPick); 8] = [
