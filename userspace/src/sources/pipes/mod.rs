@@ -663,3 +663,23 @@ impl PipeSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_containers_pipes_name_its_streams_whatever_the_fd() {
+        let unknown = StdPipes::default();
+        assert_eq!((unknown.name(7, 1), unknown.name(7, 2)), (Some("stdout"), Some("stderr")));
+        let p = StdPipes { stdout: vec![10], stderr: vec![20] };
+        // `echo x >&2` in a shell writes the stderr pipe through fd 1.
+        assert_eq!(p.name(20, 1), Some("stderr"));
+        assert_eq!(p.name(10, 2), Some("stdout"));
+        // A pipe of its own (`a | b` inside the container) is not the container's output.
+        assert_eq!(p.name(30, 1), None);
+        // One pipe for both: the fd tells them apart.
+        let both = StdPipes { stdout: vec![10], stderr: vec![10] };
+        assert_eq!((both.name(10, 1), both.name(10, 2)), (Some("stdout"), Some("stderr")));
+    }
+}
