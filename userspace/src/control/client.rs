@@ -1,30 +1,36 @@
-//! The CLI's side of the control socket: one HTTP/1.1 request per call.
+//! The CLI's side of the control socket: one HTTP/1.1 request per call. [`send`] is the
+//! plumbing, also used to ask the container runtime's API.
 
 use std::path::Path;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
+
+/// Sends one request on a new connection to the Unix socket; the answer's body is not read yet.
+pub async fn send(socket: &Path, req: Request<Full<Bytes>>) -> anyhow::Result<Response<Incoming>> {
+    let stream =
+        UnixStream::connect(socket).await.with_context(|| format!("cannot connect to {}", socket.display()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("HTTP handshake failed")?;
+    tokio::spawn(conn);
+    let what = format!("{} {}", req.method(), req.uri());
+    sender.send_request(req).await.with_context(|| format!("{what} failed"))
+}
 
 /// Sends one request and returns the body of a 2xx answer; any other status is an error
 /// carrying the server's message.
 pub async fn call(socket: &Path, method: Method, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<Bytes> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("cannot connect to {} (is `logtap daemon` running?)", socket.display()))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP handshake on the control socket failed")?;
-    tokio::spawn(conn);
     let mut req = Request::builder().method(method).uri(path).header(hyper::header::HOST, "logtap");
     if body.is_some() {
         req = req.header(hyper::header::CONTENT_TYPE, "application/json");
     }
     let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).context("building the request")?;
-    let resp = sender.send_request(req).await.context("control request failed")?;
+    let resp = send(socket, req).await.context("no answer from the agent (is `logtap daemon` running?)")?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await.context("reading the control answer")?.to_bytes();
     if !status.is_success() {

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::{Buf, Bytes, BytesMut};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use tokio::net::UnixStream;
+
+use crate::control::client;
 
 /// A request (not the event stream) that takes longer than this has failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -103,13 +103,8 @@ pub struct Api {
 }
 
 async fn send(socket: &Path, path: &str) -> anyhow::Result<Response<Incoming>> {
-    let stream =
-        UnixStream::connect(socket).await.with_context(|| format!("cannot connect to {}", socket.display()))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("HTTP handshake failed")?;
-    tokio::spawn(conn);
-    let req = Request::get(path).header(hyper::header::HOST, "docker").body(Empty::<Bytes>::new())?;
-    sender.send_request(req).await.with_context(|| format!("GET {path} failed"))
+    let req = Request::get(path).header(hyper::header::HOST, "docker").body(Full::new(Bytes::new()))?;
+    client::send(socket, req).await
 }
 
 async fn get(socket: &Path, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
