@@ -5,6 +5,7 @@
 pub mod pipes;
 pub mod volume;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,6 +23,15 @@ pub struct Stamp {
 impl Stamp {
     pub fn now() -> Self {
         Self { now: Instant::now(), wall: SystemTime::now() }
+    }
+}
+
+/// Held records take the origin their stream has now: `reorigin` makes it from an old one,
+/// once per stream.
+pub fn reorigin_all(records: &mut [Record], mut reorigin: impl FnMut(&Origin) -> Arc<Origin>) {
+    let mut renamed: HashMap<*const Origin, Arc<Origin>> = HashMap::new();
+    for r in records {
+        r.origin = renamed.entry(Arc::as_ptr(&r.origin)).or_insert_with(|| reorigin(&r.origin)).clone();
     }
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use logtap_fusefs::{validate_volume_name, Capture, Stream};
 
-use super::{LineStream, Stamp};
+use super::{reorigin_all, LineStream, Stamp};
 use crate::discovery::identity::Identity;
 use crate::discovery::{cgroups, Directory, Hold, Lookup};
 use crate::record::{Container, Origin, Record};
@@ -392,11 +392,7 @@ impl FileStream {
         }
         let Some(mut w) = self.waiting.take() else { return };
         self.lines.origin = self.reorigin(&self.lines.origin);
-        let mut renamed: HashMap<*const Origin, Arc<Origin>> = HashMap::new();
-        for r in &mut w.records {
-            let o = renamed.entry(Arc::as_ptr(&r.origin)).or_insert_with(|| self.reorigin(&r.origin)).clone();
-            r.origin = o;
-        }
+        reorigin_all(&mut w.records, |o| self.reorigin(o));
         self.source.ring.push(w.records);
     }
 }

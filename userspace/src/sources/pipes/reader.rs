@@ -19,7 +19,7 @@ use super::{Command, PipeSource, Target, TargetSpec, Who};
 use crate::discovery::identity::Identity;
 use crate::discovery::{cgroups, Lookup};
 use crate::record::{Origin, Record};
-use crate::sources::{LineStream, Stamp};
+use crate::sources::{reorigin_all, LineStream, Stamp};
 
 /// How often cgroups the kernel skips are checked for removal (their entries then go).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -434,18 +434,14 @@ impl PipeSource {
     fn release(&self, target: u32, asm: &mut Reassembly) {
         let Some(held) = asm.held.remove(&target) else { return };
         let who = self.target(target).map(|t| t.who());
-        let mut renamed: HashMap<*const Origin, Arc<Origin>> = HashMap::new();
-        let unidentified = !who.as_ref().is_some_and(|w| w.identified);
-        if unidentified {
-            self.counts.unidentified_records.fetch_add(held.records.len() as u64, Relaxed);
+        let mut records = held.records;
+        if !who.as_ref().is_some_and(|w| w.identified) {
+            self.counts.unidentified_records.fetch_add(records.len() as u64, Relaxed);
         }
-        for mut r in held.records {
-            if let Some(who) = &who {
-                let o = renamed.entry(Arc::as_ptr(&r.origin)).or_insert_with(|| reorigin(&r.origin, who)).clone();
-                r.origin = o;
-            }
-            asm.batch.push(r);
+        if let Some(who) = &who {
+            reorigin_all(&mut records, |o| reorigin(o, who));
         }
+        asm.batch.extend(records);
         if held.died {
             self.forget_target(target, asm);
         }
