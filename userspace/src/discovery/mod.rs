@@ -196,6 +196,7 @@ impl Discovery {
     /// What the runtime said of a container: its identity, and what it mounts.
     fn described(&self, entry: Entry) {
         let id = entry.identity.container.id.clone();
+        let identity = entry.identity.clone();
         let linked = entry.volumes.clone();
         let previous = {
             let mut r = self.lock();
@@ -207,10 +208,8 @@ impl Discovery {
                 self.volumes.unlink(v, &id);
             }
         }
-        if let Some(identity) = self.lock().containers.get(&id).map(|e| e.identity.clone()) {
-            for v in &linked {
-                self.volumes.link(v, identity.clone());
-            }
+        for v in &linked {
+            self.volumes.link(v, identity.clone());
         }
         self.tell_pipes(|p| p.identified(&id));
     }
