@@ -403,11 +403,15 @@ impl PipeSource {
         }
     }
 
-    /// The kernel stops capturing a cgroup that is no container (or opted out).
+    /// The kernel stops capturing a cgroup that is no container (or opted out). Events it
+    /// sent before arrive here too: a cgroup already skipped costs no map update.
     fn exclude(&self, cgroup: u64) {
         let mut st = self.lock();
         let State { maps, excluded, .. } = &mut *st;
         let Some(maps) = maps.as_mut() else { return };
+        if excluded.contains(&cgroup) {
+            return;
+        }
         match maps.cgroups.insert(cgroup, TARGET_EXCLUDED, 0) {
             Ok(()) => {
                 excluded.insert(cgroup);
@@ -477,6 +481,8 @@ impl PipeSource {
         }
         if let Some(cg) = cgroup {
             maps.cgroups.insert(cg, target.id, 0).context("adding the cgroup to the watch map")?;
+            // No longer skipped: after an unwatch, the reader skips it again.
+            st.excluded.remove(&cg);
         }
         info!(target = target.id, ?spec, "watching");
         Ok(target.id)
