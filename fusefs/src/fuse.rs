@@ -178,7 +178,7 @@ impl<C: Capture> Filesystem for Adapter<C> {
             // FIFOs, sockets and devices have no place in a log directory.
             return reply.error(Errno::EPERM);
         }
-        reply_entry(reply, self.model().create(parent.0, name, mode & !umask, owner(req), req.pid(), false));
+        reply_entry(reply, self.model().create(parent.0, name, mode & !umask, owner(req), req.pid()));
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
@@ -214,7 +214,7 @@ impl<C: Capture> Filesystem for Adapter<C> {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         match self.model().open(ino.0, write) {
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -226,11 +226,14 @@ impl<C: Capture> Filesystem for Adapter<C> {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.model().create(parent.0, name, mode & !umask, owner(req), req.pid(), true) {
-            Ok(a) => reply.created(&TTL, &file_attr(&a), Generation(0), FileHandle(0), FopenFlags::empty()),
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let mut model = self.model();
+        let made = model.create(parent.0, name, mode & !umask, owner(req), req.pid());
+        match made.and_then(|a| Ok((a, model.open(a.ino, write)?))) {
+            Ok((a, fh)) => reply.created(&TTL, &file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -278,14 +281,14 @@ impl<C: Capture> Filesystem for Adapter<C> {
     fn release(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
+        _ino: INodeNo,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.model().release(ino.0));
+        reply_empty(reply, self.model().release(fh.0));
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {

@@ -86,8 +86,9 @@ struct Node<S> {
     ctime: SystemTime,
     /// Kernel references (lookups not yet forgotten).
     lookups: u64,
-    /// Open file handles.
+    /// Open file handles, and those of them that may write.
     opens: u32,
+    writers: u32,
     /// Still has a name (false after unlink/rmdir or being replaced by rename).
     linked: bool,
     body: Body<S>,
@@ -108,6 +109,7 @@ impl<S> Node<S> {
             ctime: now,
             lookups: 1,
             opens: 0,
+            writers: 0,
             linked: true,
             body,
         }
@@ -168,10 +170,20 @@ impl<S: Stream> File<S> {
     }
 }
 
+/// One open of a file (the kernel's file handle): which inode, and whether it may write.
+#[derive(Debug, Clone, Copy)]
+struct Handle {
+    ino: u64,
+    write: bool,
+}
+
 pub struct Model<C: Capture> {
     capture: C,
     nodes: HashMap<u64, Node<C::Stream>>,
     next_ino: u64,
+    /// Open handles by id; a reader's close must not end a writer's line.
+    handles: HashMap<u64, Handle>,
+    next_handle: u64,
     options: Options,
     closing: bool,
 }
@@ -197,7 +209,15 @@ fn check_name(name: &OsStr) -> FsResult<()> {
 impl<C: Capture> Model<C> {
     pub fn new(capture: C, options: Options, root_owner: Owner) -> Self {
         let root = Node::new(ROOT, OsStr::new(""), 0o755, root_owner, Body::Dir(BTreeMap::new()));
-        Self { capture, nodes: HashMap::from([(ROOT, root)]), next_ino: ROOT + 1, options, closing: false }
+        Self {
+            capture,
+            nodes: HashMap::from([(ROOT, root)]),
+            next_ino: ROOT + 1,
+            handles: HashMap::new(),
+            next_handle: 1,
+            options,
+            closing: false,
+        }
     }
 
     pub fn capture(&self) -> &C {
@@ -350,17 +370,9 @@ impl<C: Capture> Model<C> {
         self.getattr(ino)
     }
 
-    /// Makes a regular file (`create` and `mknod` with S_IFREG); opens it when `open` is set.
+    /// Makes a regular file (`create` and `mknod` with S_IFREG; `create` then opens it).
     /// `creator` is the pid of the process that asked (0 when unknown).
-    pub fn create(
-        &mut self,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        owner: Owner,
-        creator: u32,
-        open: bool,
-    ) -> FsResult<Attr> {
+    pub fn create(&mut self, parent: u64, name: &OsStr, mode: u32, owner: Owner, creator: u32) -> FsResult<Attr> {
         check_name(name)?;
         if self.closing {
             return Err(libc::ESHUTDOWN);
@@ -387,33 +399,42 @@ impl<C: Capture> Model<C> {
         });
         let made = self.insert(parent, name, mode, owner, body);
         debug_assert_eq!(made, ino);
-        if open {
-            self.node_mut(ino)?.opens += 1;
-        }
         self.getattr(ino)
     }
 
-    pub fn open(&mut self, ino: u64, write: bool) -> FsResult<()> {
+    /// Opens a file; the handle id goes to the kernel and comes back with `release`.
+    pub fn open(&mut self, ino: u64, write: bool) -> FsResult<u64> {
         let closing = self.closing;
         let node = self.node_mut(ino)?;
         match node.body {
-            Body::Dir(_) => Err(libc::EISDIR),
-            Body::File(_) if write && closing => Err(libc::ESHUTDOWN),
+            Body::Dir(_) => return Err(libc::EISDIR),
+            Body::File(_) if write && closing => return Err(libc::ESHUTDOWN),
             Body::File(_) => {
                 node.opens += 1;
-                Ok(())
+                node.writers += u32::from(write);
             }
         }
+        let fh = self.next_handle;
+        self.next_handle += 1;
+        self.handles.insert(fh, Handle { ino, write });
+        Ok(fh)
     }
 
-    /// Last close of a file handle: the kernel has written every dirty page, so a gap left
-    /// is a hole; what was written so far ends a record.
-    pub fn release(&mut self, ino: u64) -> FsResult<()> {
+    /// The kernel closed handle `fh`. When it was the last one that could write, the kernel
+    /// has written every dirty page: a gap left is a hole, and what was written so far ends a
+    /// record. A reader's close (`cat`, `tail`, logrotate's copy) changes nothing.
+    pub fn release(&mut self, fh: u64) -> FsResult<()> {
+        let Handle { ino, write } = self.handles.remove(&fh).ok_or(libc::EBADF)?;
         let node = self.node_mut(ino)?;
         node.opens = node.opens.saturating_sub(1);
-        if let Body::File(f) = &mut node.body {
-            f.take_ahead(true);
-            f.stream.end_record();
+        if write {
+            node.writers = node.writers.saturating_sub(1);
+            if node.writers == 0 {
+                if let Body::File(f) = &mut node.body {
+                    f.take_ahead(true);
+                    f.stream.end_record();
+                }
+            }
         }
         self.reap(ino);
         Ok(())

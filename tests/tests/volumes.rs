@@ -306,3 +306,28 @@ fn without_the_writeback_cache_every_write_is_captured_the_same() {
     // Offsets are exact without the cache: nothing is sent twice.
     assert_eq!(agent.volume_stats("wt")["overwritten_bytes_total"], 0);
 }
+
+/// `cat`, `tail` and logrotate's copy open and close a file while its writer is in the middle of
+/// a line: the reader's close must not cut the writer's line in two.
+#[test]
+fn a_reader_in_the_middle_of_a_writers_line_does_not_split_it() {
+    for writeback_cache in [true, false] {
+        let agent = Agent::start(Setup { writeback_cache, ..Setup::default() });
+        let vol = agent.volume("rd");
+        let path = vol.join("app.log");
+        let mut f = append(&path);
+        let rounds = 50;
+        for i in 0..rounds {
+            write!(f, "line {i} first half ").unwrap();
+            let cat = Command::new("cat").arg(&path).output().unwrap();
+            assert!(cat.status.success() && cat.stdout.ends_with(b"first half "));
+            writeln!(f, "second half").unwrap();
+        }
+        let got = agent.wait_lines("rd", "app", rounds, WAIT);
+        drop(f);
+        let expected: Vec<String> = (0..rounds).map(|i| format!("line {i} first half second half")).collect();
+        assert_eq!(as_strings(&got), expected, "writeback_cache = {writeback_cache}");
+        agent.wait_idle(Duration::from_secs(5));
+        assert_eq!(agent.sink_lines("rd", "app").len(), rounds, "no extra record at the writer's close");
+    }
+}

@@ -85,12 +85,20 @@ fn os(s: &str) -> &OsStr {
     OsStr::new(s)
 }
 
-/// A model with volume `v` and an open file `v/app.log`; returns (model, recorder, file ino).
+/// A model with volume `v` and a file `v/app.log` open for writing; returns (model, recorder,
+/// file ino).
 fn with_file() -> (Model<Recorder>, Recorder, u64) {
+    let (m, rec, file, _fh) = with_open_file();
+    (m, rec, file)
+}
+
+/// [`with_file`] with the writer's handle.
+fn with_open_file() -> (Model<Recorder>, Recorder, u64, u64) {
     let (mut m, rec) = model(4096);
     let vol = m.mkdir(ROOT, os("v"), 0o755, ME).unwrap().ino;
-    let file = m.create(vol, os("app.log"), 0o644, ME, 0, true).unwrap().ino;
-    (m, rec, file)
+    let file = m.create(vol, os("app.log"), 0o644, ME, 0).unwrap().ino;
+    let fh = m.open(file, true).unwrap();
+    (m, rec, file, fh)
 }
 
 #[test]
@@ -101,7 +109,7 @@ fn volumes_are_validated_and_announced() {
     assert_eq!(m.mkdir(ROOT, os(&"x".repeat(300)), 0o755, ME).unwrap_err(), libc::ENAMETOOLONG);
     m.mkdir(ROOT, os("web"), 0o755, ME).unwrap();
     assert_eq!(m.mkdir(ROOT, os("web"), 0o755, ME).unwrap_err(), libc::EEXIST);
-    assert_eq!(m.create(ROOT, os("f"), 0o644, ME, 0, true).unwrap_err(), libc::EPERM);
+    assert_eq!(m.create(ROOT, os("f"), 0o644, ME, 0).unwrap_err(), libc::EPERM);
     assert_eq!(m.volumes(), vec!["web".to_string()]);
     m.rmdir(ROOT, os("web")).unwrap();
     assert_eq!(rec.events(), vec![Event::Volume("web".into()), Event::VolumeGone("web".into())]);
@@ -187,7 +195,7 @@ fn rename_keeps_the_stream_and_tells_the_new_path() {
 fn rename_over_an_existing_file_unlinks_it() {
     let (mut m, rec, f) = with_file();
     let vol = m.lookup(ROOT, os("v")).unwrap().ino;
-    let g = m.create(vol, os("new.log"), 0o644, ME, 0, true).unwrap().ino;
+    let g = m.create(vol, os("new.log"), 0o644, ME, 0).unwrap().ino;
     m.write(g, 0, b"partial").unwrap();
     m.rename(vol, os("app.log"), vol, os("new.log"), false).unwrap();
     assert!(rec.events().contains(&Event::End("new.log".into())));
@@ -206,7 +214,7 @@ fn rename_rules() {
     assert_eq!(m.rename(ROOT, os("v"), ROOT, os("v2"), false), Err(libc::EPERM));
     assert_eq!(m.rename(v, os("d"), sub, os("d2"), false), Err(libc::EINVAL));
     assert_eq!(m.rename(v, os("app.log"), v, os("d"), false), Err(libc::EISDIR));
-    m.create(v, os("b.log"), 0o644, ME, 0, false).unwrap();
+    m.create(v, os("b.log"), 0o644, ME, 0).unwrap();
     assert_eq!(m.rename(v, os("app.log"), v, os("b.log"), true), Err(libc::EEXIST));
     assert_eq!(m.rmdir(v, os("d")), Err(libc::ENOTEMPTY));
     m.rename(d, os("sub"), v, os("sub2"), false).unwrap();
@@ -218,7 +226,7 @@ fn nested_paths_follow_directory_renames() {
     let (mut m, rec) = model(4096);
     let v = m.mkdir(ROOT, os("v"), 0o755, ME).unwrap().ino;
     let d = m.mkdir(v, os("d"), 0o755, ME).unwrap().ino;
-    m.create(d, os("x.log"), 0o644, ME, 0, false).unwrap();
+    m.create(d, os("x.log"), 0o644, ME, 0).unwrap();
     m.rename(v, os("d"), v, os("e"), false).unwrap();
     let events = rec.events();
     assert!(events.contains(&Event::Stream("v".into(), "d/x.log".into())));
@@ -227,7 +235,7 @@ fn nested_paths_follow_directory_renames() {
 
 #[test]
 fn unlinked_open_file_lives_until_released_and_forgotten() {
-    let (mut m, rec, f) = with_file();
+    let (mut m, rec, f, fh) = with_open_file();
     let vol = m.lookup(ROOT, os("v")).unwrap().ino;
     m.write(f, 0, b"tail without newline").unwrap();
     m.unlink(vol, os("app.log")).unwrap();
@@ -235,10 +243,42 @@ fn unlinked_open_file_lives_until_released_and_forgotten() {
     // Still writable through the open handle.
     m.write(f, 20, b"!\n").unwrap();
     assert_eq!(m.getattr(f).unwrap().nlink, 0);
-    m.release(f).unwrap();
+    m.release(fh).unwrap();
     assert!(m.getattr(f).is_ok(), "the kernel still holds a lookup");
     m.forget(f, 1);
     assert_eq!(m.getattr(f).unwrap_err(), libc::ENOENT);
+}
+
+#[test]
+fn a_readers_close_does_not_end_the_writers_line() {
+    let (mut m, rec, f, writer) = with_open_file();
+    m.write(f, 0, b"first half ").unwrap();
+    let reader = m.open(f, false).unwrap();
+    assert_eq!(m.read(f, 0, 100).unwrap(), b"first half ");
+    m.release(reader).unwrap();
+    assert!(!rec.events().contains(&Event::End("app.log".into())), "{:?}", rec.events());
+    // A gap held for an out-of-order page stays held too: the reader's close proves nothing.
+    m.write(f, 4096, b"later page").unwrap();
+    let reader = m.open(f, false).unwrap();
+    m.release(reader).unwrap();
+    assert_eq!(rec.appended("app.log"), b"first half ");
+    m.write(f, 11, b"second half\n").unwrap();
+    assert_eq!(rec.appended("app.log"), b"first half second half\n");
+    // The last writer's close ends what is left; a handle is released once.
+    m.release(writer).unwrap();
+    assert_eq!(rec.events().last(), Some(&Event::End("app.log".into())));
+    assert_eq!(m.release(writer), Err(libc::EBADF));
+}
+
+#[test]
+fn records_end_when_the_last_of_several_writers_closes() {
+    let (mut m, rec, f, first) = with_open_file();
+    let second = m.open(f, true).unwrap();
+    m.write(f, 0, b"partial").unwrap();
+    m.release(first).unwrap();
+    assert!(!rec.events().contains(&Event::End("app.log".into())));
+    m.release(second).unwrap();
+    assert!(rec.events().contains(&Event::End("app.log".into())));
 }
 
 #[test]
@@ -250,9 +290,9 @@ fn closing_refuses_writes_and_counts_them() {
     assert_eq!(m.write(f, 7, b"more\n"), Err(libc::ESHUTDOWN));
     assert!(rec.events().contains(&Event::Refused("app.log".into(), 5)));
     let vol = m.lookup(ROOT, os("v")).unwrap().ino;
-    assert_eq!(m.create(vol, os("n"), 0o644, ME, 0, true).unwrap_err(), libc::ESHUTDOWN);
+    assert_eq!(m.create(vol, os("n"), 0o644, ME, 0).unwrap_err(), libc::ESHUTDOWN);
     assert_eq!(m.open(f, true), Err(libc::ESHUTDOWN));
-    assert_eq!(m.open(f, false), Ok(()));
+    assert!(m.open(f, false).is_ok());
 }
 
 #[test]
@@ -265,7 +305,7 @@ fn errors_not_panics() {
     assert_eq!(m.getattr(9999).unwrap_err(), libc::ENOENT);
     assert_eq!(m.write(f, u64::MAX - 1, b"xyz").unwrap_err(), libc::EFBIG);
     let vol = m.lookup(ROOT, os("v")).unwrap().ino;
-    assert_eq!(m.create(vol, os("a/b"), 0o644, ME, 0, true).unwrap_err(), libc::EINVAL);
+    assert_eq!(m.create(vol, os("a/b"), 0o644, ME, 0).unwrap_err(), libc::EINVAL);
     assert_eq!(m.unlink(vol, os("missing")).unwrap_err(), libc::ENOENT);
 }
 
