@@ -2,8 +2,8 @@
 //! acks=all, and a batch is done only when every message's delivery report is in.
 //!
 //! A message: topic and key from templates over the record's origin, headers with its identity
-//! (`host`, `service`, `module`, `volume`, `path`, `pid`), the value raw (the line) or the JSON
-//! envelope, the capture time as its timestamp.
+//! (`host`, `service`, `module`, `path`; `volume` for volume records, `pid` for pipe records),
+//! the value raw (the line) or the JSON envelope, the capture time as its timestamp.
 //!
 //! The size rule: a value longer than `max_message_bytes` is split into parts that fit, sent in
 //! order under the same key (raw parts carry a `part` header `i/n`; JSON parts have

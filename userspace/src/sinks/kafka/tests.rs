@@ -91,7 +91,11 @@ fn consume(cluster: &Cluster, topic: &str, expected: usize) -> Vec<(Vec<u8>, Vec
 }
 
 fn header(m: &BorrowedMessage, key: &str) -> Option<String> {
-    m.headers()?.iter().find(|h| h.key == key).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+    header_value(m.headers()?, key)
+}
+
+fn header_value(h: &impl Headers, key: &str) -> Option<String> {
+    h.iter().find(|h| h.key == key).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 #[test]
@@ -330,4 +334,26 @@ fn bad_settings_are_refused_before_connecting() {
     });
     assert!(e.contains("no.such.property"), "{e}");
     check(&KafkaSinkConfig::default()).unwrap();
+}
+
+/// The README's header list: `volume` on volume records, `pid` on pipe records, never a
+/// made-up value (a volume's writer is not known: writeback sends its pages from the kernel).
+#[test]
+fn headers_name_what_each_kind_of_record_has() {
+    let keys = |o: &Origin| headers(o).iter().map(|h| h.key.to_string()).collect::<Vec<_>>();
+    assert_eq!(keys(&origin("a.log")), ["host", "service", "module", "volume", "path"]);
+    let v = origin("x");
+    let pipe = Origin {
+        host: v.host.clone(),
+        pid: 42,
+        volume: "".into(),
+        service: v.service.clone(),
+        module: "stdout".into(),
+        path: "stdout".into(),
+        tenant: "".into(),
+        container: None,
+        counters: StreamCounters::detached(),
+    };
+    assert_eq!(keys(&pipe), ["host", "service", "module", "path", "pid"]);
+    assert_eq!(header_value(&headers(&pipe), "pid").as_deref(), Some("42"));
 }
