@@ -134,18 +134,8 @@ impl Agent {
         let dir = tempfile::Builder::new().prefix("logtap-e2e-").tempdir().expect("tempdir");
         let config = dir.path().join("logtap.toml");
         std::fs::write(&config, setup.toml(dir.path())).expect("write config");
-        let stdout = match setup.sink {
-            Sink::Stdout => Stdio::piped(),
-            _ if setup.pipe_stdout => Stdio::piped(),
-            _ => Stdio::null(),
-        };
-        let child = Command::new(logtap_bin())
-            .args(["daemon", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(stdout)
-            .spawn()
-            .expect("spawn logtap");
+        let piped = matches!(setup.sink, Sink::Stdout) || setup.pipe_stdout;
+        let child = spawn_daemon(&config, piped);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let agent = Agent {
             mount: dir.path().join("volumes"),
@@ -159,6 +149,13 @@ impl Agent {
         };
         agent.wait_ready();
         agent
+    }
+
+    /// Stops the agent (SIGTERM) and starts a new one on the same config, socket and mount.
+    pub fn restart(&mut self) {
+        assert!(self.stop().success(), "the agent did not stop cleanly");
+        self.child = Some(spawn_daemon(&self.config, false));
+        self.wait_ready();
     }
 
     fn wait_ready(&self) {
@@ -317,6 +314,16 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+fn spawn_daemon(config: &Path, piped_stdout: bool) -> Child {
+    Command::new(logtap_bin())
+        .args(["daemon", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(if piped_stdout { Stdio::piped() } else { Stdio::null() })
+        .spawn()
+        .expect("spawn logtap")
 }
 
 impl Drop for Agent {

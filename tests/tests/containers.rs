@@ -415,3 +415,57 @@ fn the_volume_plugin_protocol_directly_and_through_podman() {
     podman.podman(&["volume", "rm", "lt-vol"]);
     assert!(!agent.mount.join("lt-vol").exists());
 }
+
+/// A container whose records the ring dropped shows them as lost, in `/v1/containers`, in
+/// `logtap containers` and in Prometheus: its stdout/stderr and its volume's files alike.
+#[test]
+fn records_the_ring_drops_show_as_the_containers_loss() {
+    let turn = one_at_a_time();
+    let podman = Podman::start(None);
+    // A required Kafka sink that never answers holds the ring full: drop_oldest must drop.
+    let kafka = "[sinks.kafka]\ntype = \"kafka\"\nbrokers = [\"127.0.0.1:1\"]\ntopic = \"t\"\n";
+    let agent = Agent::start(Setup { ring_capacity: "256KiB".into(), ..setup(&podman, "", kafka) });
+    wait_status(&agent, "connected");
+    let Scene { _turn, agent, podman } = Scene { agent, podman, _turn: turn };
+    let vol = agent.volume("lossy");
+    let n = 3000;
+    podman.run(&[
+        "-d",
+        "--name",
+        "lt-lossy",
+        "-v",
+        &format!("{}:/var/log/app", vol.display()),
+        IMAGE,
+        "sh",
+        "-c",
+        &script("l", n, true),
+    ]);
+    assert_eq!(podman.wait("lt-lossy"), 0);
+    let c = container(&agent, "lt-lossy", |c| c["pipe"]["captured_records_total"] == 2 * n as u64);
+    let volume = agent.volume_stats("lossy");
+    let pipe_dropped = c["pipe"]["dropped_bytes_total"].as_u64().unwrap();
+    let file_dropped = volume["dropped_bytes_total"].as_u64().unwrap();
+    assert!(pipe_dropped > 0 && file_dropped > 0, "the ring must have dropped both: {c} {volume}");
+    assert_eq!(c["dropped_bytes_total"], pipe_dropped + file_dropped, "{c}");
+    let lost = c["lost_bytes_total"].as_u64().unwrap();
+    let kernel = c["kernel_lost_bytes_total"].as_u64().unwrap() + c["truncated_bytes_total"].as_u64().unwrap();
+    assert_eq!(lost, pipe_dropped + file_dropped + kernel, "{c}");
+
+    let table = std::process::Command::new(logtap_e2e::logtap_bin())
+        .args(["containers", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    let row = table.lines().find(|l| l.contains("lt-lossy")).unwrap_or_else(|| panic!("{table}"));
+    // The LOST column, as the CLI prints sizes.
+    let human = |n: u64| match n {
+        0..1024 => format!("{n} B"),
+        1024..1048576 => format!("{:.1} KiB", n as f64 / 1024.0),
+        _ => format!("{:.1} MiB", n as f64 / 1048576.0),
+    };
+    assert!(row.contains(&format!(" {} ", human(lost))), "LOST must read {}: {table}", human(lost));
+    let metrics = String::from_utf8_lossy(&agent.get("/metrics").unwrap()).into_owned();
+    let series = metrics.lines().find(|l| l.starts_with("logtap_container_lost_bytes_total{container=\"lt-lossy\""));
+    assert_eq!(series.and_then(|l| l.rsplit(' ').next()), Some(lost.to_string().as_str()), "{metrics}");
+}

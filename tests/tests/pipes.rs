@@ -244,7 +244,7 @@ fn bad_targets_are_refused_clearly() {
     assert!(e.contains("already watched by target"), "{e}");
     sleeper.kill().unwrap();
     let _ = sleeper.wait();
-    let e = agent.post("/v1/unwatch", &json!({"target": 4000})).unwrap_err().to_string();
+    let e = agent.post("/v1/unwatch", &json!({"target": "0-4000"})).unwrap_err().to_string();
     assert!(e.contains("no target"), "{e}");
     let out = Command::new(logtap_bin())
         .args(["watch", "--pid", "999999999", "--socket"])
@@ -326,7 +326,7 @@ fn a_cgroup_is_watched_with_every_process_in_it() {
         Command::new(WRITER).args(["flood", "500", "40"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     std::fs::write(cgroup.join("cgroup.procs"), child.id().to_string()).unwrap();
     let watched = agent.post("/v1/watch", &json!({"cgroup": cgroup, "service": "cg"})).unwrap();
-    assert!(serde_json::from_slice::<Value>(&watched).unwrap()["target"].is_u64());
+    assert!(serde_json::from_slice::<Value>(&watched).unwrap()["target"].is_string());
     child.stdin.take().unwrap().write_all(b"g").unwrap();
     let mut out = Vec::new();
     child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
@@ -385,4 +385,86 @@ fn static_targets_from_the_config_are_watched_from_the_start() {
     );
     drop(agent);
     std::fs::remove_dir(&cgroup).unwrap();
+}
+
+/// `logtap run -- COMMAND...` with the output captured under `service`.
+fn run_sh(agent: &Agent, service: &str, script: &str) -> Output {
+    let out = Command::new(logtap_bin())
+        .args(["run", "--service", service, "--socket"])
+        .arg(&agent.socket)
+        .args(["--", "sh", "-c", script])
+        .output()
+        .expect("logtap run");
+    assert!(out.status.success(), "logtap run failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// A pipeline inside the command: only what reaches the command's own stdout is its output;
+/// the inner pipe's bytes are counted as other-pipe bytes, not delivered.
+#[test]
+fn logtap_run_captures_the_commands_output_not_its_inner_pipes() {
+    let agent = Agent::start(Setup::default());
+    assert_pipes_running(&agent);
+    let out = run_sh(&agent, "pipeline", "seq 1 100000 | tail -n 5; yes | head -n 1000; echo err >&2");
+    let expected: Vec<String> =
+        (99_996..=100_000).map(|i| i.to_string()).chain(std::iter::repeat_n("y".to_string(), 1000)).collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected.join("\n") + "\n", "passed through unchanged");
+    let got = agent.wait_lines("pipeline", "stdout", expected.len(), WAIT);
+    let t = target(&agent, "pipeline");
+    agent.wait_idle(WAIT);
+    let got_all = agent.sink_lines("pipeline", "stdout");
+    assert_eq!(got.len(), got_all.len());
+    assert!(logtap_e2e::as_strings(&got_all) == expected, "{} records, expected {}", got_all.len(), expected.len());
+    assert_eq!(logtap_e2e::as_strings(&agent.wait_lines("pipeline", "stderr", 1, WAIT)), vec!["err"]);
+    // seq's 588,895 bytes went into the pipe to tail, and yes wrote to head's pipe: not output.
+    assert!(t["other_pipe_bytes_total"].as_u64().unwrap() >= 588_895, "{t}");
+    assert_eq!(t["captured_records_total"], expected.len() as u64 + 1, "{t}");
+}
+
+/// Target ids never repeat across agent restarts: a `logtap run` that outlived its agent says at
+/// once that its output is no longer captured, and its end does not cut another run's capture.
+#[test]
+fn a_run_that_outlives_the_agent_says_so_at_once_and_leaves_other_runs_alone() {
+    use std::io::BufRead;
+    let mut agent = Agent::start(Setup::default());
+    assert_pipes_running(&agent);
+    let mut first = Command::new(logtap_bin())
+        .args(["run", "--service", "first", "--socket"])
+        .arg(&agent.socket)
+        .args(["--", "sh", "-c", "echo before; sleep 6; echo after"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(logtap_e2e::as_strings(&agent.wait_lines("first", "stdout", 1, WAIT)), vec!["before"]);
+    agent.restart();
+    let restarted = std::time::Instant::now();
+    // The second run gets a target on the new agent while the first still runs.
+    let second = Command::new(logtap_bin())
+        .args(["run", "--service", "second", "--socket"])
+        .arg(&agent.socket)
+        .args(["--", "sh", "-c", "sleep 7; for i in 1 2 3; do echo second $i; done"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(first.stderr.take().unwrap());
+    let mut said_at = None;
+    let mut said = String::new();
+    for line in stderr.lines().map_while(Result::ok) {
+        said_at.get_or_insert_with(std::time::Instant::now);
+        said += &line;
+    }
+    let first_exit = first.wait().unwrap();
+    let ended = std::time::Instant::now();
+    assert!(first_exit.success());
+    assert!(said.contains("NOT captured from here on"), "{said}");
+    assert!(!said.contains("400"), "the end of the run must not try the old id: {said}");
+    let said_at = said_at.expect("a warning on stderr");
+    assert!(ended.duration_since(said_at) > Duration::from_secs(3), "said at the end, not at once: {said}");
+    assert!(said_at.duration_since(restarted) < Duration::from_secs(3), "{said}");
+    let second = second.wait_with_output().unwrap();
+    assert!(second.status.success() && second.stderr.is_empty(), "{}", String::from_utf8_lossy(&second.stderr));
+    let got = agent.wait_lines("second", "stdout", 3, WAIT);
+    assert_eq!(logtap_e2e::as_strings(&got), vec!["second 1", "second 2", "second 3"]);
 }

@@ -74,7 +74,7 @@ enum Command {
         target: WatchArgs,
         /// A target id, as `logtap watch` printed it.
         #[arg(long, conflicts_with_all = ["pid", "cgroup"])]
-        target_id: Option<u32>,
+        target_id: Option<String>,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -242,9 +242,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let spec = TargetSpec {
                 pid: target.pid,
                 cgroup: target.cgroup,
-                container: None,
                 service: identity.service,
                 module: identity.module,
+                ..Default::default()
             };
             if spec.pid.is_none() && spec.cgroup.is_none() {
                 bail!("name a --pid or a --cgroup");
@@ -311,22 +311,38 @@ fn run_command(
     module: Option<String>,
     argv: &[String],
 ) -> anyhow::Result<i32> {
-    use std::io::{Read, Write};
+    use std::os::unix::fs::MetadataExt;
     use std::os::unix::process::ExitStatusExt;
-    use std::process::Stdio;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
 
     let me = std::process::id();
     let post = |path: &str, body: Vec<u8>| block_on(client::call(socket, Method::POST, path, Some(body)));
-    let spec = TargetSpec { pid: Some(me), service, module, ..Default::default() };
+    // The command's stdout and stderr are pipes made here, so that the agent knows them before
+    // the command writes: writes to any other pipe (`a | b` inside the command) are not its output.
+    let (out_read, out_write) = pipe().context("cannot make the command's stdout pipe")?;
+    let (err_read, err_write) = pipe().context("cannot make the command's stderr pipe")?;
+    let spec = TargetSpec {
+        pid: Some(me),
+        service,
+        module,
+        stdout_pipe: Some(out_write.metadata()?.ino()),
+        stderr_pipe: Some(err_write.metadata()?.ino()),
+        ..Default::default()
+    };
     let target = match post("/v1/watch", serde_json::to_vec(&spec)?) {
-        Ok(answer) => serde_json::from_slice::<serde_json::Value>(&answer).ok().and_then(|v| v["target"].as_u64()),
+        Ok(answer) => serde_json::from_slice::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v["target"].as_str().map(str::to_string)),
         Err(e) => {
             eprintln!("logtap run: the output is NOT captured: {e:#}");
             None
         }
     };
     let (program, args) = argv.split_first().context("no command given")?;
-    let spawned = std::process::Command::new(program).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    // The Command (and with it this process's copies of the write ends) is gone after spawn,
+    // so the relays see the end of the output when the command's side closes.
+    let spawned = std::process::Command::new(program).args(args).stdout(out_write).stderr(err_write).spawn();
     if target.is_some() {
         let unwatch = UnwatchSpec { pid: Some(me), ..Default::default() };
         if let Err(e) = post("/v1/unwatch", serde_json::to_vec(&unwatch)?) {
@@ -337,14 +353,15 @@ fn run_command(
         Ok(child) => child,
         Err(e) => {
             if let Some(id) = target {
-                let done = UnwatchSpec { target: u32::try_from(id).ok(), ..Default::default() };
+                let done = UnwatchSpec { target: Some(id), ..Default::default() };
                 let _ = post("/v1/unwatch", serde_json::to_vec(&done)?);
             }
             return Err(e).with_context(|| format!("cannot run {program}"));
         }
     };
-    fn relay(mut from: impl Read + Send + 'static, to: fn() -> Box<dyn Write>) -> std::thread::JoinHandle<()> {
+    fn relay(mut from: std::fs::File, to: fn() -> Box<dyn std::io::Write>) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
+            use std::io::Read;
             let mut buf = vec![0u8; 64 << 10];
             let mut out = to();
             while let Ok(n) = from.read(&mut buf) {
@@ -354,21 +371,60 @@ fn run_command(
             }
         })
     }
-    let relays = [
-        child.stdout.take().map(|o| relay(o, || Box::new(std::io::stdout()))),
-        child.stderr.take().map(|e| relay(e, || Box::new(std::io::stderr()))),
-    ];
+    let relays = [relay(out_read, || Box::new(std::io::stdout())), relay(err_read, || Box::new(std::io::stderr()))];
+    // Say at once when the capture stops (the agent restarted or went away), not at the end.
+    let exited = Arc::new(AtomicBool::new(false));
+    let lost = Arc::new(AtomicBool::new(false));
+    let watcher = target.clone().map(|id| {
+        let (socket, exited, lost) = (socket.to_path_buf(), exited.clone(), lost.clone());
+        std::thread::spawn(move || {
+            while !exited.load(Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                if let Some(why) = capture_stopped(&socket, &id) {
+                    if !exited.load(Ordering::Relaxed) {
+                        eprintln!("logtap run: the output is NOT captured from here on: {why}");
+                        lost.store(true, Ordering::Relaxed);
+                    }
+                    return;
+                }
+            }
+        })
+    });
     let status = child.wait().context("waiting for the command")?;
-    for r in relays.into_iter().flatten() {
+    for r in relays {
         let _ = r.join();
     }
-    if let Some(id) = target {
-        let done = UnwatchSpec { target: u32::try_from(id).ok(), ..Default::default() };
+    exited.store(true, Ordering::Relaxed);
+    if let Some(w) = watcher {
+        let _ = w.join();
+    }
+    if let Some(id) = target.filter(|_| !lost.load(Ordering::Relaxed)) {
+        let done = UnwatchSpec { target: Some(id), ..Default::default() };
         if let Err(e) = post("/v1/unwatch", serde_json::to_vec(&done)?) {
             eprintln!("logtap run: {e:#}");
         }
     }
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// A pipe whose ends are not inherited by accident (close-on-exec; `Command` dups the end it
+/// gives the child).
+fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned by nothing else.
+    Ok(unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) })
+}
+
+/// Why the agent no longer captures target `id`, if it does not: the agent does not answer, or
+/// it has no such target (it was restarted).
+fn capture_stopped(socket: &std::path::Path, id: &str) -> Option<String> {
+    let asked = block_on(client::call(socket, Method::GET, &format!("/v1/targets/{id}"), None));
+    asked.err().map(|e| format!("{e:#}"))
 }
 
 fn bytes(n: u64) -> String {
@@ -443,7 +499,7 @@ fn render_pipes(p: &logtap::sources::pipes::PipesSnapshot) -> String {
         return out;
     }
     out += &format!(
-        "{:<6} {:<28} {:<16} {:>10} {:>11} {:>12} {:>10} {:>10} {:>8}\n",
+        "{:<16} {:<28} {:<16} {:>10} {:>11} {:>12} {:>10} {:>10} {:>8}\n",
         "TARGET", "WATCHING", "SERVICE", "WRITES", "BYTES", "RECORDS", "TRUNCATED", "LOST", "DROPPED"
     );
     for t in &p.targets {
@@ -456,7 +512,7 @@ fn render_pipes(p: &logtap::sources::pipes::PipesSnapshot) -> String {
         };
         let what = if t.ended { format!("{what} (ended)") } else { what };
         out += &format!(
-            "{:<6} {:<28} {:<16} {:>10} {:>11} {:>12} {:>10} {:>10} {:>8}\n",
+            "{:<16} {:<28} {:<16} {:>10} {:>11} {:>12} {:>10} {:>10} {:>8}\n",
             t.id,
             what,
             t.service_name,
@@ -481,8 +537,18 @@ fn render_discovery(d: &DiscoverySnapshot) -> String {
         return out;
     }
     out += &format!(
-        "{:<14} {:<20} {:<16} {:<10} {:<8} {:<10} {:>10} {:>11} {:>10}  {}\n",
-        "CONTAINER", "NAME", "SERVICE", "TENANT", "STATE", "STDOUT", "RECORDS", "BYTES", "LOST", "VOLUMES"
+        "{:<14} {:<20} {:<16} {:<10} {:<8} {:<10} {:>10} {:>11} {:>10} {:>11}  {}\n",
+        "CONTAINER",
+        "NAME",
+        "SERVICE",
+        "TENANT",
+        "STATE",
+        "STDOUT",
+        "RECORDS",
+        "BYTES",
+        "LOST",
+        "OTHER PIPES",
+        "VOLUMES"
     );
     for c in &d.containers {
         let stdout = match c.stdout {
@@ -491,7 +557,7 @@ fn render_discovery(d: &DiscoverySnapshot) -> String {
             Stdout::NotCapturable => "NO",
         };
         out += &format!(
-            "{:<14} {:<20} {:<16} {:<10} {:<8} {:<10} {:>10} {:>11} {:>10}  {}\n",
+            "{:<14} {:<20} {:<16} {:<10} {:<8} {:<10} {:>10} {:>11} {:>10} {:>11}  {}\n",
             logtap::discovery::identity::short_id(&c.id),
             c.name,
             c.service,
@@ -501,6 +567,7 @@ fn render_discovery(d: &DiscoverySnapshot) -> String {
             c.pipe.captured_records_total,
             bytes(c.pipe.captured_bytes_total),
             bytes(c.lost_bytes_total),
+            bytes(c.other_pipe_bytes_total),
             c.volumes.join(",")
         );
         if let Some(reason) = &c.reason {

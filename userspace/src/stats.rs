@@ -417,7 +417,7 @@ impl Stats {
     /// The runtime followed and its containers, with their pipe counters.
     pub fn discovery(&self) -> Option<DiscoverySnapshot> {
         let pipes = self.pipes();
-        lock(&self.discovery).as_ref().map(|d| d.snapshot(&pipes))
+        lock(&self.discovery).as_ref().map(|d| d.snapshot(&pipes, &self.volumes()))
     }
 
     pub fn set_pipes(&self, pipes: Arc<PipeSource>) {
@@ -450,13 +450,14 @@ impl Stats {
 
     pub fn snapshot(&self) -> Snapshot {
         let pipes = self.pipes();
+        let volumes = self.volumes();
         Snapshot {
             host: self.host.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             ring: self.ring.snapshot(),
-            volumes: self.volumes(),
-            discovery: lock(&self.discovery).as_ref().map(|d| d.snapshot(&pipes)),
+            discovery: lock(&self.discovery).as_ref().map(|d| d.snapshot(&pipes, &volumes)),
+            volumes,
             pipes,
             sinks: lock(&self.sinks).iter().map(|s| s.snapshot()).collect(),
         }
@@ -520,7 +521,7 @@ pub fn prometheus(s: &Snapshot) -> String {
         ("pipe_dropped_records_total", "Pipe records dropped by the ring.", |t| t.totals.dropped_records_total),
     ];
     for (name, help, pick) in target_fields {
-        // Ended targets are in the JSON stats only: their series would restart under a reused id.
+        // Ended targets are in the JSON stats only: the series of short runs would pile up.
         let live = s.pipes.targets.iter().filter(|t| !t.ended);
         metric(name, "counter", help, live.map(|t| (target(t), pick(t) as f64)).collect());
     }
@@ -571,8 +572,12 @@ pub fn prometheus(s: &Snapshot) -> String {
         let container = |c: &crate::discovery::ContainerSnapshot| {
             format!("{{container=\"{}\",service=\"{}\"}}", label_value(&c.name), label_value(&c.service))
         };
-        let rows = live.map(|c| (container(c), c.pipe.captured_records_total as f64)).collect();
+        let rows = live.clone().map(|c| (container(c), c.pipe.captured_records_total as f64)).collect();
         metric("container_pipe_captured_records_total", "counter", "stdout/stderr records per container.", rows);
+        let rows = live.clone().map(|c| (container(c), c.lost_bytes_total as f64)).collect();
+        metric("container_lost_bytes_total", "counter", "Bytes of a container's output not delivered.", rows);
+        let rows = live.map(|c| (container(c), c.other_pipe_bytes_total as f64)).collect();
+        metric("container_other_pipe_bytes_total", "counter", "Bytes written to pipes that are not output.", rows);
     }
     let r = &s.ring;
     metric("ring_capacity_bytes", "gauge", "Ring capacity.", one(r.capacity_bytes as f64));

@@ -522,7 +522,7 @@ fn pipe_run(
         let body = serde_json::json!({"pid": child.id(), "service": "bench"});
         let answer: serde_json::Value =
             serde_json::from_slice(&agent.post("/v1/watch", &body).expect("watch")).expect("json");
-        target = answer["target"].as_u64();
+        target = answer["target"].as_str().map(str::to_string);
     }
     // The writer and its reader share CPU 0 in every mode: left to the scheduler, the no-probe
     // baseline flips between two speeds depending on whether they share a core.

@@ -1,6 +1,6 @@
 //! The daemon's side of the control socket.
 //!
-//! `GET /v1/stats`, `GET /v1/volumes`, `POST /v1/volumes`, `GET /v1/targets`,
+//! `GET /v1/stats`, `GET /v1/volumes`, `POST /v1/volumes`, `GET /v1/targets[/ID]`,
 //! `GET /v1/containers`, `POST /v1/watch`, `POST /v1/unwatch`, `GET /metrics`, `GET /v1/health`.
 
 use std::convert::Infallible;
@@ -142,6 +142,13 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Result<Respons
         }
         (&Method::GET, "/v1/health") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         (&Method::GET, "/v1/targets") => json(StatusCode::OK, &control.stats.pipes()),
+        (&Method::GET, p) if p.starts_with("/v1/targets/") => {
+            let id = &p["/v1/targets/".len()..];
+            match control.pipes.live_target(id) {
+                Some(t) => json(StatusCode::OK, &t),
+                None => error(StatusCode::NOT_FOUND, format!("no live target {id}")),
+            }
+        }
         (&Method::GET, "/v1/containers") => match control.stats.discovery() {
             Some(d) => json(StatusCode::OK, &d),
             None => error(StatusCode::NOT_FOUND, "container discovery is off (discovery.enabled = false)"),

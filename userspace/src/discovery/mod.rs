@@ -90,9 +90,18 @@ pub struct ContainerSnapshot {
     pub volumes: Vec<String>,
     /// Its stdout/stderr records (over its pipe targets still in the stats), counted here.
     pub pipe: CountersSnapshot,
-    /// Counted in the kernel: bytes written to its pipes, and what the BPF ring buffer lost.
+    /// Counted in the kernel: bytes written to its stdout/stderr pipes.
     pub written_bytes_total: u64,
+    /// Every byte of its output that will not be delivered: the sum of the three below.
     pub lost_bytes_total: u64,
+    /// stdout/stderr bytes the BPF ring buffer had no room for (counted in the kernel).
+    pub kernel_lost_bytes_total: u64,
+    /// stdout/stderr bytes of writes past `pipes.max_write_capture`.
+    pub truncated_bytes_total: u64,
+    /// Bytes of its records (stdout/stderr and its volumes' files) the ring dropped.
+    pub dropped_bytes_total: u64,
+    /// Bytes its processes wrote to pipes that are not its stdout/stderr (not its output).
+    pub other_pipe_bytes_total: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -265,7 +274,11 @@ impl Discovery {
         Some(first.as_os_str().to_string_lossy().into_owned())
     }
 
-    pub fn snapshot(&self, pipes: &crate::sources::pipes::PipesSnapshot) -> DiscoverySnapshot {
+    pub fn snapshot(
+        &self,
+        pipes: &crate::sources::pipes::PipesSnapshot,
+        volumes: &[crate::stats::VolumeSnapshot],
+    ) -> DiscoverySnapshot {
         let r = self.lock();
         let containers = r
             .containers
@@ -274,12 +287,16 @@ impl Discovery {
             .map(|e| {
                 let i = &e.identity;
                 let mut pipe = CountersSnapshot::default();
-                let (mut written, mut lost) = (0, 0);
+                let (mut written, mut kernel_lost, mut truncated, mut other) = (0, 0, 0, 0);
                 for t in pipes.targets.iter().filter(|t| t.spec.container.as_deref() == Some(&i.container.id)) {
                     pipe.add(&t.totals);
                     written += t.written_bytes_total;
-                    lost += t.lost_bytes_total;
+                    kernel_lost += t.lost_bytes_total;
+                    truncated += t.truncated_bytes_total;
+                    other += t.other_pipe_bytes_total;
                 }
+                let mine = volumes.iter().filter(|v| v.container.as_ref().is_some_and(|c| c.id == i.container.id));
+                let dropped = pipe.dropped_bytes_total + mine.map(|v| v.totals.dropped_bytes_total).sum::<u64>();
                 ContainerSnapshot {
                     id: i.container.id.clone(),
                     name: i.container.name.clone(),
@@ -295,7 +312,11 @@ impl Discovery {
                     volumes: e.volumes.clone(),
                     pipe,
                     written_bytes_total: written,
-                    lost_bytes_total: lost,
+                    lost_bytes_total: kernel_lost + truncated + dropped,
+                    kernel_lost_bytes_total: kernel_lost,
+                    truncated_bytes_total: truncated,
+                    dropped_bytes_total: dropped,
+                    other_pipe_bytes_total: other,
                 }
             })
             .collect();

@@ -51,6 +51,13 @@ pub struct TargetSpec {
     /// Module of the records (default: `stdout` or `stderr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
+    /// The inodes of the pipes that are the target's stdout and stderr (`logtap run` makes
+    /// them before the command starts). Default: what the process has on fd 1 and 2 when it
+    /// is watched. Writes to any other pipe are not the target's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_pipe: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr_pipe: Option<u64>,
 }
 
 /// What an unwatch request names.
@@ -64,7 +71,7 @@ pub struct UnwatchSpec {
     pub cgroup: Option<PathBuf>,
     /// Remove a target entirely, once what it already wrote is read.
     #[serde(default)]
-    pub target: Option<u32>,
+    pub target: Option<String>,
 }
 
 /// Whose a target's records are; a container target learns it when the runtime names it.
@@ -106,21 +113,28 @@ impl Who {
 }
 
 struct Target {
-    id: u32,
+    /// The kernel's name for it: the value in the watch maps and the index of its counters.
+    /// Slots are reused; ids are not.
+    slot: u32,
+    /// The name users see: unique to this agent's run, never given twice.
+    id: String,
     spec: TargetSpec,
     who: Mutex<Who>,
     counters: Arc<GroupCounters>,
     /// Container targets: the cgroups found to be the container's (one per start).
     cgroups: Mutex<Vec<u64>>,
-    /// Container targets: the runtime's stdout and stderr pipes.
+    /// Its stdout and stderr pipes.
     pipes: Mutex<StdPipes>,
-    /// Bytes written to other pipes (a pipeline inside a container, `exec` sessions).
+    /// Bytes written to other pipes (a pipeline inside a container or a command, `exec`
+    /// sessions).
     other_pipe_bytes: AtomicU64,
 }
 
-/// The inodes of a container's stdout and stderr pipes, from its init process's fds 1 and 2
-/// (one pair per start). They name a write's stream whatever fd number it used; a write to any
-/// other pipe is not the container's output. Unknown (init gone): the fd number names it.
+/// The inodes of a target's stdout and stderr pipes: a container's from its init process's fds
+/// 1 and 2 (one pair per start), a process's from its fds 1 and 2 when it is watched, or as the
+/// watch request names them. They name a write's stream whatever fd number it used; a write to
+/// any other pipe is not the target's output. Unknown (not pipes, init gone): the fd number
+/// names it.
 #[derive(Debug, Default)]
 struct StdPipes {
     stdout: Vec<u64>,
@@ -134,7 +148,13 @@ impl StdPipes {
             let m = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).ok()?;
             m.file_type().is_fifo().then(|| m.ino())
         };
-        if let (Some(out), Some(err)) = (ino(1), ino(2)) {
+        self.add(ino(1), ino(2));
+    }
+
+    /// A pair of pipes; only a whole pair counts (one of them alone would make the other
+    /// stream's writes look like another pipe's).
+    fn add(&mut self, stdout: Option<u64>, stderr: Option<u64>) {
+        if let (Some(out), Some(err)) = (stdout, stderr) {
             self.stdout.push(out);
             self.stderr.push(err);
         }
@@ -166,7 +186,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TargetSnapshot {
-    pub id: u32,
+    pub id: String,
     #[serde(flatten)]
     pub spec: TargetSpec,
     /// The service its records carry.
@@ -189,8 +209,8 @@ pub struct TargetSnapshot {
     pub truncated_bytes_total: u64,
     pub lost_events_total: u64,
     pub lost_bytes_total: u64,
-    /// Container targets: bytes written to pipes other than the container's stdout/stderr
-    /// (a pipeline inside it, `exec` sessions), not captured.
+    /// Bytes written to pipes other than the target's stdout/stderr (a pipeline inside a
+    /// container or a command, `exec` sessions), not captured.
     #[serde(default)]
     pub other_pipe_bytes_total: u64,
     /// Counted here: records and bytes framed, dropped by the ring, split.
@@ -282,10 +302,14 @@ pub struct PipeSource {
     directory: Option<Arc<dyn Directory>>,
     hold: Hold,
     counts: ContainerCounts,
+    /// Target ids are `{instance}-{n}`: `instance` differs at every start of the agent, so a
+    /// `logtap run` that outlived an agent cannot unwatch another run's target.
+    instance: String,
+    next_id: AtomicU64,
 }
 
 enum Command {
-    /// Forget a target once what it already wrote is read.
+    /// Forget a target (by slot) once what it already wrote is read.
     Remove(u32),
     /// The runtime has named a container (or said it does not know it).
     Identified(String),
@@ -331,6 +355,8 @@ impl PipeSource {
             directory,
             hold,
             counts: ContainerCounts::default(),
+            instance: instance_name(),
+            next_id: AtomicU64::new(1),
         })
     }
 
@@ -421,7 +447,7 @@ impl PipeSource {
     }
 
     /// Starts watching; returns the target's id.
-    pub fn watch(&self, spec: &TargetSpec) -> anyhow::Result<u32> {
+    pub fn watch(&self, spec: &TargetSpec) -> anyhow::Result<String> {
         if spec.container.is_some() {
             bail!("containers are watched by discovery, not by a watch request");
         }
@@ -474,30 +500,38 @@ impl PipeSource {
                 );
             }
         }
-        let target = Self::add_target(&mut st, spec.clone(), who)?;
+        let target = self.add_target(&mut st, spec.clone(), who)?;
+        {
+            let mut pipes = lock(&target.pipes);
+            match (spec.stdout_pipe, spec.stderr_pipe, spec.pid) {
+                (None, None, Some(pid)) => pipes.learn(pid),
+                (out, err, _) => pipes.add(out, err),
+            }
+        }
         let Some(maps) = st.maps.as_mut() else { bail!("eBPF pipe capture stopped") };
         if let Some(pid) = spec.pid {
-            maps.pids.insert(pid, target.id, 0).context("adding the process to the watch map")?;
+            maps.pids.insert(pid, target.slot, 0).context("adding the process to the watch map")?;
         }
         if let Some(cg) = cgroup {
-            maps.cgroups.insert(cg, target.id, 0).context("adding the cgroup to the watch map")?;
+            maps.cgroups.insert(cg, target.slot, 0).context("adding the cgroup to the watch map")?;
             // No longer skipped: after an unwatch, the reader skips it again.
             st.excluded.remove(&cg);
         }
-        info!(target = target.id, ?spec, "watching");
-        Ok(target.id)
+        info!(target = %target.id, ?spec, "watching");
+        Ok(target.id.clone())
     }
 
     /// A new target with fresh kernel counters.
-    fn add_target(st: &mut State, spec: TargetSpec, who: Who) -> anyhow::Result<Arc<Target>> {
+    fn add_target(&self, st: &mut State, spec: TargetSpec, who: Who) -> anyhow::Result<Arc<Target>> {
         let Some(maps) = st.maps.as_mut() else { bail!("eBPF pipe capture is not running") };
-        let id = (0..CONTAINERS_TARGET).find(|i| !st.targets.contains_key(i)).context("too many watch targets")?;
+        let slot = (0..CONTAINERS_TARGET).find(|i| !st.targets.contains_key(i)).context("too many watch targets")?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         maps.counters
-            .set(id, aya::maps::PerCpuValues::try_from(vec![TargetCounters::default(); cpus])?, 0)
+            .set(slot, aya::maps::PerCpuValues::try_from(vec![TargetCounters::default(); cpus])?, 0)
             .context("resetting the target's counters")?;
         let target = Arc::new(Target {
-            id,
+            slot,
+            id: format!("{}-{}", self.instance, self.next_id.fetch_add(1, Relaxed)),
             spec,
             who: Mutex::new(who),
             counters: Arc::default(),
@@ -505,9 +539,9 @@ impl PipeSource {
             pipes: Mutex::default(),
             other_pipe_bytes: AtomicU64::new(0),
         });
-        st.targets.insert(id, target.clone());
+        st.targets.insert(slot, target.clone());
         if let Some(c) = &target.spec.container {
-            st.containers.insert(c.clone(), id);
+            st.containers.insert(c.clone(), slot);
         }
         Ok(target)
     }
@@ -523,11 +557,10 @@ impl PipeSource {
                 .remove(&cgroups::id_of(cg)?)
                 .with_context(|| format!("cgroup {} is not watched", cg.display()))?;
         }
-        if let Some(id) = spec.target {
-            if !st.targets.contains_key(&id) {
-                bail!("no target {id}");
-            }
-            self.send(Command::Remove(id));
+        if let Some(id) = &spec.target {
+            let slot = st.targets.values().find(|t| t.id == *id).map(|t| t.slot);
+            let Some(slot) = slot else { bail!("no target {id}") };
+            self.send(Command::Remove(slot));
         }
         Ok(())
     }
@@ -548,18 +581,18 @@ impl PipeSource {
         self.send(Command::Died(container_id.to_string()));
     }
 
-    fn remove_target(&self, id: u32) {
+    fn remove_target(&self, slot: u32) {
         let mut st = self.lock();
-        if let Some(mut last) = self.snapshot_of(&st, id) {
+        if let Some(mut last) = self.snapshot_of(&st, slot) {
             last.ended = true;
             st.ended.push_back(last);
             if st.ended.len() > ENDED_KEPT {
                 st.ended.pop_front();
             }
         }
-        let Some(t) = st.targets.remove(&id) else { return };
+        let Some(t) = st.targets.remove(&slot) else { return };
         if let Some(c) = &t.spec.container {
-            if st.containers.get(c) == Some(&id) {
+            if st.containers.get(c) == Some(&slot) {
                 st.containers.remove(c);
             }
         }
@@ -575,12 +608,12 @@ impl PipeSource {
             }
             // Children still in the kernel's map for this target are dropped with their entries.
             let stale: Vec<u32> =
-                maps.pids.iter().filter_map(Result::ok).filter(|(_, t)| *t == id).map(|(k, _)| k).collect();
+                maps.pids.iter().filter_map(Result::ok).filter(|(_, t)| *t == slot).map(|(k, _)| k).collect();
             for pid in stale {
                 let _ = maps.pids.remove(&pid);
             }
         }
-        info!(target = id, "target removed");
+        info!(target = %t.id, "target removed");
     }
 
     fn kernel_counters(st: &State, id: u32) -> TargetCounters {
@@ -599,14 +632,14 @@ impl PipeSource {
             .unwrap_or_default()
     }
 
-    fn snapshot_of(&self, st: &State, id: u32) -> Option<TargetSnapshot> {
-        let t = st.targets.get(&id)?;
-        let k = Self::kernel_counters(st, id);
+    fn snapshot_of(&self, st: &State, slot: u32) -> Option<TargetSnapshot> {
+        let t = st.targets.get(&slot)?;
+        let k = Self::kernel_counters(st, slot);
         let who = t.who();
         let mut spec = t.spec.clone();
         spec.service = None;
         Some(TargetSnapshot {
-            id: t.id,
+            id: t.id.clone(),
             spec,
             service_name: who.service.to_string(),
             tenant: who.tenant.to_string(),
@@ -654,8 +687,15 @@ impl PipeSource {
         }
     }
 
-    fn target(&self, id: u32) -> Option<Arc<Target>> {
-        self.lock().targets.get(&id).cloned()
+    /// A target that is still watched, by id.
+    pub fn live_target(&self, id: &str) -> Option<TargetSnapshot> {
+        let st = self.lock();
+        let slot = st.targets.values().find(|t| t.id == id)?.slot;
+        self.snapshot_of(&st, slot)
+    }
+
+    fn target(&self, slot: u32) -> Option<Arc<Target>> {
+        self.lock().targets.get(&slot).cloned()
     }
 
     /// Shutdown: reads what the kernel has already handed over and ends every partial line.
@@ -670,9 +710,29 @@ impl PipeSource {
     }
 }
 
+/// A name for this run of the agent: 48 random bits, so that no two runs share target ids.
+fn instance_name() -> String {
+    let mut bits = [0u8; 6];
+    // SAFETY: the buffer is valid for its length. getrandom does not fail for 6 bytes once the
+    // pool is ready; if it did, the clock still makes the name differ between runs.
+    let got = unsafe { libc::getrandom(bits.as_mut_ptr().cast(), bits.len(), 0) };
+    if got != bits.len() as isize {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        bits.copy_from_slice(&nanos.as_nanos().to_le_bytes()[..6]);
+    }
+    bits.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_runs_have_their_own_target_ids() {
+        let (a, b) = (instance_name(), instance_name());
+        assert_eq!(a.len(), 12);
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn a_containers_pipes_name_its_streams_whatever_the_fd() {

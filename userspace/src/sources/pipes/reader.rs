@@ -366,7 +366,7 @@ impl PipeSource {
                     Lookup::Pending | Lookup::Unknown => Who::of(&Identity::unnamed(id), false),
                 };
                 let spec = TargetSpec { container: Some(id.to_string()), ..Default::default() };
-                let t = match Self::add_target(&mut st, spec, who) {
+                let t = match self.add_target(&mut st, spec, who) {
                     Ok(t) => t,
                     Err(e) => {
                         warn!(container = id, "cannot capture a container: {e:#}");
@@ -374,7 +374,7 @@ impl PipeSource {
                     }
                 };
                 if matches!(lookup, Lookup::Pending) {
-                    asm.held.insert(t.id, Held { since: Instant::now(), records: Vec::new(), died: false });
+                    asm.held.insert(t.slot, Held { since: Instant::now(), records: Vec::new(), died: false });
                 }
                 t
             }
@@ -384,12 +384,12 @@ impl PipeSource {
             super::lock(&target.pipes).learn(init);
         }
         if let Some(maps) = st.maps.as_mut() {
-            if let Err(e) = maps.cgroups.insert(cgroup, target.id, 0) {
+            if let Err(e) = maps.cgroups.insert(cgroup, target.slot, 0) {
                 warn!(cgroup, "cannot add a container's cgroup to the watch map: {e}");
             }
         }
-        debug!(container = id, target = target.id, cgroup, "container cgroup");
-        Some(target.id)
+        debug!(container = id, target = %target.id, cgroup, "container cgroup");
+        Some(target.slot)
     }
 
     fn identified_now(&self, container: &str, asm: &mut Reassembly) {
