@@ -320,7 +320,7 @@ fn spawn_daemon(config: &Path, piped_stdout: bool) -> Child {
     Command::new(logtap_bin())
         .args(["daemon", "--config"])
         .arg(config)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("LOGTAP_E2E_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(if piped_stdout { Stdio::piped() } else { Stdio::null() })
         .spawn()
         .expect("spawn logtap")

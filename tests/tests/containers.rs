@@ -424,7 +424,8 @@ fn records_the_ring_drops_show_as_the_containers_loss() {
     let podman = Podman::start(None);
     // A required Kafka sink that never answers holds the ring full: drop_oldest must drop.
     let kafka = "[sinks.kafka]\ntype = \"kafka\"\nbrokers = [\"127.0.0.1:1\"]\ntopic = \"t\"\n";
-    let agent = Agent::start(Setup { ring_capacity: "256KiB".into(), ..setup(&podman, "", kafka) });
+    let lossy = Setup { ring_capacity: "256KiB".into(), max_record_bytes: "4KiB".into(), ..setup(&podman, "", kafka) };
+    let agent = Agent::start(lossy);
     wait_status(&agent, "connected");
     let Scene { _turn, agent, podman } = Scene { agent, podman, _turn: turn };
     let vol = agent.volume("lossy");

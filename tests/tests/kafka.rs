@@ -105,6 +105,8 @@ struct Crash {
     /// killed: its memory storage lost them with it, whatever the agent did.
     consumed: usize,
     acked: usize,
+    /// From the broker answering again (its topic made anew) to the first delivery after.
+    resumed_after: Duration,
     agent: Agent,
 }
 
@@ -121,12 +123,13 @@ impl Crash {
 }
 
 /// Writes one stream while the broker is killed (SIGKILL) and restarted empty; a consumer
-/// reads all along until the kill, another one everything after the restart.
-fn through_a_broker_crash(policy: &str, ring: &str, lines: usize) -> Crash {
+/// reads all along until the kill, another one everything after the restart. `settings` are
+/// more lines of the Kafka sink's table.
+fn through_a_broker_crash(policy: &str, ring: &str, lines: usize, settings: &str) -> Crash {
     let mut broker = Broker::start();
     broker.create_topic("logs.app", 1);
     let agent = Agent::start(Setup {
-        sink: kafka(&broker, "delivery_timeout = \"3s\"\n"),
+        sink: kafka(&broker, settings),
         policy: policy.into(),
         ring_capacity: ring.into(),
         max_record_bytes: "4KiB".into(),
@@ -137,7 +140,7 @@ fn through_a_broker_crash(policy: &str, ring: &str, lines: usize) -> Crash {
     let written = numbered("c-", lines, 100);
     let stop = Arc::new(AtomicBool::new(false));
     let before = tail(broker.address(), "logs.app".into(), stop.clone());
-    let (consumed, acked) = std::thread::scope(|s| {
+    let (consumed, acked, resumed_after) = std::thread::scope(|s| {
         let path = vol.join("app.log");
         let w = &written;
         let writer = s.spawn(move || write_paced(&path, w, lines / 6));
@@ -151,8 +154,15 @@ fn through_a_broker_crash(policy: &str, ring: &str, lines: usize) -> Crash {
         std::thread::sleep(Duration::from_secs(3));
         broker.restart();
         broker.create_topic("logs.app", 1);
+        let back = Instant::now();
+        let delivered = || u(&agent.sink_stats("kafka")["delivered_records_total"]);
+        let at_restart = delivered();
+        while delivered() == at_restart && back.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let resumed_after = back.elapsed();
         writer.join().expect("writer");
-        (values(&before), acked)
+        (values(&before), acked, resumed_after)
     });
     std::fs::File::open(vol.join("app.log")).and_then(|f| f.sync_all()).expect("fsync");
     agent.wait_idle(Duration::from_secs(120));
@@ -160,12 +170,12 @@ fn through_a_broker_crash(policy: &str, ring: &str, lines: usize) -> Crash {
     let first_gap = consumed.iter().zip(&written).position(|(c, w)| c != w);
     assert_eq!(first_gap, None, "before the kill the consumer saw a prefix of what was written, in order");
     let n = consumed.len();
-    Crash { written, got: consumed.into_iter().chain(after).collect(), consumed: n, acked, agent }
+    Crash { written, got: consumed.into_iter().chain(after).collect(), consumed: n, acked, resumed_after, agent }
 }
 
 #[test]
 fn with_block_a_broker_crash_loses_no_line() {
-    let c = through_a_broker_crash("block", "64MiB", 120_000);
+    let c = through_a_broker_crash("block", "64MiB", 120_000, "delivery_timeout = \"3s\"\n");
     let (missing, duplicates) = compare(&c.written, &c.got);
     let k = c.agent.sink_stats("kafka");
     eprintln!(
@@ -185,7 +195,7 @@ fn with_block_a_broker_crash_loses_no_line() {
 
 #[test]
 fn with_drop_oldest_the_loss_counted_is_the_loss_seen() {
-    let c = through_a_broker_crash("drop_oldest", "2MiB", 120_000);
+    let c = through_a_broker_crash("drop_oldest", "2MiB", 120_000, "delivery_timeout = \"3s\"\n");
     let (missing, duplicates) = compare(&c.written, &c.got);
     let dropped = u(&c.agent.reader_stats("kafka")["dropped_records_total"]);
     let volume_dropped = u(&c.agent.volume_stats("crash")["dropped_records_total"]);
@@ -199,6 +209,28 @@ fn with_drop_oldest_the_loss_counted_is_the_loss_seen() {
     assert!(dropped > 0, "a 2 MiB ring cannot hold the outage");
     assert_eq!(c.missing_outside_window() as u64, dropped, "every line the agent lost is counted, and nothing else");
     assert_eq!(volume_dropped, dropped, "and counted against its volume");
+}
+
+/// A broker restarted without its state no longer knows the producer's id and sequence
+/// numbers: the sink must start a new producer at once, not after delivery timeouts (three
+/// of the default 30 s, before the fix).
+#[test]
+fn after_a_broker_restart_that_lost_the_producers_state_delivery_resumes_at_once() {
+    let c = through_a_broker_crash("block", "64MiB", 60_000, "");
+    let (missing, _) = compare(&c.written, &c.got);
+    let k = c.agent.sink_stats("kafka");
+    eprintln!(
+        "resumed {:?} after the broker came back; {missing} missing ({} lost with the broker's memory); errors {}",
+        c.resumed_after,
+        missing - c.missing_outside_window(),
+        k["errors_by_kind"]
+    );
+    assert!(
+        c.resumed_after < Duration::from_secs(5),
+        "delivery resumed {:?} after the broker came back",
+        c.resumed_after
+    );
+    assert_eq!(c.missing_outside_window(), 0, "nothing the broker did not acknowledge is lost");
 }
 
 #[test]

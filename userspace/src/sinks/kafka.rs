@@ -12,9 +12,9 @@
 //! no retry could succeed and it would hold the ring. Every other failure is retried.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, FromClientConfigAndContext, RDKafkaLogLevel};
@@ -36,11 +36,31 @@ const MAX_ROUTES: usize = 16384;
 const POLL_INTERVAL: Duration = Duration::from_millis(1);
 /// Kafka's longest topic name.
 const MAX_TOPIC: usize = 249;
-/// Failed deliveries in a row before the producer is replaced: a broker that lost the
-/// producer's idempotence state (restarted without it) may never take its sequence numbers
-/// again, and only a new producer id gets through. During a plain outage this costs one new
-/// producer per few delivery timeouts.
+/// Failed deliveries in a row before the producer is replaced, whatever the errors were: the
+/// last resort when a broker refuses the producer in a way [`lost_producer_state`] does not
+/// know. During a plain outage this costs one new producer per few delivery timeouts.
 const FAILURES_TO_RESET: u32 = 3;
+
+/// A producer that lost its connection, has messages in flight and no delivery report for this
+/// long while the cluster answers again is stuck: a broker restarted without the producer's
+/// state answers its metadata requests but takes none of its messages, and says nothing.
+const STUCK_AFTER: Duration = Duration::from_secs(2);
+/// How often a waiting delivery checks for that.
+const STUCK_CHECK: Duration = Duration::from_secs(1);
+
+/// Errors that say the broker no longer knows this producer's id or sequence numbers (it was
+/// restarted without its state): such a producer never gets through again, so it is replaced
+/// at once instead of after delivery timeouts.
+fn lost_producer_state(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::OutOfOrderSequenceNumber
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::InvalidProducerIdMapping
+            | RDKafkaErrorCode::Fatal
+    )
+}
 
 fn topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
@@ -118,12 +138,24 @@ impl Tracker {
     }
 
     /// Serves the producer's callbacks (on this thread: no polling thread, and messages are
-    /// freed where they were allocated) until every report of the batch is in.
+    /// freed where they were allocated) until every report of the batch is in. A producer the
+    /// broker no longer knows fails what it holds at once (purged, offered again), so that the
+    /// next delivery starts a new one instead of waiting out `delivery_timeout`.
     async fn wait(self: Arc<Self>, producer: Arc<BaseProducer<Context>>) -> Result<(), DeliveryError> {
+        let mut purged = false;
+        let mut checked = Instant::now();
         loop {
             producer.poll(Duration::ZERO);
             if self.pending.load(Ordering::Acquire) == 0 {
                 break;
+            }
+            if !purged && checked.elapsed() >= STUCK_CHECK {
+                checked = Instant::now();
+                producer.context().check_stuck(&producer);
+            }
+            if !purged && producer.context().stale() {
+                producer.purge(PurgeConfig::default().queue().inflight());
+                purged = true;
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
@@ -158,6 +190,14 @@ pub struct Report {
 /// librdkafka's callbacks: delivery reports and client errors.
 pub struct Context {
     counters: Arc<SinkCounters>,
+    /// This producer must be replaced: the broker said it no longer knows it (see
+    /// [`lost_producer_state`]), or it is stuck after an outage (see [`STUCK_AFTER`]).
+    stale: AtomicBool,
+    /// A connection failed since the last delivery report that got through.
+    outage: AtomicBool,
+    /// When the last delivery report (of any outcome) came, in milliseconds since `born`.
+    last_report: AtomicU64,
+    born: Instant,
 }
 
 fn kind(error: &KafkaError) -> String {
@@ -173,8 +213,44 @@ impl Context {
             Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidRecord) => Outcome::Rejected,
             _ => Outcome::Retry,
         };
+        self.heard(error);
         self.counters.error(&kind(error), None);
+        self.reported();
         report.tracker.fail(report.index, outcome, error);
+    }
+
+    fn reported(&self) {
+        self.last_report.store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Notes what an error says of this producer.
+    fn heard(&self, error: &KafkaError) {
+        match error.rdkafka_error_code() {
+            Some(code) if lost_producer_state(code) => self.stale.store(true, Ordering::Relaxed),
+            Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown) => {
+                self.outage.store(true, Ordering::Relaxed)
+            }
+            _ => {}
+        }
+    }
+
+    /// After an outage, messages in flight and no report for [`STUCK_AFTER`]: if the cluster
+    /// answers a metadata request now, the producer is stuck and must be replaced. A slow
+    /// broker that never dropped a connection is left alone.
+    fn check_stuck(&self, producer: &BaseProducer<Context>) {
+        let quiet = self.born.elapsed().saturating_sub(Duration::from_millis(self.last_report.load(Ordering::Relaxed)));
+        if !self.outage.load(Ordering::Relaxed) || quiet < STUCK_AFTER || producer.in_flight_count() == 0 {
+            return;
+        }
+        if producer.client().fetch_metadata(None, Duration::from_millis(500)).is_ok() {
+            warn!(sink = %self.counters.name, ?quiet, "kafka: the cluster answers again but the producer delivers nothing");
+            self.stale.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether this producer must be replaced.
+    fn stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
     }
 }
 
@@ -192,6 +268,7 @@ impl ClientContext for Context {
 
     fn error(&self, error: KafkaError, reason: &str) {
         warn!(sink = %self.counters.name, "kafka: {error}: {reason}");
+        self.heard(&error);
         self.counters.error(&kind(&error), Some(format!("{error}: {reason}")));
     }
 }
@@ -204,6 +281,8 @@ impl ProducerContext for Context {
             Ok(message) => {
                 report.topic.records.fetch_add(1, Ordering::Relaxed);
                 report.topic.bytes.fetch_add(message.payload_len() as u64, Ordering::Relaxed);
+                self.outage.store(false, Ordering::Relaxed);
+                self.reported();
                 report.tracker.finish();
             }
             Err((error, _)) => self.failed(error, &report),
@@ -314,7 +393,13 @@ pub struct KafkaSink {
 }
 
 fn producer(client: &ClientConfig, counters: &Arc<SinkCounters>) -> anyhow::Result<Arc<BaseProducer<Context>>> {
-    let context = Context { counters: counters.clone() };
+    let context = Context {
+        counters: counters.clone(),
+        stale: AtomicBool::new(false),
+        outage: AtomicBool::new(false),
+        last_report: AtomicU64::new(0),
+        born: Instant::now(),
+    };
     Ok(Arc::new(BaseProducer::from_config_and_context(client, context)?))
 }
 
@@ -446,6 +531,8 @@ impl Sink for KafkaSink {
         let failures = self.failures.load(Ordering::Relaxed);
         let reset = if let Some((code, reason)) = self.producer.client().fatal_error() {
             Some(format!("fatal producer error {code:?}: {reason}"))
+        } else if self.producer.context().stale() {
+            Some("the broker no longer knows this producer (restarted without its state?)".into())
         } else if failures >= FAILURES_TO_RESET {
             Some(format!("{failures} deliveries in a row failed"))
         } else {
