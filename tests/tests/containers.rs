@@ -102,6 +102,7 @@ fn messages(records: &[Value]) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn a_containers_file_stdout_and_stderr_arrive_once_with_its_identity_in_files_and_kafka() {
     let broker = Broker::start();
     broker.create_topic("containers", 1);
@@ -176,6 +177,7 @@ fn a_containers_file_stdout_and_stderr_arrive_once_with_its_identity_in_files_an
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn labels_env_and_the_name_set_the_identity_and_opted_out_or_tty_containers_are_reported() {
     let Scene { _turn, agent, podman } = scene("", "");
     let n = 50;
@@ -242,6 +244,7 @@ fn labels_env_and_the_name_set_the_identity_and_opted_out_or_tty_containers_are_
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn containers_that_exit_right_after_writing_lose_nothing() {
     let Scene { _turn, agent, podman } = scene("", "");
     let n = 300;
@@ -262,6 +265,7 @@ fn containers_that_exit_right_after_writing_lose_nothing() {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn a_restarted_container_is_collected_once_per_run() {
     let Scene { _turn, agent, podman } = scene("", "");
     let n = 200;
@@ -289,6 +293,7 @@ fn a_restarted_container_is_collected_once_per_run() {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn twenty_containers_at_once_each_line_to_its_own_container() {
     let Scene { _turn, agent, podman } = scene("", "");
     let n = 500;
@@ -314,6 +319,7 @@ fn twenty_containers_at_once_each_line_to_its_own_container() {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn the_runtime_api_going_away_and_coming_back() {
     let Scene { _turn, agent, mut podman } = scene("hold_timeout = \"60s\"", "");
     podman.run(&["-d", "--name", "lt-before", IMAGE, "sh", "-c", "echo before; sleep 60"]);
@@ -361,6 +367,7 @@ fn plugin(agent: &Agent, call: &str, body: Value) -> Result<Value, String> {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn the_volume_plugin_protocol_directly_and_through_podman() {
     let Scene { _turn, agent, podman: _runtime } = scene("", "");
 
@@ -419,6 +426,7 @@ fn the_volume_plugin_protocol_directly_and_through_podman() {
 /// A container whose records the ring dropped shows them as lost, in `/v1/containers`, in
 /// `logtap containers` and in Prometheus: its stdout/stderr and its volume's files alike.
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn records_the_ring_drops_show_as_the_containers_loss() {
     let turn = one_at_a_time();
     let podman = Podman::start(None);

@@ -56,6 +56,7 @@ fn assert_pipes_running(agent: &Agent) {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn write_and_writev_are_captured_once_in_order_and_passed_through() {
     let agent = Agent::start(Setup::default());
     assert_pipes_running(&agent);
@@ -78,6 +79,7 @@ fn write_and_writev_are_captured_once_in_order_and_passed_through() {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn stdout_and_stderr_are_separate_streams() {
     let agent = Agent::start(Setup::default());
     run(&agent, "both", &["interleaved", "300"]);
@@ -88,6 +90,7 @@ fn stdout_and_stderr_are_separate_streams() {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn write_sizes_from_1_byte_to_1_mib_and_truncation_is_counted() {
     let agent = Agent::start(Setup::default());
     run(&agent, "sizes", &["sizes"]);
@@ -108,6 +111,7 @@ fn write_sizes_from_1_byte_to_1_mib_and_truncation_is_counted() {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn threads_and_child_processes_are_followed() {
     let agent = Agent::start(Setup::default());
     run(&agent, "threads", &["threads", "2000"]);
@@ -136,6 +140,7 @@ fn threads_and_child_processes_are_followed() {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn binary_bytes_and_a_process_exiting_mid_line() {
     let agent = Agent::start(Setup::default());
     run(&agent, "bin", &["binary", "200"]);
@@ -152,6 +157,7 @@ fn binary_bytes_and_a_process_exiting_mid_line() {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn only_pipes_of_watched_processes_are_captured() {
     let agent = Agent::start(Setup::default());
     let file = agent.dir.path().join("redirected.txt");
@@ -178,6 +184,7 @@ fn only_pipes_of_watched_processes_are_captured() {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn a_non_blocking_pipe_with_a_slow_reader_is_captured_once() {
     let agent = Agent::start(Setup::default());
     let mut child = Command::new(WRITER)
@@ -224,6 +231,7 @@ fn a_non_blocking_pipe_with_a_slow_reader_is_captured_once() {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn bad_targets_are_refused_clearly() {
     let agent = Agent::start(Setup::default());
     for (body, needle) in [
@@ -255,6 +263,7 @@ fn bad_targets_are_refused_clearly() {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn without_kernel_btf_the_agent_says_why_and_volumes_keep_working() {
     // A private mount namespace where /sys/kernel/btf is empty: the programs cannot be fitted
     // to this kernel, so they must not load.
@@ -318,6 +327,7 @@ fn cgroup2_root() -> std::path::PathBuf {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn a_cgroup_is_watched_with_every_process_in_it() {
     let agent = Agent::start(Setup::default());
     let cgroup = cgroup2_root().join(format!("logtap-test-{}", std::process::id()));
@@ -340,6 +350,7 @@ fn a_cgroup_is_watched_with_every_process_in_it() {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn logtap_run_exits_with_the_commands_status() {
     let agent = Agent::start(Setup::default());
     let status = Command::new(logtap_bin())
@@ -363,6 +374,7 @@ fn logtap_run_exits_with_the_commands_status() {
 }
 
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn static_targets_from_the_config_are_watched_from_the_start() {
     let cgroup = cgroup2_root().join(format!("logtap-static-{}", std::process::id()));
     std::fs::create_dir(&cgroup).unwrap();
@@ -402,6 +414,7 @@ fn run_sh(agent: &Agent, service: &str, script: &str) -> Output {
 /// A pipeline inside the command: only what reaches the command's own stdout is its output;
 /// the inner pipe's bytes are counted as other-pipe bytes, not delivered.
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn logtap_run_captures_the_commands_output_not_its_inner_pipes() {
     let agent = Agent::start(Setup::default());
     assert_pipes_running(&agent);
@@ -424,6 +437,7 @@ fn logtap_run_captures_the_commands_output_not_its_inner_pipes() {
 /// Target ids never repeat across agent restarts: a `logtap run` that outlived its agent says at
 /// once that its output is no longer captured, and its end does not cut another run's capture.
 #[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn a_run_that_outlives_the_agent_says_so_at_once_and_leaves_other_runs_alone() {
     use std::io::BufRead;
     let mut agent = Agent::start(Setup::default());

@@ -53,6 +53,13 @@ fn sh(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// cargo, with the eBPF programs required: a build here never silently leaves them out.
+fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.env("LOGTAP_EBPF", "require");
+    cmd
+}
+
 fn have(program: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
@@ -109,7 +116,7 @@ fn ebpf_toolchain() -> anyhow::Result<()> {
     if !have("bpf-linker") {
         // 0.9.13 loads the LLVM of the rustc that drives it, so it follows the nightly.
         say("installing bpf-linker (a few minutes, once)");
-        sh(Command::new("cargo").args(["install", "bpf-linker", "--version", "0.9.13", "--locked"]))?;
+        sh(cargo().args(["install", "bpf-linker", "--version", "0.9.13", "--locked"]))?;
     }
     Ok(())
 }
@@ -133,16 +140,8 @@ fn broker() -> anyhow::Result<()> {
         return Ok(());
     }
     say(&format!("installing the Kafka-protocol broker tansu {TANSU_VERSION} (15-30 minutes, once)"));
-    sh(Command::new("cargo").args([
-        "install",
-        "tansu",
-        "--version",
-        TANSU_VERSION,
-        "--locked",
-        "--features",
-        "dynostore",
-    ]))
-    .context("the tests need a Kafka-protocol broker and tansu did not install")
+    sh(cargo().args(["install", "tansu", "--version", TANSU_VERSION, "--locked", "--features", "dynostore"]))
+        .context("the tests need a Kafka-protocol broker and tansu did not install")
 }
 
 fn setup() -> anyhow::Result<()> {
@@ -171,7 +170,7 @@ fn setup() -> anyhow::Result<()> {
 
 fn run(args: &[String]) -> anyhow::Result<()> {
     setup()?;
-    sh(Command::new("cargo").args(["build", "--release", "-p", "logtap"]))?;
+    sh(cargo().args(["build", "--release", "-p", "logtap"]))?;
     let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
     let mut cmd = Command::new(root().join("target/release/logtap"));
     cmd.arg("daemon").args(args);
@@ -182,12 +181,14 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     setup()?;
     broker()?;
-    sh(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
-    sh(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-    sh(Command::new("cargo").args(["build", "-p", "logtap"]))?;
+    sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    sh(cargo().args(["build", "-p", "logtap"]))?;
     let bin = root().join("target/debug/logtap");
-    sh(Command::new("cargo")
-        .args(["test", "--workspace"])
+    // The privileged end-to-end tests are marked ignored so that `cargo test` as any user runs
+    // the pure tiers and names what it skipped; here, as root, they run too.
+    sh(cargo()
+        .args(["test", "--workspace", "--", "--include-ignored"])
         .env("LOGTAP_BIN", bin)
         .env("LOGTAP_TANSU", cargo_bin("tansu")))
 }
@@ -195,7 +196,7 @@ fn test() -> anyhow::Result<()> {
 fn bench(args: &[String]) -> anyhow::Result<()> {
     setup()?;
     broker()?;
-    sh(Command::new("cargo").args(["build", "--release", "-p", "logtap", "-p", "logtap-e2e", "--bins"]))?;
+    sh(cargo().args(["build", "--release", "-p", "logtap", "-p", "logtap-e2e", "--bins"]))?;
     let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
     sh(Command::new(root().join("target/release/logtap-bench"))
         .args(args)

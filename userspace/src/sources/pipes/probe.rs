@@ -46,6 +46,12 @@ fn settings(max_capture: u32, containers: bool) -> anyhow::Result<Settings> {
 
 /// `containers`: also capture every cgroup no watch map names (see `CONTAINERS_TARGET`).
 pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool) -> anyhow::Result<Loaded> {
+    if OBJECT.is_empty() {
+        bail!(
+            "this logtap was built without its eBPF programs ({}); build it with `cargo xtask` or LOGTAP_EBPF=require",
+            env!("LOGTAP_EBPF_MISSING")
+        );
+    }
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("loading eBPF programs needs root");
