@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod control;
+pub mod counters;
 pub mod daemon;
 pub mod discovery;
 pub mod framer;
@@ -17,3 +18,4 @@ pub mod ring;
 pub mod sinks;
 pub mod sources;
 pub mod stats;
+pub mod values;

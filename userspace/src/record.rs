@@ -8,7 +8,7 @@ use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::stats::StreamCounters;
+use crate::counters::StreamCounters;
 
 /// The container a record comes from, as discovery found it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

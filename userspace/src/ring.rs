@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use crate::config::Policy;
 use crate::record::Record;
+use crate::values::lock;
 
 /// Memory a record costs beyond its bytes: its slot in the deque, counted twice because the
 /// deque grows by doubling, which also covers the shared buffer headers.
@@ -175,7 +176,7 @@ impl Ring {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// Adds a reader that sees every record pushed from now on; an `optional` one is skipped

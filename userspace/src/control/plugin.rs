@@ -22,6 +22,7 @@ use tracing::info;
 
 use super::server::{self, Control};
 use crate::sources::volume::VolumeSpec;
+use crate::values::lock;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -150,7 +151,7 @@ impl Plugin {
         if !self.exists(&r.name) {
             return failed(format!("no volume {:?}", r.name));
         }
-        if self.mounts.lock().unwrap_or_else(|e| e.into_inner()).get(&r.name).is_some_and(|m| !m.is_empty()) {
+        if lock(&self.mounts).get(&r.name).is_some_and(|m| !m.is_empty()) {
             return failed(format!("volume {:?} is mounted", r.name));
         }
         // Through the mount, like `rm -r`: open files end their records first.
@@ -173,12 +174,12 @@ impl Plugin {
                 return failed(message);
             }
         }
-        self.mounts.lock().unwrap_or_else(|e| e.into_inner()).entry(r.name.clone()).or_default().insert(r.id.clone());
+        lock(&self.mounts).entry(r.name.clone()).or_default().insert(r.id.clone());
         answer(json!({ "Mountpoint": self.mountpoint(&r.name), "Err": "" }))
     }
 
     fn unmount(&self, r: &Req) -> Response<Full<Bytes>> {
-        let mut mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut mounts = lock(&self.mounts);
         if let Some(ids) = mounts.get_mut(&r.name) {
             ids.remove(&r.id);
             if ids.is_empty() {

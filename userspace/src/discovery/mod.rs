@@ -22,7 +22,8 @@ use tokio::sync::mpsc;
 use crate::config::DiscoveryConfig;
 use crate::sources::pipes::PipeSource;
 use crate::sources::volume::VolumeSource;
-use crate::stats::CountersSnapshot;
+use crate::counters::CountersSnapshot;
+use crate::values::lock;
 use identity::Identity;
 
 /// Who containers are: the sources ask when they see a container write before the runtime has
@@ -190,7 +191,7 @@ impl Discovery {
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.registry)
     }
 
     fn set_status(&self, status: &str, reason: Option<String>) {

@@ -162,8 +162,8 @@ impl Sink for FilesSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Timezone;
     use crate::record::tests::record;
+    use crate::values::Timezone;
 
     #[test]
     fn components_cannot_escape_the_directory() {

@@ -26,7 +26,8 @@ use tracing::{debug, error, warn};
 use super::{Delivery, DeliveryError, Outcome, Sink};
 use crate::config::{Field, Format, KafkaSinkConfig, Part, Template};
 use crate::record::{Origin, Record};
-use crate::stats::{Delivered, SinkCounters};
+use crate::counters::{Delivered, SinkCounters};
+use crate::values::lock;
 
 /// Room for the key, headers and framing on top of the largest value.
 const MESSAGE_HEADROOM: u64 = 64 << 10;
@@ -133,7 +134,7 @@ impl Tracker {
 
     fn fail(&self, index: usize, outcome: Outcome, error: &KafkaError) {
         self.outcomes[index].fetch_max(outcome as u8, Ordering::AcqRel);
-        self.first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| error.to_string());
+        lock(&self.first_error).get_or_insert_with(|| error.to_string());
         self.finish();
     }
 
@@ -175,7 +176,7 @@ impl Tracker {
         if outcomes.contains(&Outcome::Retry) {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
-        let message = self.first_error.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+        let message = lock(&self.first_error).take().unwrap_or_default();
         Err(DeliveryError { outcomes, error: anyhow::anyhow!("kafka: {message}") })
     }
 }

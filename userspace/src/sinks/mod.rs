@@ -19,7 +19,9 @@ use tracing::{info, warn};
 use crate::config::SinkConfig;
 use crate::record::Record;
 use crate::ring::{Batch, ReaderId, Ring};
-use crate::stats::{SinkCounters, Stats};
+use crate::stats::Stats;
+use crate::counters::SinkCounters;
+use crate::values::lock;
 
 /// Records per batch handed to a sink.
 const BATCH_RECORDS: usize = 4096;
@@ -221,7 +223,7 @@ async fn run<S: Sink>(mut sink: S, ring: Arc<Ring>, reader: ReaderId, counters: 
                         }
                         delivered(&counters, done.iter());
                         let message = format!("{error:#}");
-                        *counters.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+                        *lock(&counters.last_error) = Some(message.clone());
                         if !retry.is_empty() {
                             counters.errors.fetch_add(1, Relaxed);
                             counters.retried_records.fetch_add(retry.len() as u64, Relaxed);

@@ -21,7 +21,9 @@ use crate::discovery::identity::Identity;
 use crate::discovery::{cgroups, Directory, Hold, Lookup};
 use crate::record::{Container, Origin, Record};
 use crate::ring::Ring;
-use crate::stats::{GroupCounters, VolumeList, VolumeSnapshot};
+use crate::stats::{VolumeList, VolumeSnapshot};
+use crate::counters::GroupCounters;
+use crate::values::lock;
 
 /// A volume's identity: every record from its files carries it.
 #[derive(Debug)]
@@ -116,7 +118,7 @@ impl VolumeSource {
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Volume>>> {
-        self.volumes.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.volumes)
     }
 
     /// Records a volume's identity ahead of its directory. Asking again for the same identity
@@ -186,7 +188,7 @@ impl VolumeSource {
 
     /// A container mounts the volume: its records get the container's identity.
     pub fn link(&self, volume: &str, container: Arc<Identity>) {
-        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let mut links = lock(&self.links);
         if links.get(volume).is_some_and(|i| *i == container) {
             return;
         }
@@ -197,7 +199,7 @@ impl VolumeSource {
 
     /// The container is gone (a link by another container since stays).
     pub fn unlink(&self, volume: &str, container_id: &str) {
-        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let mut links = lock(&self.links);
         if links.get(volume).is_some_and(|i| i.container.id == container_id) {
             links.remove(volume);
             self.generation.fetch_add(1, Relaxed);
@@ -205,14 +207,14 @@ impl VolumeSource {
     }
 
     fn link_of(&self, volume: &str) -> Option<Arc<Identity>> {
-        self.links.lock().unwrap_or_else(|e| e.into_inner()).get(volume).cloned()
+        lock(&self.links).get(volume).cloned()
     }
 
     fn origin(
         &self,
         volume: &Volume,
         path: &str,
-        counters: crate::stats::StreamCounters,
+        counters: crate::counters::StreamCounters,
         creator: Option<&Arc<Identity>>,
     ) -> Arc<Origin> {
         let file_name = path.rsplit('/').next().unwrap_or(path);

@@ -12,9 +12,9 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::*;
-use crate::config::{ByteSize, Dur};
 use crate::record::tests::origin;
-use crate::stats::StreamCounters;
+use crate::counters::StreamCounters;
+use crate::values::{ByteSize, Dur};
 
 type Cluster = MockCluster<'static, DefaultProducerContext>;
 

@@ -31,7 +31,8 @@ use crate::discovery::identity::Identity;
 use crate::discovery::{cgroups, Directory, Hold};
 use crate::record::{Container, Origin};
 use crate::ring::Ring;
-use crate::stats::{CountersSnapshot, GroupCounters, StreamCounters};
+use crate::counters::{CountersSnapshot, GroupCounters, StreamCounters};
+use crate::values::lock;
 
 /// What to watch, and the identity its records get.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,10 +179,6 @@ impl Target {
     fn who(&self) -> Who {
         lock(&self.who).clone()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

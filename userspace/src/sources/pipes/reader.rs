@@ -20,6 +20,7 @@ use crate::discovery::identity::Identity;
 use crate::discovery::{cgroups, Lookup};
 use crate::record::{Origin, Record};
 use crate::sources::{reorigin_all, LineStream, Stamp};
+use crate::values::lock;
 
 /// How often cgroups the kernel skips are checked for removal (their entries then go).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -379,9 +380,9 @@ impl PipeSource {
                 t
             }
         };
-        super::lock(&target.cgroups).push(cgroup);
+        lock(&target.cgroups).push(cgroup);
         if let Some(init) = asm.index.as_ref().and_then(|i| i.init_process(path)) {
-            super::lock(&target.pipes).learn(init);
+            lock(&target.pipes).learn(init);
         }
         if let Some(maps) = st.maps.as_mut() {
             if let Err(e) = maps.cgroups.insert(cgroup, target.slot, 0) {
@@ -403,7 +404,7 @@ impl PipeSource {
                     self.counts.opted_out_records.fetch_add(h.records.len() as u64, Relaxed);
                 }
                 asm.streams.retain(|_, s| s.target != target);
-                let cgroups = self.target(target).map(|t| super::lock(&t.cgroups).clone()).unwrap_or_default();
+                let cgroups = self.target(target).map(|t| lock(&t.cgroups).clone()).unwrap_or_default();
                 self.forget_target(target, asm);
                 for cg in cgroups {
                     asm.cgroups.insert(cg, None);
@@ -424,7 +425,7 @@ impl PipeSource {
         if t.who() == who {
             return;
         }
-        *super::lock(&t.who) = who.clone();
+        *lock(&t.who) = who.clone();
         for s in asm.streams.values_mut().filter(|s| s.target == target) {
             s.lines.origin = reorigin(&s.lines.origin, &who);
         }
@@ -518,13 +519,13 @@ impl PipeSource {
         let by_fd = if h.fd == 2 { "stderr" } else { "stdout" };
         let origin = match target {
             Some(t) => {
-                let fd_name = super::lock(&t.pipes).name(h.pipe, h.fd)?;
+                let fd_name = lock(&t.pipes).name(h.pipe, h.fd)?;
                 let counters = t.counters.stream(&format!("{}/{fd_name}", h.tgid));
                 t.who().origin(&self.framing.host, h.tgid, fd_name, counters)
             }
             None => {
                 Who { service: "unknown".into(), module: None, tenant: "".into(), container: None, identified: false }
-                    .origin(&self.framing.host, h.tgid, by_fd, crate::stats::StreamCounters::detached())
+                    .origin(&self.framing.host, h.tgid, by_fd, crate::counters::StreamCounters::detached())
             }
         };
         Some(PipeStream { target: h.target, lines: LineStream::new(origin, self.framing.max_record_bytes) })
