@@ -78,7 +78,7 @@ pub struct PipesConfig {
     /// Size of the BPF ring buffer between the kernel and the agent (a power of two).
     pub ring_buffer: ByteSize,
     /// Processes or cgroups watched from the start.
-    pub targets: Vec<crate::sources::pipes::TargetSpec>,
+    pub targets: Vec<crate::api::TargetSpec>,
 }
 
 impl Default for PipesConfig {

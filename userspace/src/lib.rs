@@ -7,6 +7,7 @@
 //! the stats and the volume API over a Unix socket (and the Docker volume plugin); [`daemon`]
 //! wires it all from the [`config`].
 
+pub mod api;
 pub mod config;
 pub mod control;
 pub mod counters;

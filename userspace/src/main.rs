@@ -6,12 +6,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hyper::Method;
+use logtap::api::{DiscoverySnapshot, Snapshot, Stdout, TargetSpec, UnwatchSpec, VolumeSnapshot, VolumeSpec};
 use logtap::config::{self, Config};
 use logtap::control::client;
-use logtap::discovery::{DiscoverySnapshot, Stdout};
-use logtap::sources::pipes::{TargetSpec, UnwatchSpec};
-use logtap::sources::volume::VolumeSpec;
-use logtap::stats::{Snapshot, VolumeSnapshot};
 
 #[derive(Parser)]
 #[command(name = "logtap", version, about = "Diskless container log capture")]
@@ -477,7 +474,7 @@ fn render_volumes(volumes: &[VolumeSnapshot]) -> String {
     out
 }
 
-fn render_pipes(p: &logtap::sources::pipes::PipesSnapshot) -> String {
+fn render_pipes(p: &logtap::api::PipesSnapshot) -> String {
     let mut out = format!("\npipes (eBPF): {}", p.status);
     if let Some(reason) = &p.reason {
         out += &format!(": {reason}");

@@ -1,27 +1,14 @@
 //! A record: one line (or a piece of an over-long one) with where and when it was captured.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use base64::Engine;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use crate::api::Container;
 use crate::counters::StreamCounters;
-
-/// The container a record comes from, as discovery found it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Container {
-    /// The runtime's full id (64 hex digits).
-    pub id: String,
-    /// Empty until the runtime has named it (see [`Origin::container`]).
-    pub name: String,
-    pub image: String,
-    /// The labels the config lists (`discovery.labels`), when the container has them.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-}
 
 /// Whose bytes these are. Shared by every record of a stream, so a record costs one `Arc`.
 #[derive(Debug)]

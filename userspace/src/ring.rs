@@ -12,9 +12,9 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::api::{ReaderSnapshot, RingSnapshot};
 use crate::config::Policy;
 use crate::record::Record;
 use crate::values::lock;
@@ -132,31 +132,6 @@ pub struct Ring {
     capacity: usize,
     policy: Policy,
     block_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RingSnapshot {
-    pub capacity_bytes: u64,
-    pub used_bytes: u64,
-    pub records: u64,
-    pub policy: String,
-    pub pushed_records_total: u64,
-    pub dropped_records_total: u64,
-    pub dropped_bytes_total: u64,
-    pub blocked_pushes_total: u64,
-    pub readers: Vec<ReaderSnapshot>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReaderSnapshot {
-    pub name: String,
-    pub optional: bool,
-    /// Records pushed but not yet handed to this reader.
-    pub lag_records: u64,
-    /// Records handed out but not yet acknowledged.
-    pub in_flight_records: u64,
-    pub dropped_records_total: u64,
-    pub dropped_bytes_total: u64,
 }
 
 impl Ring {

@@ -3,45 +3,18 @@
 //! Counters are monotonic `*_total` values, as in Vector's component specs. Per volume there
 //! are totals and per-file counters; the ring and each sink have their own.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use serde::{Deserialize, Serialize};
-
-use crate::discovery::{Discovery, DiscoverySnapshot};
-use crate::ring::{Ring, RingSnapshot};
-use crate::sources::pipes::{PipeSource, PipesSnapshot};
+use crate::api::DiscoverySnapshot;
+use crate::api::PipesSnapshot;
+use crate::api::{Snapshot, VolumeSnapshot};
 use crate::counters::{CountersSnapshot, DeliveredSnapshot, SinkCounters, SinkSnapshot};
+use crate::discovery::Discovery;
+use crate::ring::Ring;
+use crate::sources::pipes::PipeSource;
 use crate::values::lock;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VolumeSnapshot {
-    pub name: String,
-    pub service: String,
-    pub labels: BTreeMap<String, String>,
-    /// The container that mounts it (its identity goes on the volume's records).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container: Option<crate::record::Container>,
-    #[serde(flatten)]
-    pub totals: CountersSnapshot,
-    pub files: BTreeMap<String, CountersSnapshot>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub host: String,
-    pub version: String,
-    pub uptime_seconds: f64,
-    pub ring: RingSnapshot,
-    pub volumes: Vec<VolumeSnapshot>,
-    pub pipes: PipesSnapshot,
-    /// The container runtime followed, and its containers (absent when discovery is off).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub discovery: Option<DiscoverySnapshot>,
-    pub sinks: Vec<SinkSnapshot>,
-}
 
 /// Something that can list volumes with their counters (the volume source).
 pub trait VolumeList: Send + Sync {
@@ -170,10 +143,10 @@ pub fn prometheus(s: &Snapshot) -> String {
             s.volumes.iter().flat_map(|v| v.files.iter().map(move |(p, c)| (file(v, p), pick(c) as f64))).collect(),
         );
     }
-    let target = |t: &crate::sources::pipes::TargetSnapshot| {
+    let target = |t: &crate::api::TargetSnapshot| {
         format!("{{target=\"{}\",service=\"{}\"}}", t.id, label_value(&t.service_name))
     };
-    type TPick = fn(&crate::sources::pipes::TargetSnapshot) -> u64;
+    type TPick = fn(&crate::api::TargetSnapshot) -> u64;
     let target_fields: [(&str, &str, TPick); 7] = [
         ("pipe_writes_total", "write() calls to watched pipes.", |t| t.writes_total),
         ("pipe_written_bytes_total", "Bytes written to watched pipes.", |t| t.written_bytes_total),
@@ -191,7 +164,7 @@ pub fn prometheus(s: &Snapshot) -> String {
     // A series without labels.
     let one = |v: f64| vec![(String::new(), v)];
     if let Some(c) = &s.pipes.containers {
-        type CPick = fn(&crate::sources::pipes::ContainersSnapshot) -> u64;
+        type CPick = fn(&crate::api::ContainersSnapshot) -> u64;
         let fields: [(&str, &str, &str, CPick); 8] = [
             ("containers_unclassified_written_bytes_total", "counter", "Bytes from cgroups not yet told apart.", |c| {
                 c.unclassified_written_bytes_total
@@ -232,7 +205,7 @@ pub fn prometheus(s: &Snapshot) -> String {
         let reconnects = d.reconnects_total as f64;
         metric("discovery_reconnects_total", "counter", "Connections to the runtime lost.", one(reconnects));
         let live = d.containers.iter().filter(|c| c.state != "removed");
-        let container = |c: &crate::discovery::ContainerSnapshot| {
+        let container = |c: &crate::api::ContainerSnapshot| {
             format!("{{container=\"{}\",service=\"{}\"}}", label_value(&c.name), label_value(&c.service))
         };
         let rows = live.clone().map(|c| (container(c), c.pipe.captured_records_total as f64)).collect();

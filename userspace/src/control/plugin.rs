@@ -21,7 +21,7 @@ use tokio::net::UnixListener;
 use tracing::info;
 
 use super::server::{self, Control};
-use crate::sources::volume::VolumeSpec;
+use crate::api::VolumeSpec;
 use crate::values::lock;
 
 #[derive(Debug, Default, Deserialize)]

@@ -18,9 +18,11 @@ use serde::Serialize;
 use tokio::net::UnixListener;
 use tracing::{debug, info, warn};
 
+use crate::api::{SpecError, VolumeSpec};
+use crate::api::{TargetSpec, UnwatchSpec};
 use crate::config::ControlConfig;
-use crate::sources::pipes::{PipeSource, TargetSpec, UnwatchSpec};
-use crate::sources::volume::{SpecError, VolumeSource, VolumeSpec};
+use crate::sources::pipes::PipeSource;
+use crate::sources::volume::VolumeSource;
 use crate::stats::{prometheus, Stats};
 
 /// Largest request body accepted.

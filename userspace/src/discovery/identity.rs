@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::record::Container;
+use crate::api::Container;
 
 /// The identity every record of a container carries.
 #[derive(Debug, Clone, PartialEq, Eq)]

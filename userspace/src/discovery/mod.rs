@@ -16,13 +16,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::api::{ContainerSnapshot, DiscoverySnapshot, Stdout};
 use crate::config::DiscoveryConfig;
+use crate::counters::CountersSnapshot;
 use crate::sources::pipes::PipeSource;
 use crate::sources::volume::VolumeSource;
-use crate::counters::CountersSnapshot;
 use crate::values::lock;
 use identity::Identity;
 
@@ -49,17 +49,6 @@ pub struct Hold {
     pub bytes: usize,
 }
 
-/// Whether a container's stdout/stderr can be captured.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Stdout {
-    Captured,
-    /// `logtap.stdout=false`.
-    OptedOut,
-    /// A tty, or an fd that is no pipe: the eBPF programs only see pipe writes.
-    NotCapturable,
-}
-
 struct Entry {
     identity: Arc<Identity>,
     /// As the runtime says: created, running, exited...
@@ -69,54 +58,6 @@ struct Entry {
     reason: Option<String>,
     /// logtap volumes among its mounts.
     volumes: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ContainerSnapshot {
-    pub id: String,
-    pub name: String,
-    pub image: String,
-    pub service: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub module: Option<String>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub tenant: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-    pub state: String,
-    pub pid: u32,
-    pub stdout: Stdout,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub volumes: Vec<String>,
-    /// Its stdout/stderr records (over its pipe targets still in the stats), counted here.
-    pub pipe: CountersSnapshot,
-    /// Counted in the kernel: bytes written to its stdout/stderr pipes.
-    pub written_bytes_total: u64,
-    /// Every byte of its output that will not be delivered: the sum of the three below.
-    pub lost_bytes_total: u64,
-    /// stdout/stderr bytes the BPF ring buffer had no room for (counted in the kernel).
-    pub kernel_lost_bytes_total: u64,
-    /// stdout/stderr bytes of writes past `pipes.max_write_capture`.
-    pub truncated_bytes_total: u64,
-    /// Bytes of its records (stdout/stderr and its volumes' files) the ring dropped.
-    pub dropped_bytes_total: u64,
-    /// Bytes its processes wrote to pipes that are not its stdout/stderr (not its output).
-    pub other_pipe_bytes_total: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DiscoverySnapshot {
-    /// `connecting`, `connected` or `disconnected` (with the reason).
-    pub status: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub socket: PathBuf,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_version: Option<String>,
-    pub reconnects_total: u64,
-    pub events_total: u64,
-    pub containers: Vec<ContainerSnapshot>,
 }
 
 struct Registry {
@@ -277,8 +218,8 @@ impl Discovery {
 
     pub fn snapshot(
         &self,
-        pipes: &crate::sources::pipes::PipesSnapshot,
-        volumes: &[crate::stats::VolumeSnapshot],
+        pipes: &crate::api::PipesSnapshot,
+        volumes: &[crate::api::VolumeSnapshot],
     ) -> DiscoverySnapshot {
         let r = self.lock();
         let containers = r

@@ -12,7 +12,8 @@ use tracing::{debug, info, warn};
 
 use super::api::{Api, Event, Inspect};
 use super::identity::{Described, Identity};
-use super::{Discovery, Entry, Stdout};
+use super::{Discovery, Entry};
+use crate::api::Stdout;
 
 /// Backoff between connection attempts: doubles from the first to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));

@@ -206,7 +206,7 @@ mod tests {
         })
         .unwrap();
         let mut r = record(b"hello");
-        let container = crate::record::Container { id: "c1".into(), name: "web".into(), ..Default::default() };
+        let container = crate::api::Container { id: "c1".into(), name: "web".into(), ..Default::default() };
         r.origin = Arc::new(crate::record::Origin {
             tenant: "acme".into(),
             container: Some(Arc::new(container)),

@@ -25,8 +25,8 @@ use tracing::{debug, error, warn};
 
 use super::{Delivery, DeliveryError, Outcome, Sink};
 use crate::config::{Field, Format, KafkaSinkConfig, Part, Template};
-use crate::record::{Origin, Record};
 use crate::counters::{Delivered, SinkCounters};
+use crate::record::{Origin, Record};
 use crate::values::lock;
 
 /// Room for the key, headers and framing on top of the largest value.

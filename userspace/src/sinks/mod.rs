@@ -17,10 +17,10 @@ use anyhow::Context;
 use tracing::{info, warn};
 
 use crate::config::SinkConfig;
+use crate::counters::SinkCounters;
 use crate::record::Record;
 use crate::ring::{Batch, ReaderId, Ring};
 use crate::stats::Stats;
-use crate::counters::SinkCounters;
 use crate::values::lock;
 
 /// Records per batch handed to a sink.

@@ -14,15 +14,18 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use logtap_fusefs::{validate_volume_name, Capture, Stream};
+use logtap_fusefs::{Capture, Stream};
 
 use super::{reorigin_all, LineStream, Stamp};
+use crate::api::Container;
+use crate::api::VolumeSnapshot;
+use crate::api::{SpecError, VolumeSpec};
+use crate::counters::GroupCounters;
 use crate::discovery::identity::Identity;
 use crate::discovery::{cgroups, Directory, Hold, Lookup};
-use crate::record::{Container, Origin, Record};
+use crate::record::{Origin, Record};
 use crate::ring::Ring;
-use crate::stats::{VolumeList, VolumeSnapshot};
-use crate::counters::GroupCounters;
+use crate::stats::VolumeList;
 use crate::values::lock;
 
 /// A volume's identity: every record from its files carries it.
@@ -34,54 +37,6 @@ pub struct Volume {
     service_explicit: bool,
     pub labels: BTreeMap<String, String>,
     counters: Arc<GroupCounters>,
-}
-
-/// What `logtap volume create` asks for.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-pub struct VolumeSpec {
-    pub name: String,
-    #[serde(default)]
-    pub service: Option<String>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Owner and mode of the volume's directory (e.g. for a container's non-root user);
-    /// not part of its identity.
-    #[serde(default)]
-    pub uid: Option<u32>,
-    #[serde(default)]
-    pub gid: Option<u32>,
-    #[serde(default)]
-    pub mode: Option<u32>,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SpecError {
-    #[error("invalid volume name {0:?}: {1}")]
-    Name(String, String),
-    #[error("invalid service name {0:?}: {1}")]
-    Service(String, String),
-    #[error("invalid label {0:?}: keys are 1 to 128 of ASCII letters, digits, '.', '_', '-' and '/'")]
-    Label(String),
-    #[error("volume {0:?} exists with another service or labels")]
-    Conflict(String),
-}
-
-impl VolumeSpec {
-    pub fn validate(&self) -> Result<(), SpecError> {
-        validate_volume_name(&self.name).map_err(|e| SpecError::Name(self.name.clone(), e.to_string()))?;
-        if let Some(s) = &self.service {
-            validate_volume_name(s).map_err(|e| SpecError::Service(s.clone(), e.to_string()))?;
-        }
-        for k in self.labels.keys() {
-            let ok = !k.is_empty()
-                && k.len() <= 128
-                && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
-            if !ok {
-                return Err(SpecError::Label(k.clone()));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Framing and identity settings shared by all files.
@@ -457,23 +412,6 @@ mod tests {
         ] {
             assert_eq!(module_of(file), module, "{file}");
         }
-    }
-
-    #[test]
-    fn specs_are_validated() {
-        let ok = VolumeSpec {
-            name: "web".into(),
-            service: Some("shop".into()),
-            labels: BTreeMap::from([("team".into(), "a".into())]),
-            ..Default::default()
-        };
-        assert_eq!(ok.validate(), Ok(()));
-        let bad = VolumeSpec { name: "../x".into(), ..ok.clone() };
-        assert!(matches!(bad.validate(), Err(SpecError::Name(..))));
-        let bad = VolumeSpec { service: Some("a/b".into()), ..ok.clone() };
-        assert!(matches!(bad.validate(), Err(SpecError::Service(..))));
-        let bad = VolumeSpec { labels: BTreeMap::from([("".into(), "x".into())]), ..ok.clone() };
-        assert!(matches!(bad.validate(), Err(SpecError::Label(..))));
     }
 
     #[test]

@@ -12,8 +12,8 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::*;
-use crate::record::tests::origin;
 use crate::counters::StreamCounters;
+use crate::record::tests::origin;
 use crate::values::{ByteSize, Dur};
 
 type Cluster = MockCluster<'static, DefaultProducerContext>;

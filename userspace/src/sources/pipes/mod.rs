@@ -14,7 +14,6 @@ mod reader;
 mod tracefs;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -22,58 +21,18 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use logtap_common::{TargetCounters, CONTAINERS_TARGET, TARGET_EXCLUDED};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::volume::Framing;
+use crate::api::Container;
+use crate::api::{ContainersSnapshot, PipesSnapshot, TargetSnapshot, TargetSpec, UnwatchSpec};
+use crate::counters::{GroupCounters, StreamCounters};
 use crate::discovery::identity::Identity;
 use crate::discovery::{cgroups, Directory, Hold};
-use crate::record::{Container, Origin};
+use crate::record::Origin;
 use crate::ring::Ring;
-use crate::counters::{CountersSnapshot, GroupCounters, StreamCounters};
 use crate::values::lock;
-
-/// What to watch, and the identity its records get.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TargetSpec {
-    /// A process (tgid); its children are followed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    /// A cgroup v2 directory; every process in it is watched.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<PathBuf>,
-    /// A container (its id): made by discovery, never by a watch request.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
-    /// Module of the records (default: `stdout` or `stderr`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub module: Option<String>,
-    /// The inodes of the pipes that are the target's stdout and stderr (`logtap run` makes
-    /// them before the command starts). Default: what the process has on fd 1 and 2 when it
-    /// is watched. Writes to any other pipe are not the target's output.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stdout_pipe: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stderr_pipe: Option<u64>,
-}
-
-/// What an unwatch request names.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UnwatchSpec {
-    /// Stop following this process only (its children stay watched).
-    #[serde(default)]
-    pub pid: Option<u32>,
-    #[serde(default)]
-    pub cgroup: Option<PathBuf>,
-    /// Remove a target entirely, once what it already wrote is read.
-    #[serde(default)]
-    pub target: Option<String>,
-}
 
 /// Whose a target's records are; a container target learns it when the runtime names it.
 #[derive(Debug, Clone, PartialEq)]
@@ -179,79 +138,6 @@ impl Target {
     fn who(&self) -> Who {
         lock(&self.who).clone()
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TargetSnapshot {
-    pub id: String,
-    #[serde(flatten)]
-    pub spec: TargetSpec,
-    /// The service its records carry.
-    #[serde(rename = "service")]
-    pub service_name: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub tenant: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container_identity: Option<Container>,
-    /// A container target whose records went out before the runtime named it.
-    #[serde(default)]
-    pub identified: bool,
-    /// Removed (`logtap run` ended, unwatched, the container died); kept among the last ones
-    /// for their counts.
-    pub ended: bool,
-    /// Counted in the kernel: calls that wrote to a watched pipe, their bytes, the bytes past
-    /// `max_write_capture`, and events (bytes) the BPF ring buffer had no room for.
-    pub writes_total: u64,
-    pub written_bytes_total: u64,
-    pub truncated_bytes_total: u64,
-    pub lost_events_total: u64,
-    pub lost_bytes_total: u64,
-    /// Bytes written to pipes other than the target's stdout/stderr (a pipeline inside a
-    /// container or a command, `exec` sessions), not captured.
-    #[serde(default)]
-    pub other_pipe_bytes_total: u64,
-    /// Counted here: records and bytes framed, dropped by the ring, split.
-    #[serde(flatten)]
-    pub totals: CountersSnapshot,
-    pub streams: BTreeMap<String, CountersSnapshot>,
-}
-
-/// Capture of every container's stdout/stderr (with discovery on).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ContainersSnapshot {
-    /// Counted in the kernel: writes from cgroups not yet told apart (container or not).
-    pub unclassified_writes_total: u64,
-    pub unclassified_written_bytes_total: u64,
-    pub lost_events_total: u64,
-    pub lost_bytes_total: u64,
-    /// Bytes from cgroups that are no container: not captured (the kernel is told to skip them).
-    pub ignored_bytes_total: u64,
-    /// Bytes from cgroups removed before they could be told apart: lost.
-    pub unresolved_bytes_total: u64,
-    /// Records waiting for the runtime to name their container.
-    pub held_records: u64,
-    pub held_bytes: u64,
-    /// Records that went out with the container's id only (not named within `hold_timeout`,
-    /// or the runtime did not know it).
-    pub unidentified_records_total: u64,
-    /// Records captured before the runtime said the container opted out
-    /// (`logtap.stdout=false`): not delivered.
-    pub opted_out_records_total: u64,
-    /// cgroups the kernel skips.
-    pub excluded_cgroups: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PipesSnapshot {
-    /// `running`, `disabled` or `unavailable`.
-    pub status: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// Bytes waiting for the rest of their write or line, over all streams.
-    pub pending_bytes: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub containers: Option<ContainersSnapshot>,
-    pub targets: Vec<TargetSnapshot>,
 }
 
 struct Maps {

@@ -15,7 +15,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::{Command, PipeSource, Target, TargetSpec, Who};
+use super::{Command, PipeSource, Target, Who};
+use crate::api::TargetSpec;
 use crate::discovery::identity::Identity;
 use crate::discovery::{cgroups, Lookup};
 use crate::record::{Origin, Record};

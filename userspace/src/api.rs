@@ -1,0 +1,318 @@
+//! The documents the control socket serves and the CLI reads, and the requests it takes: one
+//! place for the JSON shapes, shared by the agent and its clients.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::counters::{CountersSnapshot, SinkSnapshot};
+use logtap_fusefs::validate_volume_name;
+
+/// The container a record comes from, as discovery found it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    /// The runtime's full id (64 hex digits).
+    pub id: String,
+    /// Empty until the runtime has named it (see [`Origin::container`]).
+    pub name: String,
+    pub image: String,
+    /// The labels the config lists (`discovery.labels`), when the container has them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeSnapshot {
+    pub name: String,
+    pub service: String,
+    pub labels: BTreeMap<String, String>,
+    /// The container that mounts it (its identity goes on the volume's records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::api::Container>,
+    #[serde(flatten)]
+    pub totals: CountersSnapshot,
+    pub files: BTreeMap<String, CountersSnapshot>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub host: String,
+    pub version: String,
+    pub uptime_seconds: f64,
+    pub ring: RingSnapshot,
+    pub volumes: Vec<VolumeSnapshot>,
+    pub pipes: PipesSnapshot,
+    /// The container runtime followed, and its containers (absent when discovery is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<DiscoverySnapshot>,
+    pub sinks: Vec<SinkSnapshot>,
+}
+
+/// What `logtap volume create` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct VolumeSpec {
+    pub name: String,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Owner and mode of the volume's directory (e.g. for a container's non-root user);
+    /// not part of its identity.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("invalid volume name {0:?}: {1}")]
+    Name(String, String),
+    #[error("invalid service name {0:?}: {1}")]
+    Service(String, String),
+    #[error("invalid label {0:?}: keys are 1 to 128 of ASCII letters, digits, '.', '_', '-' and '/'")]
+    Label(String),
+    #[error("volume {0:?} exists with another service or labels")]
+    Conflict(String),
+}
+
+impl VolumeSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        validate_volume_name(&self.name).map_err(|e| SpecError::Name(self.name.clone(), e.to_string()))?;
+        if let Some(s) = &self.service {
+            validate_volume_name(s).map_err(|e| SpecError::Service(s.clone(), e.to_string()))?;
+        }
+        for k in self.labels.keys() {
+            let ok = !k.is_empty()
+                && k.len() <= 128
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+            if !ok {
+                return Err(SpecError::Label(k.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RingSnapshot {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub records: u64,
+    pub policy: String,
+    pub pushed_records_total: u64,
+    pub dropped_records_total: u64,
+    pub dropped_bytes_total: u64,
+    pub blocked_pushes_total: u64,
+    pub readers: Vec<ReaderSnapshot>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReaderSnapshot {
+    pub name: String,
+    pub optional: bool,
+    /// Records pushed but not yet handed to this reader.
+    pub lag_records: u64,
+    /// Records handed out but not yet acknowledged.
+    pub in_flight_records: u64,
+    pub dropped_records_total: u64,
+    pub dropped_bytes_total: u64,
+}
+
+/// What to watch, and the identity its records get.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    /// A process (tgid); its children are followed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// A cgroup v2 directory; every process in it is watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    /// A container (its id): made by discovery, never by a watch request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Module of the records (default: `stdout` or `stderr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// The inodes of the pipes that are the target's stdout and stderr (`logtap run` makes
+    /// them before the command starts). Default: what the process has on fd 1 and 2 when it
+    /// is watched. Writes to any other pipe are not the target's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_pipe: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr_pipe: Option<u64>,
+}
+
+/// What an unwatch request names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnwatchSpec {
+    /// Stop following this process only (its children stay watched).
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// Remove a target entirely, once what it already wrote is read.
+    #[serde(default)]
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetSnapshot {
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: TargetSpec,
+    /// The service its records carry.
+    #[serde(rename = "service")]
+    pub service_name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_identity: Option<Container>,
+    /// A container target whose records went out before the runtime named it.
+    #[serde(default)]
+    pub identified: bool,
+    /// Removed (`logtap run` ended, unwatched, the container died); kept among the last ones
+    /// for their counts.
+    pub ended: bool,
+    /// Counted in the kernel: calls that wrote to a watched pipe, their bytes, the bytes past
+    /// `max_write_capture`, and events (bytes) the BPF ring buffer had no room for.
+    pub writes_total: u64,
+    pub written_bytes_total: u64,
+    pub truncated_bytes_total: u64,
+    pub lost_events_total: u64,
+    pub lost_bytes_total: u64,
+    /// Bytes written to pipes other than the target's stdout/stderr (a pipeline inside a
+    /// container or a command, `exec` sessions), not captured.
+    #[serde(default)]
+    pub other_pipe_bytes_total: u64,
+    /// Counted here: records and bytes framed, dropped by the ring, split.
+    #[serde(flatten)]
+    pub totals: CountersSnapshot,
+    pub streams: BTreeMap<String, CountersSnapshot>,
+}
+
+/// Capture of every container's stdout/stderr (with discovery on).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ContainersSnapshot {
+    /// Counted in the kernel: writes from cgroups not yet told apart (container or not).
+    pub unclassified_writes_total: u64,
+    pub unclassified_written_bytes_total: u64,
+    pub lost_events_total: u64,
+    pub lost_bytes_total: u64,
+    /// Bytes from cgroups that are no container: not captured (the kernel is told to skip them).
+    pub ignored_bytes_total: u64,
+    /// Bytes from cgroups removed before they could be told apart: lost.
+    pub unresolved_bytes_total: u64,
+    /// Records waiting for the runtime to name their container.
+    pub held_records: u64,
+    pub held_bytes: u64,
+    /// Records that went out with the container's id only (not named within `hold_timeout`,
+    /// or the runtime did not know it).
+    pub unidentified_records_total: u64,
+    /// Records captured before the runtime said the container opted out
+    /// (`logtap.stdout=false`): not delivered.
+    pub opted_out_records_total: u64,
+    /// cgroups the kernel skips.
+    pub excluded_cgroups: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipesSnapshot {
+    /// `running`, `disabled` or `unavailable`.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Bytes waiting for the rest of their write or line, over all streams.
+    pub pending_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containers: Option<ContainersSnapshot>,
+    pub targets: Vec<TargetSnapshot>,
+}
+
+/// Whether a container's stdout/stderr can be captured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stdout {
+    Captured,
+    /// `logtap.stdout=false`.
+    OptedOut,
+    /// A tty, or an fd that is no pipe: the eBPF programs only see pipe writes.
+    NotCapturable,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerSnapshot {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    pub state: String,
+    pub pid: u32,
+    pub stdout: Stdout,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub volumes: Vec<String>,
+    /// Its stdout/stderr records (over its pipe targets still in the stats), counted here.
+    pub pipe: CountersSnapshot,
+    /// Counted in the kernel: bytes written to its stdout/stderr pipes.
+    pub written_bytes_total: u64,
+    /// Every byte of its output that will not be delivered: the sum of the three below.
+    pub lost_bytes_total: u64,
+    /// stdout/stderr bytes the BPF ring buffer had no room for (counted in the kernel).
+    pub kernel_lost_bytes_total: u64,
+    /// stdout/stderr bytes of writes past `pipes.max_write_capture`.
+    pub truncated_bytes_total: u64,
+    /// Bytes of its records (stdout/stderr and its volumes' files) the ring dropped.
+    pub dropped_bytes_total: u64,
+    /// Bytes its processes wrote to pipes that are not its stdout/stderr (not its output).
+    pub other_pipe_bytes_total: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiscoverySnapshot {
+    /// `connecting`, `connected` or `disconnected` (with the reason).
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub socket: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    pub reconnects_total: u64,
+    pub events_total: u64,
+    pub containers: Vec<ContainerSnapshot>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_are_validated() {
+        let ok = VolumeSpec {
+            name: "web".into(),
+            service: Some("shop".into()),
+            labels: BTreeMap::from([("team".into(), "a".into())]),
+            ..Default::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let bad = VolumeSpec { name: "../x".into(), ..ok.clone() };
+        assert!(matches!(bad.validate(), Err(SpecError::Name(..))));
+        let bad = VolumeSpec { service: Some("a/b".into()), ..ok.clone() };
+        assert!(matches!(bad.validate(), Err(SpecError::Service(..))));
+        let bad = VolumeSpec { labels: BTreeMap::from([("".into(), "x".into())]), ..ok.clone() };
+        assert!(matches!(bad.validate(), Err(SpecError::Label(..))));
+    }
+}
