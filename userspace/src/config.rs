@@ -5,13 +5,13 @@
 //! file, line and reason, and the agent does not start.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use crate::record::Template;
+use crate::ring::RingConfig;
 use crate::values::{ByteSize, Dur, Mode, Timezone};
 
 /// The documented default configuration.
@@ -58,14 +58,6 @@ pub struct VolumesConfig {
     pub tail_bytes: ByteSize,
     /// Docker volume plugin socket (VolumeDriver protocol); empty: no plugin.
     pub plugin_socket: PathBuf,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RingConfig {
-    pub capacity: ByteSize,
-    pub policy: Policy,
-    pub block_timeout: Dur,
 }
 
 /// The eBPF source: stdout/stderr pipe writes of watched processes.
@@ -116,24 +108,6 @@ impl Default for DiscoveryConfig {
             hold_timeout: Dur(Duration::from_secs(10)),
             hold_bytes: ByteSize(16 << 20),
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Policy {
-    /// Writers never wait: the oldest records are dropped and counted.
-    DropOldest,
-    /// Writers wait for room up to `block_timeout`; then the newest are dropped and counted.
-    Block,
-}
-
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Policy::DropOldest => "drop_oldest",
-            Policy::Block => "block",
-        })
     }
 }
 
@@ -266,100 +240,6 @@ impl Compression {
     }
 }
 
-/// A record field a [`Template`] can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Field {
-    Host,
-    Service,
-    Module,
-    Volume,
-    Path,
-    Pid,
-    Tenant,
-    Container,
-    ContainerId,
-    Image,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Part {
-    Text(String),
-    Field(Field),
-}
-
-/// Text with `{field}` placeholders: `{host}`, `{service}`, `{module}`, `{volume}`, `{path}`
-/// (the file in its volume, or `stdout`/`stderr`), `{pid}`, and for containers' records
-/// `{tenant}`, `{container}` (its name), `{container_id}`, `{image}` (empty otherwise).
-/// `{{` and `}}` are literal braces.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Template(pub Vec<Part>);
-
-impl Template {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let mut parts = Vec::new();
-        let mut text = String::new();
-        let mut chars = s.chars().peekable();
-        while let Some(c) = chars.next() {
-            match c {
-                '{' if chars.peek() == Some(&'{') => {
-                    chars.next();
-                    text.push('{');
-                }
-                '}' if chars.peek() == Some(&'}') => {
-                    chars.next();
-                    text.push('}');
-                }
-                '{' => {
-                    let name: String = chars.by_ref().take_while(|&c| c != '}').collect();
-                    let field = match name.as_str() {
-                        "host" => Field::Host,
-                        "service" => Field::Service,
-                        "module" => Field::Module,
-                        "volume" => Field::Volume,
-                        "path" => Field::Path,
-                        "pid" => Field::Pid,
-                        "tenant" => Field::Tenant,
-                        "container" => Field::Container,
-                        "container_id" => Field::ContainerId,
-                        "image" => Field::Image,
-                        _ => {
-                            return Err(format!(
-                                "unknown field {{{name}}} in template {s:?}: use host, service, module, volume, \
-                                 path, pid, tenant, container, container_id or image"
-                            ))
-                        }
-                    };
-                    if !text.is_empty() {
-                        parts.push(Part::Text(std::mem::take(&mut text)));
-                    }
-                    parts.push(Part::Field(field));
-                }
-                '}' => return Err(format!("unmatched '}}' in template {s:?} (write '}}}}' for a brace)")),
-                c => text.push(c),
-            }
-        }
-        if !text.is_empty() {
-            parts.push(Part::Text(text));
-        }
-        Ok(Template(parts))
-    }
-
-    /// The literal text of the template (no fields).
-    pub fn literals(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().filter_map(|p| match p {
-            Part::Text(t) => Some(t.as_str()),
-            Part::Field(_) => None,
-        })
-    }
-}
-
-impl<'de> Deserialize<'de> for Template {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Template::parse(&s).map_err(de::Error::custom)
-    }
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -388,12 +268,6 @@ impl Default for VolumesConfig {
             tail_bytes: ByteSize(64 << 10),
             plugin_socket: "/run/docker/plugins/logtap.sock".into(),
         }
-    }
-}
-
-impl Default for RingConfig {
-    fn default() -> Self {
-        Self { capacity: ByteSize(64 << 20), policy: Policy::DropOldest, block_timeout: Dur(Duration::from_secs(5)) }
     }
 }
 
@@ -514,6 +388,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ring::Policy;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"))

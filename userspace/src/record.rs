@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::api::Container;
 use crate::counters::StreamCounters;
+use serde::de::{self, Deserialize, Deserializer};
 
 /// Whose bytes these are. Shared by every record of a stream, so a record costs one `Arc`.
 #[derive(Debug)]
@@ -111,6 +112,100 @@ impl Record {
     pub fn to_json_line(&self, out: &mut Vec<u8>) {
         self.to_json(out);
         out.push(b'\n');
+    }
+}
+
+/// A record field a [`Template`] can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Host,
+    Service,
+    Module,
+    Volume,
+    Path,
+    Pid,
+    Tenant,
+    Container,
+    ContainerId,
+    Image,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Text(String),
+    Field(Field),
+}
+
+/// Text with `{field}` placeholders: `{host}`, `{service}`, `{module}`, `{volume}`, `{path}`
+/// (the file in its volume, or `stdout`/`stderr`), `{pid}`, and for containers' records
+/// `{tenant}`, `{container}` (its name), `{container_id}`, `{image}` (empty otherwise).
+/// `{{` and `}}` are literal braces.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Template(pub Vec<Part>);
+
+impl Template {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut text = String::new();
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    text.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    text.push('}');
+                }
+                '{' => {
+                    let name: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                    let field = match name.as_str() {
+                        "host" => Field::Host,
+                        "service" => Field::Service,
+                        "module" => Field::Module,
+                        "volume" => Field::Volume,
+                        "path" => Field::Path,
+                        "pid" => Field::Pid,
+                        "tenant" => Field::Tenant,
+                        "container" => Field::Container,
+                        "container_id" => Field::ContainerId,
+                        "image" => Field::Image,
+                        _ => {
+                            return Err(format!(
+                                "unknown field {{{name}}} in template {s:?}: use host, service, module, volume, \
+                                 path, pid, tenant, container, container_id or image"
+                            ))
+                        }
+                    };
+                    if !text.is_empty() {
+                        parts.push(Part::Text(std::mem::take(&mut text)));
+                    }
+                    parts.push(Part::Field(field));
+                }
+                '}' => return Err(format!("unmatched '}}' in template {s:?} (write '}}}}' for a brace)")),
+                c => text.push(c),
+            }
+        }
+        if !text.is_empty() {
+            parts.push(Part::Text(text));
+        }
+        Ok(Template(parts))
+    }
+
+    /// The literal text of the template (no fields).
+    pub fn literals(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter_map(|p| match p {
+            Part::Text(t) => Some(t.as_str()),
+            Part::Field(_) => None,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Template {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Template::parse(&s).map_err(de::Error::custom)
     }
 }
 

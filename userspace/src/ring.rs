@@ -9,15 +9,16 @@
 //! pushing source wait up to `block_timeout` and then drops the newest records (counted).
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use crate::api::{ReaderSnapshot, RingSnapshot};
-use crate::config::Policy;
 use crate::record::Record;
 use crate::values::lock;
+use crate::values::{ByteSize, Dur};
 
 /// Memory a record costs beyond its bytes: its slot in the deque, counted twice because the
 /// deque grows by doubling, which also covers the shared buffer headers.
@@ -120,6 +121,39 @@ impl State {
             }
             self.head += 1;
         }
+    }
+}
+
+/// `[ring]`: the ring's size and what happens when it is full.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RingConfig {
+    pub capacity: ByteSize,
+    pub policy: Policy,
+    pub block_timeout: Dur,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        Self { capacity: ByteSize(64 << 20), policy: Policy::DropOldest, block_timeout: Dur(Duration::from_secs(5)) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Writers never wait: the oldest records are dropped and counted.
+    DropOldest,
+    /// Writers wait for room up to `block_timeout`; then the newest are dropped and counted.
+    Block,
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::DropOldest => "drop_oldest",
+            Policy::Block => "block",
+        })
     }
 }
 

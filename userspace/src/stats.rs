@@ -291,7 +291,7 @@ mod tests {
 
     #[test]
     fn prometheus_text_has_labels_escaped() {
-        let ring = Arc::new(Ring::new(1024, crate::config::Policy::DropOldest, Duration::from_secs(1)));
+        let ring = Arc::new(Ring::new(1024, crate::ring::Policy::DropOldest, Duration::from_secs(1)));
         let stats = Stats::new("h".into(), ring);
         stats.sink("out\"x", "stdout").delivered_records.fetch_add(3, Relaxed);
         let text = prometheus(&stats.snapshot());

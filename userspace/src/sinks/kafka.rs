@@ -24,8 +24,9 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, Pur
 use tracing::{debug, error, warn};
 
 use super::{Delivery, DeliveryError, Outcome, Sink};
-use crate::config::{Field, Format, KafkaSinkConfig, Part, Template};
+use crate::config::{Format, KafkaSinkConfig};
 use crate::counters::{Delivered, SinkCounters};
+use crate::record::{Field, Part, Template};
 use crate::record::{Origin, Record};
 use crate::values::lock;
 

@@ -254,8 +254,8 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::config::Policy;
     use crate::record::tests::record;
+    use crate::ring::Policy;
 
     /// Answers each delivery from a script; records what it was offered.
     struct Scripted {

@@ -416,7 +416,7 @@ mod tests {
 
     #[test]
     fn define_is_idempotent_and_detects_conflicts() {
-        let ring = Arc::new(Ring::new(1 << 20, crate::config::Policy::DropOldest, Duration::from_secs(1)));
+        let ring = Arc::new(Ring::new(1 << 20, crate::ring::Policy::DropOldest, Duration::from_secs(1)));
         let src = VolumeSource::new(
             Framing { host: "h".into(), max_record_bytes: 100, partial_flush: Duration::from_secs(1) },
             ring,
