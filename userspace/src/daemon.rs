@@ -19,17 +19,6 @@ use crate::sources::pipes::PipeSource;
 use crate::sources::volume::{Framing, VolumeCapture, VolumeSource};
 use crate::stats::Stats;
 
-/// The machine's host name.
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length.
-    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
-        return "localhost".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
 fn usize_of(n: u64, what: &str) -> anyhow::Result<usize> {
     usize::try_from(n).with_context(|| format!("{what} is too large for this machine"))
 }
@@ -44,7 +33,7 @@ fn keep_large_buffers_mmapped() {
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     keep_large_buffers_mmapped();
-    let host = if config.host.is_empty() { hostname() } else { config.host.clone() };
+    let host = if config.host.is_empty() { crate::host::hostname() } else { config.host.clone() };
     let v = &config.volumes;
     let ring = Arc::new(Ring::new(
         usize_of(config.ring.capacity.0, "ring.capacity")?,

@@ -14,6 +14,7 @@ pub mod counters;
 pub mod daemon;
 pub mod discovery;
 pub mod framer;
+pub mod host;
 pub mod record;
 pub mod ring;
 pub mod sinks;

@@ -17,8 +17,7 @@ use tokio::sync::Notify;
 
 use crate::api::{ReaderSnapshot, RingSnapshot};
 use crate::record::Record;
-use crate::values::lock;
-use crate::values::{ByteSize, Dur};
+use crate::values::{lock, ByteSize, Dur};
 
 /// Memory a record costs beyond its bytes: its slot in the deque, counted twice because the
 /// deque grows by doubling, which also covers the shared buffer headers.

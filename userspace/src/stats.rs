@@ -7,9 +7,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use crate::api::DiscoverySnapshot;
-use crate::api::PipesSnapshot;
-use crate::api::{Snapshot, VolumeSnapshot};
+use crate::api::{DiscoverySnapshot, PipesSnapshot, Snapshot, VolumeSnapshot};
 use crate::counters::{CountersSnapshot, DeliveredSnapshot, SinkCounters, SinkSnapshot};
 use crate::discovery::Discovery;
 use crate::ring::Ring;

@@ -1,26 +1,13 @@
-//! The CLI's side of the control socket: one HTTP/1.1 request per call. [`send`] is the
-//! plumbing, also used to ask the container runtime's API.
+//! The CLI's side of the control socket: one HTTP/1.1 request per call.
 
 use std::path::Path;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response};
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
+use hyper::{Method, Request};
 
-/// Sends one request on a new connection to the Unix socket; the answer's body is not read yet.
-pub async fn send(socket: &Path, req: Request<Full<Bytes>>) -> anyhow::Result<Response<Incoming>> {
-    let stream =
-        UnixStream::connect(socket).await.with_context(|| format!("cannot connect to {}", socket.display()))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("HTTP handshake failed")?;
-    tokio::spawn(conn);
-    let what = format!("{} {}", req.method(), req.uri());
-    sender.send_request(req).await.with_context(|| format!("{what} failed"))
-}
+use crate::host::http::send;
 
 /// Sends one request and returns the body of a 2xx answer; any other status is an error
 /// carrying the server's message.

@@ -18,8 +18,7 @@ use serde::Serialize;
 use tokio::net::UnixListener;
 use tracing::{debug, info, warn};
 
-use crate::api::{SpecError, VolumeSpec};
-use crate::api::{TargetSpec, UnwatchSpec};
+use crate::api::{SpecError, TargetSpec, UnwatchSpec, VolumeSpec};
 use crate::config::ControlConfig;
 use crate::sources::pipes::PipeSource;
 use crate::sources::volume::VolumeSource;

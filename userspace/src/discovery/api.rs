@@ -15,7 +15,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::control::client;
+use crate::host::http;
 
 /// A request (not the event stream) that takes longer than this has failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -104,7 +104,7 @@ pub struct Api {
 
 async fn send(socket: &Path, path: &str) -> anyhow::Result<Response<Incoming>> {
     let req = Request::get(path).header(hyper::header::HOST, "docker").body(Full::new(Bytes::new()))?;
-    client::send(socket, req).await
+    http::send(socket, req).await
 }
 
 async fn get(socket: &Path, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {

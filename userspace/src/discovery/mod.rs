@@ -7,7 +7,6 @@
 //! source is told which volumes a container mounts, and the stats show every container.
 
 mod api;
-pub mod cgroups;
 pub mod identity;
 mod runtime;
 

@@ -26,8 +26,7 @@ use tracing::{debug, error, warn};
 use super::{Delivery, DeliveryError, Outcome, Sink};
 use crate::config::{Format, KafkaSinkConfig};
 use crate::counters::{Delivered, SinkCounters};
-use crate::record::{Field, Part, Template};
-use crate::record::{Origin, Record};
+use crate::record::{Field, Origin, Part, Record, Template};
 use crate::values::lock;
 
 /// Room for the key, headers and framing on top of the largest value.

@@ -17,12 +17,11 @@ use std::time::{Duration, Instant};
 use logtap_fusefs::{Capture, Stream};
 
 use super::{reorigin_all, LineStream, Stamp};
-use crate::api::Container;
-use crate::api::VolumeSnapshot;
-use crate::api::{SpecError, VolumeSpec};
+use crate::api::{Container, SpecError, VolumeSnapshot, VolumeSpec};
 use crate::counters::GroupCounters;
 use crate::discovery::identity::Identity;
-use crate::discovery::{cgroups, Directory, Hold, Lookup};
+use crate::discovery::{Directory, Hold, Lookup};
+use crate::host::cgroups;
 use crate::record::{Origin, Record};
 use crate::ring::Ring;
 use crate::stats::VolumeList;

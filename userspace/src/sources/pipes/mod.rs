@@ -25,11 +25,11 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::volume::Framing;
-use crate::api::Container;
-use crate::api::{ContainersSnapshot, PipesSnapshot, TargetSnapshot, TargetSpec, UnwatchSpec};
+use crate::api::{Container, ContainersSnapshot, PipesSnapshot, TargetSnapshot, TargetSpec, UnwatchSpec};
 use crate::counters::{GroupCounters, StreamCounters};
 use crate::discovery::identity::Identity;
-use crate::discovery::{cgroups, Directory, Hold};
+use crate::discovery::{Directory, Hold};
+use crate::host::cgroups;
 use crate::record::Origin;
 use crate::ring::Ring;
 use crate::values::lock;
@@ -103,12 +103,8 @@ struct StdPipes {
 
 impl StdPipes {
     fn learn(&mut self, pid: u32) {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        let ino = |fd: u32| {
-            let m = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).ok()?;
-            m.file_type().is_fifo().then(|| m.ino())
-        };
-        self.add(ino(1), ino(2));
+        let (stdout, stderr) = crate::host::output_pipes(pid);
+        self.add(stdout, stderr);
     }
 
     /// A pair of pipes; only a whole pair counts (one of them alone would make the other
