@@ -247,8 +247,9 @@ pub enum Stdout {
     NotCapturable,
 }
 
+/// A container as discovery knows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ContainerSnapshot {
+pub struct ContainerInfo {
     pub id: String,
     pub name: String,
     pub image: String,
@@ -265,6 +266,13 @@ pub struct ContainerSnapshot {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub volumes: Vec<String>,
+}
+
+/// A container with what was captured of it and what of it was lost.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerSnapshot {
+    #[serde(flatten)]
+    pub info: ContainerInfo,
     /// Its stdout/stderr records (over its pipe targets still in the stats), counted here.
     pub pipe: CountersSnapshot,
     /// Counted in the kernel: bytes written to its stdout/stderr pipes.
@@ -281,8 +289,9 @@ pub struct ContainerSnapshot {
     pub other_pipe_bytes_total: u64,
 }
 
+/// The container runtime followed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DiscoverySnapshot {
+pub struct RuntimeStatus {
     /// `connecting`, `connected` or `disconnected` (with the reason).
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -292,6 +301,12 @@ pub struct DiscoverySnapshot {
     pub api_version: Option<String>,
     pub reconnects_total: u64,
     pub events_total: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiscoverySnapshot {
+    #[serde(flatten)]
+    pub runtime: RuntimeStatus,
     pub containers: Vec<ContainerSnapshot>,
 }
 

@@ -12,12 +12,13 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::control::plugin;
 use crate::control::server::{self, Control};
-use crate::discovery::{Discovery, Hold};
+use crate::discovery::{Directory, Discovery, Hold};
+use crate::report::Report;
 use crate::ring::Ring;
 use crate::sinks;
 use crate::sources::pipes::PipeSource;
 use crate::sources::volume::{Framing, VolumeCapture, VolumeSource};
-use crate::stats::Stats;
+use crate::sources::Sources;
 
 fn usize_of(n: u64, what: &str) -> anyhow::Result<usize> {
     usize::try_from(n).with_context(|| format!("{what} is too large for this machine"))
@@ -40,7 +41,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         config.ring.policy,
         config.ring.block_timeout.0,
     ));
-    let stats = Arc::new(Stats::new(host.clone(), ring.clone()));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -54,33 +54,29 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         server::bind(&config.control)?
     };
 
-    let sink_threads = sinks::start(&config.sinks, &host, &ring, &stats)?;
+    let sinks = sinks::start(&config.sinks, &host, &ring)?;
     let framing = Framing {
         host: host.as_str().into(),
         max_record_bytes: usize_of(v.max_record_bytes.0, "volumes.max_record_bytes")?,
         partial_flush: v.partial_flush.0,
     };
-    let source = VolumeSource::new(framing.clone(), ring.clone());
-    stats.set_volumes(source.clone());
+    // Discovery first: it is the sources' directory; they are its listener once they exist.
     let d = &config.discovery;
-    let discovery = d.enabled.then(|| Discovery::new(d.clone(), v.mount.clone(), source.clone()));
     let hold = Hold { timeout: d.hold_timeout.0, bytes: usize_of(d.hold_bytes.0, "discovery.hold_bytes")? };
-    if let Some((registry, _)) = &discovery {
-        source.set_directory(registry.clone(), hold);
-    }
+    let discovery = d.enabled.then(|| Discovery::new(d.clone(), v.mount.clone()));
+    let directory = discovery.as_ref().map(|(registry, _)| (registry.clone() as Arc<dyn Directory>, hold));
+    let source = VolumeSource::new(framing.clone(), ring.clone(), directory.clone());
     let p = &config.pipes;
     let pipes = if p.enabled {
         let _guard = rt.enter();
         let ring_buffer = u32::try_from(p.ring_buffer.0).context("pipes.ring_buffer")?;
-        let containers = discovery.as_ref().map(|(registry, _)| (registry.clone() as _, hold));
-        PipeSource::start(framing, ring.clone(), p.max_write_capture.0, ring_buffer, containers)
+        PipeSource::start(framing, ring.clone(), p.max_write_capture.0, ring_buffer, directory)
     } else {
         PipeSource::new(framing, ring.clone(), p.max_write_capture.0, "disabled", None)
     };
     let discovery = discovery.map(|(registry, asked)| {
-        registry.attach(pipes.clone());
         let _guard = rt.enter();
-        registry.follow(asked);
+        registry.follow(asked, Arc::new(Sources { volumes: source.clone(), pipes: pipes.clone() }));
         registry
     });
     for target in &p.targets {
@@ -88,10 +84,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             warn!(?target, "cannot watch a configured target: {e:#}");
         }
     }
-    stats.set_pipes(pipes.clone());
-    if let Some(d) = &discovery {
-        stats.set_discovery(d.clone());
-    }
+    let report =
+        Arc::new(Report::new(host.clone(), ring.clone(), sinks.counters, source.clone(), pipes.clone(), discovery));
     // SAFETY: geteuid/getegid cannot fail.
     let me = unsafe { Owner { uid: libc::geteuid(), gid: libc::getegid() } };
     let model = Model::new(
@@ -110,7 +104,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     })?;
 
     let control = Arc::new(Control {
-        stats: stats.clone(),
+        report: report.clone(),
         volumes: source.clone(),
         pipes: pipes.clone(),
         mountpoint: v.mount.clone(),
@@ -179,7 +173,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     } else {
         info!("ring drained into the sinks");
     }
-    let refused: u64 = stats.volumes().iter().map(|v| v.totals.refused_bytes_total).sum();
+    let refused: u64 = report.volumes().iter().map(|v| v.totals.refused_bytes_total).sum();
     if refused > 0 {
         warn!(bytes = refused, "writes refused while shutting down");
     }
@@ -187,7 +181,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         warn!("unmount: {e}");
     }
     if left == 0 {
-        for t in sink_threads {
+        for t in sinks.required {
             let _ = t.join();
         }
     }

@@ -525,11 +525,12 @@ fn render_pipes(p: &logtap::api::PipesSnapshot) -> String {
 }
 
 fn render_discovery(d: &DiscoverySnapshot) -> String {
-    let mut out = format!("\ncontainers ({}): {}", d.socket.display(), d.status);
-    if let Some(reason) = &d.reason {
+    let r = &d.runtime;
+    let mut out = format!("\ncontainers ({}): {}", r.socket.display(), r.status);
+    if let Some(reason) = &r.reason {
         out += &format!(": {reason}");
     }
-    out += &format!(", {} reconnects, {} events\n", d.reconnects_total, d.events_total);
+    out += &format!(", {} reconnects, {} events\n", r.reconnects_total, r.events_total);
     if d.containers.is_empty() {
         return out;
     }
@@ -548,26 +549,27 @@ fn render_discovery(d: &DiscoverySnapshot) -> String {
         "VOLUMES"
     );
     for c in &d.containers {
-        let stdout = match c.stdout {
+        let i = &c.info;
+        let stdout = match i.stdout {
             Stdout::Captured => "captured",
             Stdout::OptedOut => "opted out",
             Stdout::NotCapturable => "NO",
         };
         out += &format!(
             "{:<14} {:<20} {:<16} {:<10} {:<8} {:<10} {:>10} {:>11} {:>10} {:>11}  {}\n",
-            logtap::discovery::identity::short_id(&c.id),
-            c.name,
-            c.service,
-            c.tenant,
-            c.state,
+            logtap::discovery::identity::short_id(&i.id),
+            i.name,
+            i.service,
+            i.tenant,
+            i.state,
             stdout,
             c.pipe.captured_records_total,
             bytes(c.pipe.captured_bytes_total),
             bytes(c.lost_bytes_total),
             bytes(c.other_pipe_bytes_total),
-            c.volumes.join(",")
+            i.volumes.join(",")
         );
-        if let Some(reason) = &c.reason {
+        if let Some(reason) = &i.reason {
             out += &format!("  not capturable: {reason}\n");
         }
     }

@@ -197,7 +197,7 @@ impl Plugin {
     }
 
     fn get(&self, r: &Req) -> Response<Full<Bytes>> {
-        let Some(v) = self.control.stats.volumes().into_iter().find(|v| v.name == r.name) else {
+        let Some(v) = self.control.report.volumes().into_iter().find(|v| v.name == r.name) else {
             return failed(format!("no volume {:?}", r.name));
         };
         let status = json!({ "service": v.service, "labels": v.labels, "captured_records_total": v.totals.captured_records_total });
@@ -210,7 +210,7 @@ impl Plugin {
     fn list(&self) -> Response<Full<Bytes>> {
         let volumes: Vec<Value> = self
             .control
-            .stats
+            .report
             .volumes()
             .into_iter()
             .map(|v| json!({ "Name": v.name, "Mountpoint": self.mountpoint(&v.name) }))

@@ -20,15 +20,15 @@ use tracing::{debug, info, warn};
 
 use crate::api::{SpecError, TargetSpec, UnwatchSpec, VolumeSpec};
 use crate::config::ControlConfig;
+use crate::report::{prometheus, Report};
 use crate::sources::pipes::PipeSource;
 use crate::sources::volume::VolumeSource;
-use crate::stats::{prometheus, Stats};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 << 10;
 
 pub struct Control {
-    pub stats: Arc<Stats>,
+    pub report: Arc<Report>,
     pub volumes: Arc<VolumeSource>,
     pub pipes: Arc<PipeSource>,
     pub mountpoint: PathBuf,
@@ -130,11 +130,11 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>
 async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
     let response = match (req.method(), path.as_str()) {
-        (&Method::GET, "/v1/stats") => json(StatusCode::OK, &control.stats.snapshot()),
-        (&Method::GET, "/v1/volumes") => json(StatusCode::OK, &control.stats.volumes()),
+        (&Method::GET, "/v1/stats") => json(StatusCode::OK, &control.report.snapshot()),
+        (&Method::GET, "/v1/volumes") => json(StatusCode::OK, &control.report.volumes()),
         (&Method::POST, "/v1/volumes") => create_volume(req, &control).await,
         (&Method::GET, "/metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(prometheus(&control.stats.snapshot()))));
+            let mut r = Response::new(Full::new(Bytes::from(prometheus(&control.report.snapshot()))));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -142,7 +142,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Result<Respons
             r
         }
         (&Method::GET, "/v1/health") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        (&Method::GET, "/v1/targets") => json(StatusCode::OK, &control.stats.pipes()),
+        (&Method::GET, "/v1/targets") => json(StatusCode::OK, &control.report.pipes()),
         (&Method::GET, p) if p.starts_with("/v1/targets/") => {
             let id = &p["/v1/targets/".len()..];
             match control.pipes.live_target(id) {
@@ -150,7 +150,7 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Result<Respons
                 None => error(StatusCode::NOT_FOUND, format!("no live target {id}")),
             }
         }
-        (&Method::GET, "/v1/containers") => match control.stats.discovery() {
+        (&Method::GET, "/v1/containers") => match control.report.discovery() {
             Some(d) => json(StatusCode::OK, &d),
             None => error(StatusCode::NOT_FOUND, "container discovery is off (discovery.enabled = false)"),
         },
@@ -218,7 +218,7 @@ async fn create_volume(req: Request<Incoming>, control: &Control) -> Response<Fu
         Ok(existed) => existed,
         Err((status, message)) => return error(status, message),
     };
-    let snapshot = control.stats.volumes().into_iter().find(|v| v.name == name);
+    let snapshot = control.report.volumes().into_iter().find(|v| v.name == name);
     if !existed {
         info!(volume = %name, "volume created through the control socket");
     }

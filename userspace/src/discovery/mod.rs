@@ -3,8 +3,9 @@
 //!
 //! [`runtime`] lists the containers at start, follows their events and inspects them;
 //! [`identity`] turns what the runtime says into the identity on every record. This module
-//! keeps the registry: the pipe source asks it who a container is ([`Directory`]), the volume
-//! source is told which volumes a container mounts, and the stats show every container.
+//! keeps the registry: the sources ask it who a container is ([`Directory`]) and hear what
+//! changes ([`Listener`]: identities, volumes mounted, deaths); the report lists every
+//! container. It knows no source.
 
 mod api;
 pub mod identity;
@@ -12,16 +13,13 @@ mod runtime;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::api::{ContainerSnapshot, DiscoverySnapshot, Stdout};
+use crate::api::{ContainerInfo, RuntimeStatus, Stdout};
 use crate::config::DiscoveryConfig;
-use crate::counters::CountersSnapshot;
-use crate::sources::pipes::PipeSource;
-use crate::sources::volume::VolumeSource;
 use crate::values::lock;
 use identity::Identity;
 
@@ -31,11 +29,22 @@ pub trait Directory: Send + Sync {
     fn lookup(&self, container_id: &str) -> Lookup;
 }
 
+/// What the sources hear from discovery, on its task, with no lock held.
+pub trait Listener: Send + Sync {
+    /// The runtime described a container: it mounts `volumes`, and no longer `unmounted`.
+    fn described(&self, identity: &Arc<Identity>, volumes: &[String], unmounted: &[String]);
+    /// The runtime does not know this id (removed before it was asked).
+    fn unknown(&self, container_id: &str);
+    /// The container's processes are gone.
+    fn died(&self, container_id: &str);
+    /// The container is gone, with its mounts of `volumes`.
+    fn removed(&self, container_id: &str, volumes: &[String]);
+}
+
 pub enum Lookup {
     /// The runtime has described it.
     Known(Arc<Identity>),
-    /// It is being asked; the pipe source hears the answer through `PipeSource::identified`,
-    /// the volume source asks again.
+    /// It is being asked; the answer comes to the [`Listener`].
     Pending,
     /// The runtime does not know it.
     Unknown,
@@ -83,8 +92,6 @@ pub struct Discovery {
     config: DiscoveryConfig,
     /// The volumes' mount: a container mount under it links the container to a volume.
     mountpoint: PathBuf,
-    pipes: OnceLock<Arc<PipeSource>>,
-    volumes: Arc<VolumeSource>,
     registry: Mutex<Registry>,
     /// Containers to inspect now (the pipe source saw them write before the runtime's event).
     ask: mpsc::UnboundedSender<String>,
@@ -92,11 +99,7 @@ pub struct Discovery {
 
 impl Discovery {
     /// A registry; [`Discovery::follow`] starts following the runtime.
-    pub fn new(
-        config: DiscoveryConfig,
-        mountpoint: PathBuf,
-        volumes: Arc<VolumeSource>,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
+    pub fn new(config: DiscoveryConfig, mountpoint: PathBuf) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
         let (ask, asked) = mpsc::unbounded_channel();
         let registry = Registry {
             status: "connecting".into(),
@@ -109,25 +112,15 @@ impl Discovery {
             gone: VecDeque::new(),
             removed: VecDeque::new(),
         };
-        let d =
-            Arc::new(Self { config, mountpoint, pipes: OnceLock::new(), volumes, registry: Mutex::new(registry), ask });
+        let d = Arc::new(Self { config, mountpoint, registry: Mutex::new(registry), ask });
         (d, asked)
     }
 
-    /// Follows the runtime on the current tokio runtime, reconnecting for ever.
-    pub fn follow(self: &Arc<Self>, asked: mpsc::UnboundedReceiver<String>) {
-        tokio::spawn(runtime::follow(self.clone(), asked));
-    }
-
-    /// The pipe source, made after the registry because the registry is its directory.
-    pub fn attach(&self, pipes: Arc<PipeSource>) {
-        let _ = self.pipes.set(pipes);
-    }
-
-    fn tell_pipes(&self, what: impl FnOnce(&PipeSource)) {
-        if let Some(p) = self.pipes.get() {
-            what(p);
-        }
+    /// Follows the runtime on the current tokio runtime, reconnecting for ever, and tells
+    /// `listener` what changes. The sources are made after the registry (it is their
+    /// directory), so they are given here rather than to [`Discovery::new`].
+    pub fn follow(self: &Arc<Self>, asked: mpsc::UnboundedReceiver<String>, listener: Arc<dyn Listener>) {
+        tokio::spawn(runtime::follow(self.clone(), asked, listener));
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
@@ -144,7 +137,7 @@ impl Discovery {
     }
 
     /// What the runtime said of a container: its identity, and what it mounts.
-    fn described(&self, entry: Entry) {
+    fn described(&self, entry: Entry, listener: &dyn Listener) {
         let id = entry.identity.container.id.clone();
         let identity = entry.identity.clone();
         let linked = entry.volumes.clone();
@@ -153,19 +146,13 @@ impl Discovery {
             r.asked.remove(&id);
             r.containers.insert(id.clone(), entry)
         };
-        if let Some(previous) = previous {
-            for v in previous.volumes.iter().filter(|v| !linked.contains(v)) {
-                self.volumes.unlink(v, &id);
-            }
-        }
-        for v in &linked {
-            self.volumes.link(v, identity.clone());
-        }
-        self.tell_pipes(|p| p.identified(&id));
+        let unmounted: Vec<String> =
+            previous.map(|p| p.volumes.into_iter().filter(|v| !linked.contains(v)).collect()).unwrap_or_default();
+        listener.described(&identity, &linked, &unmounted);
     }
 
     /// The runtime does not know this id (removed before it was asked).
-    fn unknown(&self, id: &str) {
+    fn unknown(&self, id: &str, listener: &dyn Listener) {
         {
             let mut r = self.lock();
             r.asked.remove(id);
@@ -176,22 +163,20 @@ impl Discovery {
                 }
             }
         }
-        self.tell_pipes(|p| p.identified(id));
+        listener.unknown(id);
     }
 
-    fn died(&self, id: &str) {
+    fn died(&self, id: &str, listener: &dyn Listener) {
         if let Some(e) = self.lock().containers.get_mut(id) {
             e.state = "exited".into();
         }
-        self.tell_pipes(|p| p.died(id));
+        listener.died(id);
     }
 
-    fn removed(&self, id: &str) {
+    fn removed(&self, id: &str, listener: &dyn Listener) {
         let entry = self.lock().containers.remove(id);
+        let volumes = entry.as_ref().map(|e| e.volumes.clone()).unwrap_or_default();
         if let Some(mut e) = entry {
-            for v in &e.volumes {
-                self.volumes.unlink(v, id);
-            }
             e.state = "removed".into();
             let mut r = self.lock();
             r.removed.push_back(e);
@@ -199,7 +184,7 @@ impl Discovery {
                 r.removed.pop_front();
             }
         }
-        self.tell_pipes(|p| p.died(id));
+        listener.removed(id, &volumes);
     }
 
     /// Ids asked about and not described yet: asked again after a reconnect.
@@ -215,11 +200,8 @@ impl Discovery {
         Some(first.as_os_str().to_string_lossy().into_owned())
     }
 
-    pub fn snapshot(
-        &self,
-        pipes: &crate::api::PipesSnapshot,
-        volumes: &[crate::api::VolumeSnapshot],
-    ) -> DiscoverySnapshot {
+    /// The runtime followed, and every container known (also the last ones removed).
+    pub fn snapshot(&self) -> (RuntimeStatus, Vec<ContainerInfo>) {
         let r = self.lock();
         let containers = r
             .containers
@@ -227,18 +209,7 @@ impl Discovery {
             .chain(r.removed.iter())
             .map(|e| {
                 let i = &e.identity;
-                let mut pipe = CountersSnapshot::default();
-                let (mut written, mut kernel_lost, mut truncated, mut other) = (0, 0, 0, 0);
-                for t in pipes.targets.iter().filter(|t| t.spec.container.as_deref() == Some(&i.container.id)) {
-                    pipe.add(&t.totals);
-                    written += t.written_bytes_total;
-                    kernel_lost += t.lost_bytes_total;
-                    truncated += t.truncated_bytes_total;
-                    other += t.other_pipe_bytes_total;
-                }
-                let mine = volumes.iter().filter(|v| v.container.as_ref().is_some_and(|c| c.id == i.container.id));
-                let dropped = pipe.dropped_bytes_total + mine.map(|v| v.totals.dropped_bytes_total).sum::<u64>();
-                ContainerSnapshot {
+                ContainerInfo {
                     id: i.container.id.clone(),
                     name: i.container.name.clone(),
                     image: i.container.image.clone(),
@@ -251,25 +222,18 @@ impl Discovery {
                     stdout: e.stdout.clone(),
                     reason: e.reason.clone(),
                     volumes: e.volumes.clone(),
-                    pipe,
-                    written_bytes_total: written,
-                    lost_bytes_total: kernel_lost + truncated + dropped,
-                    kernel_lost_bytes_total: kernel_lost,
-                    truncated_bytes_total: truncated,
-                    dropped_bytes_total: dropped,
-                    other_pipe_bytes_total: other,
                 }
             })
             .collect();
-        DiscoverySnapshot {
+        let status = RuntimeStatus {
             status: r.status.clone(),
             reason: r.reason.clone(),
             socket: self.config.docker_socket.clone(),
             api_version: r.api_version.clone(),
             reconnects_total: r.reconnects,
             events_total: r.events,
-            containers,
-        }
+        };
+        (status, containers)
     }
 }
 

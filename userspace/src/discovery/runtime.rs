@@ -12,17 +12,17 @@ use tracing::{debug, info, warn};
 
 use super::api::{Api, Event, Inspect};
 use super::identity::{Described, Identity};
-use super::{Discovery, Entry};
+use super::{Discovery, Entry, Listener};
 use crate::api::Stdout;
 
 /// Backoff between connection attempts: doubles from the first to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
 
-pub async fn follow(d: Arc<Discovery>, mut asked: mpsc::UnboundedReceiver<String>) {
+pub async fn follow(d: Arc<Discovery>, mut asked: mpsc::UnboundedReceiver<String>, listener: Arc<dyn Listener>) {
     let mut backoff = BACKOFF.0;
     loop {
         let mut connected = false;
-        let reason = match session(&d, &mut asked, &mut connected).await {
+        let reason = match session(&d, &*listener, &mut asked, &mut connected).await {
             Ok(()) => "the runtime closed the event stream".to_string(),
             Err(e) => format!("{e:#}"),
         };
@@ -41,6 +41,7 @@ pub async fn follow(d: Arc<Discovery>, mut asked: mpsc::UnboundedReceiver<String
 /// One connection: list, then events and inspections until the runtime goes away.
 async fn session(
     d: &Discovery,
+    l: &dyn Listener,
     asked: &mut mpsc::UnboundedReceiver<String>,
     connected: &mut bool,
 ) -> anyhow::Result<()> {
@@ -57,23 +58,23 @@ async fn session(
     // Containers removed while we were away.
     let stale: Vec<String> = d.lock().containers.keys().filter(|id| !listed.contains(id)).cloned().collect();
     for id in stale {
-        d.removed(&id);
+        d.removed(&id, l);
     }
     for id in listed.iter().chain(d.still_asked().iter()) {
-        describe(d, &api, id).await?;
+        describe(d, l, &api, id).await?;
     }
     loop {
         tokio::select! {
             event = events.next() => match event? {
                 None => return Ok(()),
-                Some(event) => on_event(d, &api, event).await?,
+                Some(event) => on_event(d, l, &api, event).await?,
             },
-            Some(id) = asked.recv() => describe(d, &api, &id).await?,
+            Some(id) = asked.recv() => describe(d, l, &api, &id).await?,
         }
     }
 }
 
-async fn on_event(d: &Discovery, api: &Api, event: Event) -> anyhow::Result<()> {
+async fn on_event(d: &Discovery, l: &dyn Listener, api: &Api, event: Event) -> anyhow::Result<()> {
     if event.kind != "container" || event.actor.id.is_empty() {
         return Ok(());
     }
@@ -81,10 +82,10 @@ async fn on_event(d: &Discovery, api: &Api, event: Event) -> anyhow::Result<()> 
     d.lock().events += 1;
     debug!(action = %event.action, id, "container event");
     match event.action.as_str() {
-        "create" | "start" | "restart" | "rename" | "update" => describe(d, api, id).await?,
-        "die" | "died" => d.died(id),
+        "create" | "start" | "restart" | "rename" | "update" => describe(d, l, api, id).await?,
+        "die" | "died" => d.died(id, l),
         // Podman says `remove` where Docker says `destroy`.
-        "destroy" | "remove" => d.removed(id),
+        "destroy" | "remove" => d.removed(id, l),
         _ => {}
     }
     Ok(())
@@ -92,7 +93,7 @@ async fn on_event(d: &Discovery, api: &Api, event: Event) -> anyhow::Result<()> 
 
 /// Inspects a container into the registry; one the runtime does not know is answered as
 /// unknown. An error (the runtime gone) ends the session.
-async fn describe(d: &Discovery, api: &Api, id: &str) -> anyhow::Result<()> {
+async fn describe(d: &Discovery, l: &dyn Listener, api: &Api, id: &str) -> anyhow::Result<()> {
     match api.inspect(id).await? {
         Some(info) => {
             let mut e = entry(d, &info, id);
@@ -103,9 +104,9 @@ async fn describe(d: &Discovery, api: &Api, id: &str) -> anyhow::Result<()> {
                     e.reason = Some(why);
                 }
             }
-            d.described(e)
+            d.described(e, l)
         }
-        None => d.unknown(id),
+        None => d.unknown(id, l),
     }
     Ok(())
 }

@@ -20,7 +20,6 @@ use crate::config::SinkConfig;
 use crate::counters::SinkCounters;
 use crate::record::Record;
 use crate::ring::{Batch, ReaderId, Ring};
-use crate::stats::Stats;
 use crate::values::lock;
 
 /// Records per batch handed to a sink.
@@ -73,15 +72,22 @@ pub trait Sink: Send + 'static {
 
 /// Starts every configured sink, each reading the ring from now on. Returns the threads of
 /// the required sinks, which shutdown waits for; optional ones may be stalled for good.
+/// The sinks started: their counters, and the threads of the required ones (shutdown waits
+/// for those).
+pub struct Started {
+    pub counters: Vec<Arc<SinkCounters>>,
+    pub required: Vec<std::thread::JoinHandle<()>>,
+}
+
 pub fn start(
     sinks: &std::collections::BTreeMap<String, SinkConfig>,
     host: &str,
     ring: &Arc<Ring>,
-    stats: &Stats,
-) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
-    let mut threads = Vec::new();
+) -> anyhow::Result<Started> {
+    let mut started = Started { counters: Vec::new(), required: Vec::new() };
     for (name, config) in sinks {
-        let counters = stats.sink(name, config.kind());
+        let counters = Arc::new(SinkCounters::new(name, config.kind()));
+        started.counters.push(counters.clone());
         let reader = ring.add_reader(name, config.optional());
         let context = || format!("sink {name}");
         let thread = match config {
@@ -97,10 +103,10 @@ pub fn start(
         .with_context(|| format!("cannot start sink {name}"))?;
         info!(sink = %name, kind = config.kind(), optional = config.optional(), "sink started");
         if !config.optional() {
-            threads.push(thread);
+            started.required.push(thread);
         }
     }
-    Ok(threads)
+    Ok(started)
 }
 
 fn spawn<S: Sink>(

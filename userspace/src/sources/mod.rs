@@ -9,8 +9,45 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::discovery::identity::Identity;
+use crate::discovery::Listener;
 use crate::framer::{Frame, Framer};
 use crate::record::{Origin, Record};
+
+/// Both sources, as discovery's listener: a container's identity reaches its volumes' files and
+/// its pipe target.
+pub struct Sources {
+    pub volumes: Arc<volume::VolumeSource>,
+    pub pipes: Arc<pipes::PipeSource>,
+}
+
+impl Listener for Sources {
+    fn described(&self, identity: &Arc<Identity>, volumes: &[String], unmounted: &[String]) {
+        let id = &identity.container.id;
+        for v in unmounted {
+            self.volumes.unlink(v, id);
+        }
+        for v in volumes {
+            self.volumes.link(v, identity.clone());
+        }
+        self.pipes.identified(id);
+    }
+
+    fn unknown(&self, container_id: &str) {
+        self.pipes.identified(container_id);
+    }
+
+    fn died(&self, container_id: &str) {
+        self.pipes.died(container_id);
+    }
+
+    fn removed(&self, container_id: &str, volumes: &[String]) {
+        for v in volumes {
+            self.volumes.unlink(v, container_id);
+        }
+        self.pipes.died(container_id);
+    }
+}
 
 /// When a batch of bytes was captured: read once per FUSE request or ring-buffer drain, not
 /// once per line (clock reads were a tenth of the agent's time with small lines).

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use logtap_fusefs::{Capture, Stream};
@@ -24,7 +24,6 @@ use crate::discovery::{Directory, Hold, Lookup};
 use crate::host::cgroups;
 use crate::record::{Origin, Record};
 use crate::ring::Ring;
-use crate::stats::VolumeList;
 use crate::values::lock;
 
 /// A volume's identity: every record from its files carries it.
@@ -56,18 +55,20 @@ pub struct VolumeSource {
     /// Bumped at every link change, so that file streams know to take their identity again.
     generation: AtomicU64,
     /// Who containers are, with discovery on.
-    containers: OnceLock<(Arc<dyn Directory>, Hold)>,
+    containers: Option<(Arc<dyn Directory>, Hold)>,
 }
 
 impl VolumeSource {
-    pub fn new(framing: Framing, ring: Arc<Ring>) -> Arc<Self> {
+    /// With `containers` (discovery on), files made by containers' processes get their
+    /// identity.
+    pub fn new(framing: Framing, ring: Arc<Ring>, containers: Option<(Arc<dyn Directory>, Hold)>) -> Arc<Self> {
         Arc::new(Self {
             framing,
             ring,
             volumes: Mutex::default(),
             links: Mutex::default(),
             generation: AtomicU64::new(0),
-            containers: OnceLock::new(),
+            containers,
         })
     }
 
@@ -120,15 +121,10 @@ impl VolumeSource {
         self.lock().get(name).cloned()
     }
 
-    /// Discovery is on: files made by containers' processes get their identity.
-    pub fn set_directory(&self, directory: Arc<dyn Directory>, hold: Hold) {
-        let _ = self.containers.set((directory, hold));
-    }
-
     /// The identity of the container whose process `pid` made a file in an unlinked volume:
     /// known, or (`Err`) the container's id, not named yet.
     fn creator(&self, volume: &str, pid: u32) -> Result<Option<Arc<Identity>>, String> {
-        let Some((directory, _)) = self.containers.get() else { return Ok(None) };
+        let Some((directory, _)) = &self.containers else { return Ok(None) };
         if pid == 0 || self.link_of(volume).is_some() {
             return Ok(None);
         }
@@ -193,8 +189,9 @@ impl VolumeSource {
     }
 }
 
-impl VolumeList for VolumeSource {
-    fn volumes(&self) -> Vec<VolumeSnapshot> {
+impl VolumeSource {
+    /// Every volume with its identity and counters.
+    pub fn snapshot(&self) -> Vec<VolumeSnapshot> {
         self.lock()
             .values()
             .map(|v| VolumeSnapshot {
@@ -327,7 +324,7 @@ impl FileStream {
     /// for long enough (`force`: the file is going).
     fn settle(&mut self, force: bool) {
         let Some(w) = &self.waiting else { return };
-        let Some((directory, hold)) = self.source.containers.get() else { return };
+        let Some((directory, hold)) = &self.source.containers else { return };
         let go = match directory.lookup(&w.container) {
             Lookup::Known(i) => {
                 self.creator = Some(i);
@@ -419,6 +416,7 @@ mod tests {
         let src = VolumeSource::new(
             Framing { host: "h".into(), max_record_bytes: 100, partial_flush: Duration::from_secs(1) },
             ring,
+            None,
         );
         let spec = VolumeSpec { name: "web".into(), service: Some("shop".into()), ..Default::default() };
         src.define(&spec).unwrap();

@@ -1,85 +1,50 @@
-//! The one stats registry: every stage counts into it, the control socket reads it.
-//!
-//! Counters are monotonic `*_total` values, as in Vector's component specs. Per volume there
-//! are totals and per-file counters; the ring and each sink have their own.
+//! The report: what every stage counted, put together for the control socket (JSON) and
+//! Prometheus. Made once, from the parts it reads; it counts nothing itself.
 
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::sync::Arc;
+use std::time::Instant;
 
-use crate::api::{DiscoverySnapshot, PipesSnapshot, Snapshot, VolumeSnapshot};
+use crate::api::{ContainerSnapshot, DiscoverySnapshot, PipesSnapshot, Snapshot, VolumeSnapshot};
 use crate::counters::{CountersSnapshot, DeliveredSnapshot, SinkCounters, SinkSnapshot};
 use crate::discovery::Discovery;
 use crate::ring::Ring;
 use crate::sources::pipes::PipeSource;
-use crate::values::lock;
+use crate::sources::volume::VolumeSource;
 
-/// Something that can list volumes with their counters (the volume source).
-pub trait VolumeList: Send + Sync {
-    fn volumes(&self) -> Vec<VolumeSnapshot>;
-}
-
-pub struct Stats {
+pub struct Report {
     pub host: String,
     started: Instant,
-    pub started_at: SystemTime,
     ring: Arc<Ring>,
-    sinks: Mutex<Vec<Arc<SinkCounters>>>,
-    volumes: Mutex<Option<Arc<dyn VolumeList>>>,
-    pipes: Mutex<Option<Arc<PipeSource>>>,
-    discovery: Mutex<Option<Arc<Discovery>>>,
+    sinks: Vec<Arc<SinkCounters>>,
+    volumes: Arc<VolumeSource>,
+    pipes: Arc<PipeSource>,
+    discovery: Option<Arc<Discovery>>,
 }
 
-impl Stats {
-    pub fn new(host: String, ring: Arc<Ring>) -> Self {
-        Self {
-            host,
-            started: Instant::now(),
-            started_at: SystemTime::now(),
-            ring,
-            sinks: Mutex::default(),
-            volumes: Mutex::default(),
-            pipes: Mutex::default(),
-            discovery: Mutex::default(),
-        }
+impl Report {
+    pub fn new(
+        host: String,
+        ring: Arc<Ring>,
+        sinks: Vec<Arc<SinkCounters>>,
+        volumes: Arc<VolumeSource>,
+        pipes: Arc<PipeSource>,
+        discovery: Option<Arc<Discovery>>,
+    ) -> Self {
+        Self { host, started: Instant::now(), ring, sinks, volumes, pipes, discovery }
     }
 
-    pub fn set_discovery(&self, discovery: Arc<Discovery>) {
-        *lock(&self.discovery) = Some(discovery);
-    }
-
-    /// The runtime followed and its containers, with their pipe counters.
+    /// The runtime followed and its containers, with what was captured and lost of each.
     pub fn discovery(&self) -> Option<DiscoverySnapshot> {
-        let pipes = self.pipes();
-        lock(&self.discovery).as_ref().map(|d| d.snapshot(&pipes, &self.volumes()))
-    }
-
-    pub fn set_pipes(&self, pipes: Arc<PipeSource>) {
-        *lock(&self.pipes) = Some(pipes);
+        self.discovery.as_ref().map(|d| containers(d, &self.pipes(), &self.volumes()))
     }
 
     pub fn pipes(&self) -> PipesSnapshot {
-        lock(&self.pipes).as_ref().map(|p| p.snapshot()).unwrap_or_else(|| PipesSnapshot {
-            status: "disabled".into(),
-            reason: None,
-            pending_bytes: 0,
-            containers: None,
-            targets: Vec::new(),
-        })
-    }
-
-    pub fn sink(&self, name: &str, kind: &str) -> Arc<SinkCounters> {
-        let c = Arc::new(SinkCounters::new(name, kind));
-        lock(&self.sinks).push(c.clone());
-        c
-    }
-
-    pub fn set_volumes(&self, list: Arc<dyn VolumeList>) {
-        *lock(&self.volumes) = Some(list);
+        self.pipes.snapshot()
     }
 
     pub fn volumes(&self) -> Vec<VolumeSnapshot> {
-        lock(&self.volumes).as_ref().map(|v| v.volumes()).unwrap_or_default()
+        self.volumes.snapshot()
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -90,12 +55,44 @@ impl Stats {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             ring: self.ring.snapshot(),
-            discovery: lock(&self.discovery).as_ref().map(|d| d.snapshot(&pipes, &volumes)),
+            discovery: self.discovery.as_ref().map(|d| containers(d, &pipes, &volumes)),
             volumes,
             pipes,
-            sinks: lock(&self.sinks).iter().map(|s| s.snapshot()).collect(),
+            sinks: self.sinks.iter().map(|s| s.snapshot()).collect(),
         }
     }
+}
+
+/// Each container with its counts: over its pipe targets (stdout/stderr) and its volumes.
+fn containers(d: &Discovery, pipes: &PipesSnapshot, volumes: &[VolumeSnapshot]) -> DiscoverySnapshot {
+    let (runtime, infos) = d.snapshot();
+    let containers = infos
+        .into_iter()
+        .map(|info| {
+            let mut pipe = CountersSnapshot::default();
+            let (mut written, mut kernel_lost, mut truncated, mut other) = (0, 0, 0, 0);
+            for t in pipes.targets.iter().filter(|t| t.spec.container.as_deref() == Some(&info.id)) {
+                pipe.add(&t.totals);
+                written += t.written_bytes_total;
+                kernel_lost += t.lost_bytes_total;
+                truncated += t.truncated_bytes_total;
+                other += t.other_pipe_bytes_total;
+            }
+            let mine = volumes.iter().filter(|v| v.container.as_ref().is_some_and(|c| c.id == info.id));
+            let dropped = pipe.dropped_bytes_total + mine.map(|v| v.totals.dropped_bytes_total).sum::<u64>();
+            ContainerSnapshot {
+                info,
+                pipe,
+                written_bytes_total: written,
+                lost_bytes_total: kernel_lost + truncated + dropped,
+                kernel_lost_bytes_total: kernel_lost,
+                truncated_bytes_total: truncated,
+                dropped_bytes_total: dropped,
+                other_pipe_bytes_total: other,
+            }
+        })
+        .collect();
+    DiscoverySnapshot { runtime, containers }
 }
 
 fn label_value(v: &str) -> String {
@@ -198,13 +195,13 @@ pub fn prometheus(s: &Snapshot) -> String {
         }
     }
     if let Some(d) = &s.discovery {
-        let up = f64::from(u8::from(d.status == "connected"));
+        let up = f64::from(u8::from(d.runtime.status == "connected"));
         metric("discovery_connected", "gauge", "Whether the container runtime's API answers.", one(up));
-        let reconnects = d.reconnects_total as f64;
+        let reconnects = d.runtime.reconnects_total as f64;
         metric("discovery_reconnects_total", "counter", "Connections to the runtime lost.", one(reconnects));
-        let live = d.containers.iter().filter(|c| c.state != "removed");
+        let live = d.containers.iter().filter(|c| c.info.state != "removed");
         let container = |c: &crate::api::ContainerSnapshot| {
-            format!("{{container=\"{}\",service=\"{}\"}}", label_value(&c.name), label_value(&c.service))
+            format!("{{container=\"{}\",service=\"{}\"}}", label_value(&c.info.name), label_value(&c.info.service))
         };
         let rows = live.clone().map(|c| (container(c), c.pipe.captured_records_total as f64)).collect();
         metric("container_pipe_captured_records_total", "counter", "stdout/stderr records per container.", rows);
@@ -286,13 +283,18 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::sources::volume::Framing;
 
     #[test]
     fn prometheus_text_has_labels_escaped() {
         let ring = Arc::new(Ring::new(1024, crate::ring::Policy::DropOldest, Duration::from_secs(1)));
-        let stats = Stats::new("h".into(), ring);
-        stats.sink("out\"x", "stdout").delivered_records.fetch_add(3, Relaxed);
-        let text = prometheus(&stats.snapshot());
+        let framing = Framing { host: "h".into(), max_record_bytes: 100, partial_flush: Duration::from_secs(1) };
+        let volumes = VolumeSource::new(framing.clone(), ring.clone(), None);
+        let pipes = PipeSource::new(framing, ring.clone(), 100, "disabled", None);
+        let sink = Arc::new(SinkCounters::new("out\"x", "stdout"));
+        sink.delivered_records.fetch_add(3, Relaxed);
+        let report = Report::new("h".into(), ring, vec![sink], volumes, pipes, None);
+        let text = prometheus(&report.snapshot());
         assert!(text.contains("logtap_sink_delivered_records_total{sink=\"out\\\"x\"} 3"), "{text}");
         assert!(text.contains("# TYPE logtap_ring_capacity_bytes gauge"));
     }
