@@ -10,9 +10,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::record::Template;
+use crate::discovery::DiscoveryConfig;
 use crate::ring::RingConfig;
-use crate::values::{ByteSize, Dur, Mode, Timezone};
+use crate::sinks::files::FilesSinkConfig;
+use crate::sinks::SinkConfig;
+use crate::sources::pipes::PipesConfig;
+use crate::sources::volume::VolumesConfig;
+use crate::values::{Dur, Mode};
 
 /// The documented default configuration.
 pub const DEFAULT_TOML: &str = include_str!("../config/logtap.toml");
@@ -47,197 +51,11 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct VolumesConfig {
-    pub mount: PathBuf,
-    pub allow_other: bool,
-    pub writeback_cache: bool,
-    pub max_write: ByteSize,
-    pub flush_interval: Dur,
-    pub partial_flush: Dur,
-    pub max_record_bytes: ByteSize,
-    pub tail_bytes: ByteSize,
-    /// Docker volume plugin socket (VolumeDriver protocol); empty: no plugin.
-    pub plugin_socket: PathBuf,
-}
-
-/// The eBPF source: stdout/stderr pipe writes of watched processes.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PipesConfig {
-    pub enabled: bool,
-    /// Bytes copied per write() at most; the rest is counted as truncated.
-    pub max_write_capture: ByteSize,
-    /// Size of the BPF ring buffer between the kernel and the agent (a power of two).
-    pub ring_buffer: ByteSize,
-    /// Processes or cgroups watched from the start.
-    pub targets: Vec<crate::api::TargetSpec>,
-}
-
-impl Default for PipesConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            max_write_capture: ByteSize(64 << 10),
-            ring_buffer: ByteSize(16 << 20),
-            targets: Vec::new(),
-        }
-    }
-}
-
-/// Following a container runtime through the Docker Engine API.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DiscoveryConfig {
-    pub enabled: bool,
-    /// The runtime's API socket: Docker's, or podman's (`/run/podman/podman.sock`).
-    pub docker_socket: PathBuf,
-    /// Container labels copied onto every record of the container.
-    pub labels: Vec<String>,
-    /// How long stdout/stderr records of a container wait for the runtime to name it.
-    pub hold_timeout: Dur,
-    /// Most bytes of such records held at once; beyond, the oldest go out unnamed.
-    pub hold_bytes: ByteSize,
-}
-
-impl Default for DiscoveryConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            docker_socket: "/var/run/docker.sock".into(),
-            labels: Vec::new(),
-            hold_timeout: Dur(Duration::from_secs(10)),
-            hold_bytes: ByteSize(16 << 20),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     pub socket: PathBuf,
     pub mode: Mode,
     /// Group that owns the socket; empty keeps root's group.
     pub group: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SinkConfig {
-    Files(FilesSinkConfig),
-    Stdout(StdoutSinkConfig),
-    Kafka(KafkaSinkConfig),
-}
-
-impl SinkConfig {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            SinkConfig::Files(_) => "files",
-            SinkConfig::Stdout(_) => "stdout",
-            SinkConfig::Kafka(_) => "kafka",
-        }
-    }
-
-    /// An optional sink is skipped ahead (and counts what it skipped) rather than holding the
-    /// ring full for the other sinks.
-    pub fn optional(&self) -> bool {
-        match self {
-            SinkConfig::Files(c) => c.optional,
-            SinkConfig::Stdout(c) => c.optional,
-            SinkConfig::Kafka(c) => c.optional,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FilesSinkConfig {
-    pub dir: PathBuf,
-    /// Zone that decides the day in `{service}/{module}.{YYYYMMDD}`.
-    pub timezone: Timezone,
-    /// `raw`: the line's bytes; `json`: the record's envelope with its identity.
-    pub format: Format,
-    pub optional: bool,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StdoutSinkConfig {
-    pub optional: bool,
-}
-
-/// Apache Kafka through librdkafka: acks=all, the idempotent producer, and a record leaves the
-/// ring only when its delivery report says the broker has it.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaSinkConfig {
-    /// Bootstrap brokers, `host:port`.
-    pub brokers: Vec<String>,
-    /// Topic per record, e.g. `logs.{service}`; see [`Template`] for the fields.
-    pub topic: Template,
-    /// Message key: records with one key keep their order in one partition.
-    pub key: Template,
-    /// Record headers with the record's identity (service, module, volume, path, host, pid).
-    pub headers: bool,
-    pub format: Format,
-    pub compression: Compression,
-    /// How long librdkafka may try one message before its delivery fails and logtap retries it.
-    pub delivery_timeout: Dur,
-    /// Largest message value; longer records are split into parts (counted).
-    pub max_message_bytes: ByteSize,
-    /// Other librdkafka properties, passed as they are and applied last.
-    pub options: BTreeMap<String, String>,
-    pub optional: bool,
-}
-
-impl Default for KafkaSinkConfig {
-    fn default() -> Self {
-        Self {
-            brokers: vec!["127.0.0.1:9092".into()],
-            topic: Template::parse("logs.{service}").unwrap_or_default(),
-            key: Template::parse("{volume}/{module}").unwrap_or_default(),
-            headers: true,
-            format: Format::Raw,
-            compression: Compression::Lz4,
-            delivery_timeout: Dur(Duration::from_secs(30)),
-            max_message_bytes: ByteSize(1_000_000),
-            options: BTreeMap::new(),
-            optional: false,
-        }
-    }
-}
-
-/// How a sink writes a record (a Kafka message's value, a line of the files sink).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Format {
-    /// The line's bytes as they were written.
-    Raw,
-    /// The JSON envelope with the record's identity (`message`, or `message_base64` for
-    /// non-UTF-8).
-    Json,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Compression {
-    None,
-    Gzip,
-    Snappy,
-    Lz4,
-    Zstd,
-}
-
-impl Compression {
-    /// The librdkafka `compression.type` value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Compression::None => "none",
-            Compression::Gzip => "gzip",
-            Compression::Snappy => "snappy",
-            Compression::Lz4 => "lz4",
-            Compression::Zstd => "zstd",
-        }
-    }
 }
 
 impl Default for Config {
@@ -255,31 +73,9 @@ impl Default for Config {
     }
 }
 
-impl Default for VolumesConfig {
-    fn default() -> Self {
-        Self {
-            mount: "/run/logtap/volumes".into(),
-            allow_other: true,
-            writeback_cache: true,
-            max_write: ByteSize(1 << 20),
-            flush_interval: Dur(Duration::from_millis(200)),
-            partial_flush: Dur(Duration::from_secs(1)),
-            max_record_bytes: ByteSize(256 << 10),
-            tail_bytes: ByteSize(64 << 10),
-            plugin_socket: "/run/docker/plugins/logtap.sock".into(),
-        }
-    }
-}
-
 impl Default for ControlConfig {
     fn default() -> Self {
         Self { socket: "/run/logtap/logtap.sock".into(), mode: Mode(0o660), group: String::new() }
-    }
-}
-
-impl Default for FilesSinkConfig {
-    fn default() -> Self {
-        Self { dir: "/var/log/logtap".into(), timezone: Timezone(chrono_tz::UTC), format: Format::Raw, optional: false }
     }
 }
 
@@ -298,64 +94,24 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what single values cannot: bounds and relations between keys.
+    /// Checks what single values cannot: each section's bounds (its own `validate`), and the
+    /// relations between sections.
     pub fn validate(&self) -> Result<(), String> {
         let v = &self.volumes;
-        if !v.mount.is_absolute() {
-            return Err(format!("volumes.mount must be an absolute path, not {:?}", v.mount));
-        }
-        if !(4096..=1 << 20).contains(&v.max_write.0) {
-            return Err(format!("volumes.max_write must be between 4KiB and 1MiB, not {}", v.max_write));
-        }
-        if v.tail_bytes.0 < 4096 {
-            return Err(format!(
-                "volumes.tail_bytes must be at least 4KiB (the kernel reads partly written pages back), not {}",
-                v.tail_bytes
-            ));
-        }
-        if v.max_record_bytes.0 == 0 {
-            return Err("volumes.max_record_bytes must be at least 1 byte".into());
-        }
-        if v.flush_interval.0 < Duration::from_millis(10) {
-            return Err(format!("volumes.flush_interval must be at least 10ms, not {}", v.flush_interval));
-        }
+        v.validate()?;
         if self.ring.capacity.0 < 2 * v.max_record_bytes.0 {
             return Err(format!(
                 "ring.capacity ({}) must hold at least two records of volumes.max_record_bytes ({})",
                 self.ring.capacity, v.max_record_bytes
             ));
         }
-        let p = &self.pipes;
-        let max_capture = (logtap_common::CHUNK as u64) * u64::from(logtap_common::MAX_CHUNKS);
-        if !(1..=max_capture).contains(&p.max_write_capture.0) {
-            return Err(format!(
-                "pipes.max_write_capture must be between 1B and {} (what the eBPF programs copy per write), not {}",
-                ByteSize(max_capture),
-                p.max_write_capture
-            ));
-        }
-        if !p.ring_buffer.0.is_power_of_two() || !(64 << 10..=1 << 30).contains(&p.ring_buffer.0) {
-            return Err(format!(
-                "pipes.ring_buffer must be a power of two between 64KiB and 1GiB, not {}",
-                p.ring_buffer
-            ));
-        }
-        for t in &p.targets {
-            if t.pid.is_some() == t.cgroup.is_some() {
-                return Err("each [[pipes.targets]] names exactly one of pid or cgroup".into());
-            }
-        }
+        self.pipes.validate()?;
         if self.sinks.is_empty() {
             return Err("no sinks: configure at least one [sinks.NAME]".into());
         }
         for (name, sink) in &self.sinks {
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                return Err(format!("sink name {name:?} may use only ASCII letters, digits, '_' and '-'"));
-            }
+            sink.validate(name)?;
             if let SinkConfig::Files(f) = sink {
-                if !f.dir.is_absolute() {
-                    return Err(format!("sinks.{name}.dir must be an absolute path, not {:?}", f.dir));
-                }
                 if f.dir.starts_with(&v.mount) {
                     return Err(format!(
                         "sinks.{name}.dir ({}) is inside volumes.mount ({}): the sink would capture its own output",
@@ -364,20 +120,8 @@ impl Config {
                     ));
                 }
             }
-            if let SinkConfig::Kafka(k) = sink {
-                crate::sinks::kafka::check(k).map_err(|e| format!("sinks.{name}: {e}"))?;
-            }
         }
-        if !v.plugin_socket.as_os_str().is_empty() && !v.plugin_socket.is_absolute() {
-            return Err(format!("volumes.plugin_socket must be an absolute path or empty, not {:?}", v.plugin_socket));
-        }
-        let d = &self.discovery;
-        if !d.docker_socket.is_absolute() {
-            return Err(format!("discovery.docker_socket must be an absolute path, not {:?}", d.docker_socket));
-        }
-        if d.hold_timeout.0 < Duration::from_millis(100) {
-            return Err(format!("discovery.hold_timeout must be at least 100ms, not {}", d.hold_timeout));
-        }
+        self.discovery.validate()?;
         if !self.control.socket.is_absolute() {
             return Err(format!("control.socket must be an absolute path, not {:?}", self.control.socket));
         }
@@ -389,6 +133,8 @@ impl Config {
 mod tests {
     use super::*;
     use crate::ring::Policy;
+    use crate::sinks::kafka::KafkaSinkConfig;
+    use crate::values::{ByteSize, Timezone};
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"))

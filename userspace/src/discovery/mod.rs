@@ -19,9 +19,47 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::api::{ContainerInfo, RuntimeStatus, Stdout};
-use crate::config::DiscoveryConfig;
-use crate::values::lock;
+use crate::values::{lock, ByteSize, Dur};
 use identity::Identity;
+
+/// Following a container runtime through the Docker Engine API.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    pub enabled: bool,
+    /// The runtime's API socket: Docker's, or podman's (`/run/podman/podman.sock`).
+    pub docker_socket: PathBuf,
+    /// Container labels copied onto every record of the container.
+    pub labels: Vec<String>,
+    /// How long stdout/stderr records of a container wait for the runtime to name it.
+    pub hold_timeout: Dur,
+    /// Most bytes of such records held at once; beyond, the oldest go out unnamed.
+    pub hold_bytes: ByteSize,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            docker_socket: "/var/run/docker.sock".into(),
+            labels: Vec::new(),
+            hold_timeout: Dur(Duration::from_secs(10)),
+            hold_bytes: ByteSize(16 << 20),
+        }
+    }
+}
+
+impl DiscoveryConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.docker_socket.is_absolute() {
+            return Err(format!("discovery.docker_socket must be an absolute path, not {:?}", self.docker_socket));
+        }
+        if self.hold_timeout.0 < Duration::from_millis(100) {
+            return Err(format!("discovery.hold_timeout must be at least 100ms, not {}", self.hold_timeout));
+        }
+        Ok(())
+    }
+}
 
 /// Who containers are: the sources ask when they see a container write before the runtime has
 /// said who it is.

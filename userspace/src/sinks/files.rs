@@ -12,8 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 
 use super::{Delivery, DeliveryError, Sink};
-use crate::config::{FilesSinkConfig, Format};
 use crate::record::Record;
+use crate::sinks::Format;
+use crate::values::Timezone;
 
 /// Files kept open at most; the least recently used is closed beyond this.
 const MAX_OPEN: usize = 256;
@@ -24,6 +25,24 @@ struct OpenFile {
     day: String,
     writer: BufWriter<File>,
     last_used: Instant,
+}
+
+/// `type = "files"`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesSinkConfig {
+    pub dir: PathBuf,
+    /// Zone that decides the day in `{service}/{module}.{YYYYMMDD}`.
+    pub timezone: Timezone,
+    /// `raw`: the line's bytes; `json`: the record's envelope with its identity.
+    pub format: Format,
+    pub optional: bool,
+}
+
+impl Default for FilesSinkConfig {
+    fn default() -> Self {
+        Self { dir: "/var/log/logtap".into(), timezone: Timezone(chrono_tz::UTC), format: Format::Raw, optional: false }
+    }
 }
 
 pub struct FilesSink {
@@ -163,7 +182,6 @@ impl Sink for FilesSink {
 mod tests {
     use super::*;
     use crate::record::tests::record;
-    use crate::values::Timezone;
 
     #[test]
     fn components_cannot_escape_the_directory() {

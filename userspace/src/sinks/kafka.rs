@@ -24,10 +24,75 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, Pur
 use tracing::{debug, error, warn};
 
 use super::{Delivery, DeliveryError, Outcome, Sink};
-use crate::config::{Format, KafkaSinkConfig};
 use crate::counters::{Delivered, SinkCounters};
 use crate::record::{Field, Origin, Part, Record, Template};
-use crate::values::lock;
+use crate::sinks::Format;
+use crate::values::{lock, ByteSize, Dur};
+use std::collections::BTreeMap;
+
+/// Apache Kafka through librdkafka: acks=all, the idempotent producer, and a record leaves the
+/// ring only when its delivery report says the broker has it.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSinkConfig {
+    /// Bootstrap brokers, `host:port`.
+    pub brokers: Vec<String>,
+    /// Topic per record, e.g. `logs.{service}`; see [`Template`] for the fields.
+    pub topic: Template,
+    /// Message key: records with one key keep their order in one partition.
+    pub key: Template,
+    /// Record headers with the record's identity (service, module, volume, path, host, pid).
+    pub headers: bool,
+    pub format: Format,
+    pub compression: Compression,
+    /// How long librdkafka may try one message before its delivery fails and logtap retries it.
+    pub delivery_timeout: Dur,
+    /// Largest message value; longer records are split into parts (counted).
+    pub max_message_bytes: ByteSize,
+    /// Other librdkafka properties, passed as they are and applied last.
+    pub options: BTreeMap<String, String>,
+    pub optional: bool,
+}
+
+impl Default for KafkaSinkConfig {
+    fn default() -> Self {
+        Self {
+            brokers: vec!["127.0.0.1:9092".into()],
+            topic: Template::parse("logs.{service}").unwrap_or_default(),
+            key: Template::parse("{volume}/{module}").unwrap_or_default(),
+            headers: true,
+            format: Format::Raw,
+            compression: Compression::Lz4,
+            delivery_timeout: Dur(Duration::from_secs(30)),
+            max_message_bytes: ByteSize(1_000_000),
+            options: BTreeMap::new(),
+            optional: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    /// The librdkafka `compression.type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
 
 /// Room for the key, headers and framing on top of the largest value.
 const MESSAGE_HEADROOM: u64 = 64 << 10;

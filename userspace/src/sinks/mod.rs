@@ -16,11 +16,13 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use tracing::{info, warn};
 
-use crate::config::SinkConfig;
 use crate::counters::SinkCounters;
 use crate::record::Record;
 use crate::ring::{Batch, ReaderId, Ring};
 use crate::values::lock;
+use files::FilesSinkConfig;
+use kafka::KafkaSinkConfig;
+use stdout::StdoutSinkConfig;
 
 /// Records per batch handed to a sink.
 const BATCH_RECORDS: usize = 4096;
@@ -77,6 +79,60 @@ pub trait Sink: Send + 'static {
 pub struct Started {
     pub counters: Vec<Arc<SinkCounters>>,
     pub required: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// `[sinks.NAME]`: one table per sink, its kind in `type`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    Files(FilesSinkConfig),
+    Stdout(StdoutSinkConfig),
+    Kafka(KafkaSinkConfig),
+}
+
+impl SinkConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Files(_) => "files",
+            SinkConfig::Stdout(_) => "stdout",
+            SinkConfig::Kafka(_) => "kafka",
+        }
+    }
+
+    /// Checks the table of sink `name`.
+    pub fn validate(&self, name: &str) -> Result<(), String> {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(format!("sink name {name:?} may use only ASCII letters, digits, '_' and '-'"));
+        }
+        match self {
+            SinkConfig::Files(f) if !f.dir.is_absolute() => {
+                Err(format!("sinks.{name}.dir must be an absolute path, not {:?}", f.dir))
+            }
+            SinkConfig::Kafka(k) => kafka::check(k).map_err(|e| format!("sinks.{name}: {e}")),
+            _ => Ok(()),
+        }
+    }
+
+    /// An optional sink is skipped ahead (and counts what it skipped) rather than holding the
+    /// ring full for the other sinks.
+    pub fn optional(&self) -> bool {
+        match self {
+            SinkConfig::Files(c) => c.optional,
+            SinkConfig::Stdout(c) => c.optional,
+            SinkConfig::Kafka(c) => c.optional,
+        }
+    }
+}
+
+/// How a sink writes a record (a Kafka message's value, a line of the files sink).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// The line's bytes as they were written.
+    Raw,
+    /// The JSON envelope with the record's identity (`message`, or `message_base64` for
+    /// non-UTF-8).
+    Json,
 }
 
 pub fn start(

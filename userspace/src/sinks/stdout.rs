@@ -5,6 +5,13 @@ use std::io::Write;
 use super::{Delivery, DeliveryError, Sink};
 use crate::record::Record;
 
+/// `type = "stdout"`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StdoutSinkConfig {
+    pub optional: bool,
+}
+
 pub struct StdoutSink {
     buf: Vec<u8>,
 }

@@ -24,7 +24,8 @@ use crate::discovery::{Directory, Hold, Lookup};
 use crate::host::cgroups;
 use crate::record::{Origin, Record};
 use crate::ring::Ring;
-use crate::values::lock;
+use crate::values::{lock, ByteSize, Dur};
+use std::path::PathBuf;
 
 /// A volume's identity: every record from its files carries it.
 #[derive(Debug)]
@@ -35,6 +36,68 @@ pub struct Volume {
     service_explicit: bool,
     pub labels: BTreeMap<String, String>,
     counters: Arc<GroupCounters>,
+}
+
+/// `[volumes]`: the FUSE mount and how its files are captured.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumesConfig {
+    pub mount: PathBuf,
+    pub allow_other: bool,
+    pub writeback_cache: bool,
+    pub max_write: ByteSize,
+    pub flush_interval: Dur,
+    pub partial_flush: Dur,
+    pub max_record_bytes: ByteSize,
+    pub tail_bytes: ByteSize,
+    /// Docker volume plugin socket (VolumeDriver protocol); empty: no plugin.
+    pub plugin_socket: PathBuf,
+}
+
+impl Default for VolumesConfig {
+    fn default() -> Self {
+        Self {
+            mount: "/run/logtap/volumes".into(),
+            allow_other: true,
+            writeback_cache: true,
+            max_write: ByteSize(1 << 20),
+            flush_interval: Dur(Duration::from_millis(200)),
+            partial_flush: Dur(Duration::from_secs(1)),
+            max_record_bytes: ByteSize(256 << 10),
+            tail_bytes: ByteSize(64 << 10),
+            plugin_socket: "/run/docker/plugins/logtap.sock".into(),
+        }
+    }
+}
+
+impl VolumesConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.mount.is_absolute() {
+            return Err(format!("volumes.mount must be an absolute path, not {:?}", self.mount));
+        }
+        if !(4096..=1 << 20).contains(&self.max_write.0) {
+            return Err(format!("volumes.max_write must be between 4KiB and 1MiB, not {}", self.max_write));
+        }
+        if self.tail_bytes.0 < 4096 {
+            return Err(format!(
+                "volumes.tail_bytes must be at least 4KiB (the kernel reads partly written pages back), not {}",
+                self.tail_bytes
+            ));
+        }
+        if self.max_record_bytes.0 == 0 {
+            return Err("volumes.max_record_bytes must be at least 1 byte".into());
+        }
+        if self.flush_interval.0 < Duration::from_millis(10) {
+            return Err(format!("volumes.flush_interval must be at least 10ms, not {}", self.flush_interval));
+        }
+        if !self.plugin_socket.as_os_str().is_empty() && !self.plugin_socket.is_absolute() {
+            return Err(format!(
+                "volumes.plugin_socket must be an absolute path or empty, not {:?}",
+                self.plugin_socket
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Framing and identity settings shared by all files.

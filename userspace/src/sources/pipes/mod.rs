@@ -32,7 +32,56 @@ use crate::discovery::{Directory, Hold};
 use crate::host::cgroups;
 use crate::record::Origin;
 use crate::ring::Ring;
-use crate::values::lock;
+use crate::values::{lock, ByteSize};
+
+/// The eBPF source: stdout/stderr pipe writes of watched processes.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipesConfig {
+    pub enabled: bool,
+    /// Bytes copied per write() at most; the rest is counted as truncated.
+    pub max_write_capture: ByteSize,
+    /// Size of the BPF ring buffer between the kernel and the agent (a power of two).
+    pub ring_buffer: ByteSize,
+    /// Processes or cgroups watched from the start.
+    pub targets: Vec<crate::api::TargetSpec>,
+}
+
+impl Default for PipesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_write_capture: ByteSize(64 << 10),
+            ring_buffer: ByteSize(16 << 20),
+            targets: Vec::new(),
+        }
+    }
+}
+
+impl PipesConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let max_capture = (logtap_common::CHUNK as u64) * u64::from(logtap_common::MAX_CHUNKS);
+        if !(1..=max_capture).contains(&self.max_write_capture.0) {
+            return Err(format!(
+                "pipes.max_write_capture must be between 1B and {} (what the eBPF programs copy per write), not {}",
+                ByteSize(max_capture),
+                self.max_write_capture
+            ));
+        }
+        if !self.ring_buffer.0.is_power_of_two() || !(64 << 10..=1 << 30).contains(&self.ring_buffer.0) {
+            return Err(format!(
+                "pipes.ring_buffer must be a power of two between 64KiB and 1GiB, not {}",
+                self.ring_buffer
+            ));
+        }
+        for t in &self.targets {
+            if t.pid.is_some() == t.cgroup.is_some() {
+                return Err("each [[pipes.targets]] names exactly one of pid or cgroup".into());
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Whose a target's records are; a container target learns it when the runtime names it.
 #[derive(Debug, Clone, PartialEq)]
