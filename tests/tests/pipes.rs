@@ -482,3 +482,19 @@ fn a_run_that_outlives_the_agent_says_so_at_once_and_leaves_other_runs_alone() {
     let got = agent.wait_lines("second", "stdout", 3, WAIT);
     assert_eq!(logtap_e2e::as_strings(&got), vec!["second 1", "second 2", "second 3"]);
 }
+
+/// A target that runs many short processes keeps a bounded list of streams: an exited
+/// process's counts stay in the target's totals and its own entry goes.
+#[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
+fn exited_processes_leave_their_counts_in_the_totals_not_in_a_growing_list() {
+    let agent = Agent::start(Setup::default());
+    assert_pipes_running(&agent);
+    run_sh(&agent, "many", "for i in $(seq 1 300); do /bin/echo line $i; done");
+    let got = agent.wait_lines("many", "stdout", 300, WAIT);
+    assert_eq!(got.len(), 300);
+    let t = target(&agent, "many");
+    assert_eq!(t["captured_records_total"], 300, "{t}");
+    let streams = t["streams"].as_object().map_or(0, |s| s.len());
+    assert!(streams <= 2, "{streams} stream entries left for 300 exited processes: {t}");
+}

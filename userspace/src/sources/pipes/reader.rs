@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 
 use super::{Command, PipeSource, Target, Who};
 use crate::api::TargetSpec;
+use crate::counters::{GroupCounters, StreamCounters};
 use crate::discovery::identity::Identity;
 use crate::discovery::Lookup;
 use crate::host::cgroups;
@@ -30,6 +31,18 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 struct PipeStream {
     target: u32,
     lines: LineStream,
+    /// Where its own counters are listed (`{tgid}/stdout` of its target), while it lives.
+    listed: Option<(Arc<GroupCounters>, String)>,
+}
+
+impl Drop for PipeStream {
+    /// A process's streams end with it: its counts stay in the target's totals, and its entry
+    /// goes, so that a target running many short processes keeps a bounded list.
+    fn drop(&mut self) {
+        if let Some((group, name)) = &self.listed {
+            group.stream_gone(name, &self.lines.origin.counters.stream);
+        }
+    }
 }
 
 /// A write whose chunks are still arriving.
@@ -519,18 +532,25 @@ impl PipeSource {
     /// A new stream of a target; `None` for a pipe that is not the target's stdout or stderr.
     fn stream(&self, h: &EventHeader, target: Option<&Target>) -> Option<PipeStream> {
         let by_fd = if h.fd == 2 { "stderr" } else { "stdout" };
-        let origin = match target {
+        let (origin, listed) = match target {
             Some(t) => {
                 let fd_name = lock(&t.pipes).name(h.pipe, h.fd)?;
-                let counters = t.counters.stream(&format!("{}/{fd_name}", h.tgid));
-                t.who().origin(&self.framing.host, h.tgid, fd_name, counters)
+                let name = format!("{}/{fd_name}", h.tgid);
+                let counters = t.counters.stream(&name);
+                (t.who().origin(&self.framing.host, h.tgid, fd_name, counters), Some((t.counters.clone(), name)))
             }
             None => {
-                Who { service: "unknown".into(), module: None, tenant: "".into(), container: None, identified: false }
-                    .origin(&self.framing.host, h.tgid, by_fd, crate::counters::StreamCounters::detached())
+                let who = Who {
+                    service: "unknown".into(),
+                    module: None,
+                    tenant: "".into(),
+                    container: None,
+                    identified: false,
+                };
+                (who.origin(&self.framing.host, h.tgid, by_fd, StreamCounters::detached()), None)
             }
         };
-        Some(PipeStream { target: h.target, lines: LineStream::new(origin, self.framing.max_record_bytes) })
+        Some(PipeStream { target: h.target, lines: LineStream::new(origin, self.framing.max_record_bytes), listed })
     }
 }
 
