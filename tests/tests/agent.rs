@@ -270,3 +270,23 @@ fn an_optional_sink_that_stalls_does_not_hold_back_the_others() {
     // Shutdown drains the required sinks and does not wait for the stalled optional one.
     assert_eq!(agent.stop().code(), Some(0));
 }
+
+/// Clients that connect and say nothing (or many at once) cannot hold the control socket:
+/// connections are limited, and one that sends no request head within 2 s is closed.
+#[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
+fn idle_control_connections_are_limited_and_closed() {
+    let agent = Agent::start(Setup::default());
+    let idle: Vec<std::os::unix::net::UnixStream> =
+        (0..200).map(|_| std::os::unix::net::UnixStream::connect(&agent.socket).expect("connect")).collect();
+    let start = std::time::Instant::now();
+    let health = agent.get("/v1/health").expect("the agent answers past the idle connections");
+    assert!(String::from_utf8_lossy(&health).contains("ok"));
+    // 200 idle ones, 64 served at a time, each closed after 2 s: about 7 s.
+    assert!(start.elapsed() < Duration::from_secs(15), "answered after {:?}", start.elapsed());
+    // The idle ones were closed by the agent: reading one sees the end.
+    let mut first = &idle[0];
+    first.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(first.read(&mut buf).unwrap_or(0), 0, "an idle connection is closed");
+}

@@ -24,6 +24,11 @@ use crate::report::{prometheus, Report};
 use crate::sources::pipes::PipeSource;
 use crate::sources::volume::VolumeSource;
 
+/// Connections served at once (the CLI, Prometheus, `logtap run`s, the runtime's plugin calls).
+const MAX_CONNECTIONS: usize = 64;
+/// A connection that sends no whole request head within this is closed, so that idle clients
+/// cannot hold the connections for long (local clients send theirs at once).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 << 10;
 
@@ -89,7 +94,10 @@ where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // Past the limit, new connections wait in the socket's backlog.
+        let Ok(permit) = open.clone().acquire_owned().await else { return };
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
@@ -100,10 +108,14 @@ where
         };
         let handler = handler.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(handler);
-            if let Err(e) =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-            {
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
                 debug!("control connection ended: {e}");
             }
         });

@@ -121,6 +121,8 @@ struct Registry {
     removed: VecDeque<Entry>,
 }
 
+/// Containers asked about and not answered yet, at most.
+const ASKED_AT_ONCE: usize = 1024;
 /// How many unknown ids are remembered.
 const GONE_KEPT: usize = 1024;
 /// How many removed containers stay in the stats.
@@ -132,13 +134,13 @@ pub struct Discovery {
     mountpoint: PathBuf,
     registry: Mutex<Registry>,
     /// Containers to inspect now (the pipe source saw them write before the runtime's event).
-    ask: mpsc::UnboundedSender<String>,
+    ask: mpsc::Sender<String>,
 }
 
 impl Discovery {
     /// A registry; [`Discovery::follow`] starts following the runtime.
-    pub fn new(config: DiscoveryConfig, mountpoint: PathBuf) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
-        let (ask, asked) = mpsc::unbounded_channel();
+    pub fn new(config: DiscoveryConfig, mountpoint: PathBuf) -> (Arc<Self>, mpsc::Receiver<String>) {
+        let (ask, asked) = mpsc::channel(ASKED_AT_ONCE);
         let registry = Registry {
             status: "connecting".into(),
             reason: None,
@@ -157,7 +159,7 @@ impl Discovery {
     /// Follows the runtime on the current tokio runtime, reconnecting for ever, and tells
     /// `listener` what changes. The sources are made after the registry (it is their
     /// directory), so they are given here rather than to [`Discovery::new`].
-    pub fn follow(self: &Arc<Self>, asked: mpsc::UnboundedReceiver<String>, listener: Arc<dyn Listener>) {
+    pub fn follow(self: &Arc<Self>, asked: mpsc::Receiver<String>, listener: Arc<dyn Listener>) {
         tokio::spawn(runtime::follow(self.clone(), asked, listener));
     }
 
@@ -284,8 +286,12 @@ impl Directory for Discovery {
         if r.gone.iter().any(|g| g == container_id) {
             return Lookup::Unknown;
         }
-        if r.asked.insert(container_id.to_string()) {
-            let _ = self.ask.send(container_id.to_string());
+        // One question per container at a time; with the queue full, it is asked at the
+        // next lookup instead.
+        if r.asked.len() < ASKED_AT_ONCE && r.asked.insert(container_id.to_string()) {
+            if self.ask.try_send(container_id.to_string()).is_err() {
+                r.asked.remove(container_id);
+            }
         }
         Lookup::Pending
     }

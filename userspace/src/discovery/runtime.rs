@@ -18,7 +18,7 @@ use crate::api::Stdout;
 /// Backoff between connection attempts: doubles from the first to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
 
-pub async fn follow(d: Arc<Discovery>, mut asked: mpsc::UnboundedReceiver<String>, listener: Arc<dyn Listener>) {
+pub async fn follow(d: Arc<Discovery>, mut asked: mpsc::Receiver<String>, listener: Arc<dyn Listener>) {
     let mut backoff = BACKOFF.0;
     loop {
         let mut connected = false;
@@ -42,7 +42,7 @@ pub async fn follow(d: Arc<Discovery>, mut asked: mpsc::UnboundedReceiver<String
 async fn session(
     d: &Discovery,
     l: &dyn Listener,
-    asked: &mut mpsc::UnboundedReceiver<String>,
+    asked: &mut mpsc::Receiver<String>,
     connected: &mut bool,
 ) -> anyhow::Result<()> {
     let api = Api::connect(&d.config.docker_socket).await?;

@@ -205,6 +205,8 @@ struct State {
     excluded: HashSet<u64>,
 }
 
+/// Commands waiting for the event loop at most.
+const COMMANDS: usize = 4096;
 /// How many removed targets stay visible in the stats.
 const ENDED_KEPT: usize = 64;
 
@@ -224,8 +226,9 @@ pub struct PipeSource {
     ring: Arc<Ring>,
     max_capture: u64,
     state: Mutex<State>,
-    /// Work for the event loop, which first reads what is already in the ring buffer.
-    commands: Mutex<Option<mpsc::UnboundedSender<Command>>>,
+    /// Work for the event loop, which first reads what is already in the ring buffer
+    /// (bounded: see [`COMMANDS`]).
+    commands: Option<mpsc::Sender<Command>>,
     /// Set when every container is captured.
     directory: Option<Arc<dyn Directory>>,
     hold: Hold,
@@ -250,9 +253,10 @@ enum Command {
 impl PipeSource {
     /// A source that is not running (disabled, or the kernel refused the programs).
     pub fn new(framing: Framing, ring: Arc<Ring>, max_capture: u64, status: &str, reason: Option<String>) -> Arc<Self> {
-        Self::with(framing, ring, max_capture, status, reason, None)
+        Self::with(framing, ring, max_capture, status, reason, None, None)
     }
 
+    /// `running`: the loaded programs' maps, and where the event reader takes commands.
     fn with(
         framing: Framing,
         ring: Arc<Ring>,
@@ -260,7 +264,9 @@ impl PipeSource {
         status: &str,
         reason: Option<String>,
         containers: Option<(Arc<dyn Directory>, Hold)>,
+        running: Option<(Maps, mpsc::Sender<Command>)>,
     ) -> Arc<Self> {
+        let (maps, commands) = running.unzip();
         let (directory, hold) = match containers {
             Some((d, h)) => (Some(d), h),
             None => (None, Hold { timeout: Duration::ZERO, bytes: 0 }),
@@ -270,7 +276,7 @@ impl PipeSource {
             ring,
             max_capture,
             state: Mutex::new(State {
-                maps: None,
+                maps,
                 targets: BTreeMap::new(),
                 containers: HashMap::new(),
                 status: status.into(),
@@ -279,7 +285,7 @@ impl PipeSource {
                 ended: VecDeque::new(),
                 excluded: HashSet::new(),
             }),
-            commands: Mutex::new(None),
+            commands,
             directory,
             hold,
             counts: ContainerCounts::default(),
@@ -308,11 +314,9 @@ impl PipeSource {
         });
         match loaded {
             Ok((loaded, root)) => {
-                let source = Self::with(framing, ring, max_capture, "running", None, containers);
-                let (tx, rx) = mpsc::unbounded_channel();
-                *lock(&source.commands) = Some(tx);
-                source.lock().maps =
-                    Some(Maps { pids: loaded.pids, cgroups: loaded.cgroups, counters: loaded.counters });
+                let (tx, rx) = mpsc::channel(COMMANDS);
+                let maps = Maps { pids: loaded.pids, cgroups: loaded.cgroups, counters: loaded.counters };
+                let source = Self::with(framing, ring, max_capture, "running", None, containers, Some((maps, tx)));
                 if let Some(root) = &root {
                     source.exclude_host_and_self(root);
                 }
@@ -488,25 +492,35 @@ impl PipeSource {
         if let Some(id) = &spec.target {
             let slot = st.targets.values().find(|t| t.id == *id).map(|t| t.slot);
             let Some(slot) = slot else { bail!("no target {id}") };
-            self.send(Command::Remove(slot));
+            self.send(Command::Remove(slot)).context("cannot remove the target now")?;
         }
         Ok(())
     }
 
-    fn send(&self, command: Command) {
-        if let Some(tx) = &*lock(&self.commands) {
-            let _ = tx.send(command);
+    /// Hands the event loop a command. The queue is bounded: full means the loop is stuck, and
+    /// the caller hears so (a target not removed, a container's records released only after
+    /// `hold_timeout`), rather than the queue growing.
+    fn send(&self, command: Command) -> anyhow::Result<()> {
+        let Some(tx) = &self.commands else { return Ok(()) };
+        match tx.try_send(command) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!("the eBPF event reader has {COMMANDS} commands waiting; one more is dropped");
+                bail!("the eBPF event reader is {COMMANDS} commands behind")
+            }
+            // The reader has stopped (shutdown, or an error it reported).
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
         }
     }
 
     /// Discovery has an answer for a container (named, opted out, or unknown to the runtime).
     pub fn identified(&self, container_id: &str) {
-        self.send(Command::Identified(container_id.to_string()));
+        let _ = self.send(Command::Identified(container_id.to_string()));
     }
 
     /// A container died: what it wrote is read, its partial lines end and its target goes.
     pub fn died(&self, container_id: &str) {
-        self.send(Command::Died(container_id.to_string()));
+        let _ = self.send(Command::Died(container_id.to_string()));
     }
 
     fn remove_target(&self, slot: u32) {
@@ -628,10 +642,9 @@ impl PipeSource {
 
     /// Shutdown: reads what the kernel has already handed over and ends every partial line.
     pub async fn close(&self) {
-        let tx = lock(&self.commands).take();
-        if let Some(tx) = tx {
+        if let Some(tx) = &self.commands {
             let (done, wait) = tokio::sync::oneshot::channel();
-            if tx.send(Command::Close(done)).is_ok() {
+            if tx.send(Command::Close(done)).await.is_ok() {
                 let _ = wait.await;
             }
         }

@@ -161,7 +161,7 @@ impl PipeSource {
     pub(super) async fn run(
         self: Arc<Self>,
         events: RingBuf<MapData>,
-        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut commands: mpsc::Receiver<Command>,
         index: Option<cgroups::Index>,
     ) -> anyhow::Result<()> {
         // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so the fd stays
