@@ -290,3 +290,37 @@ fn idle_control_connections_are_limited_and_closed() {
     let mut buf = [0u8; 16];
     assert_eq!(first.read(&mut buf).unwrap_or(0), 0, "an idle connection is closed");
 }
+
+/// A stalled sink under `block`: writers wait in their FUSE requests, up to `block_timeout`
+/// (60 s here) each. SIGTERM must still be over within `shutdown_timeout` (3 s), not one
+/// `block_timeout` after another; what could not be delivered is counted, and later writes
+/// get an error.
+#[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
+fn shutdown_keeps_its_deadline_when_a_stalled_sink_holds_writers() {
+    let mut agent = Agent::start(Setup { shutdown_timeout: "3s".into(), ..stalled("block") });
+    let _stdout = agent.take_stdout();
+    let vol = agent.volume("held");
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let path = vol.join(format!("w{w}.log"));
+            std::thread::spawn(move || {
+                let mut f = OpenOptions::new().create(true).append(true).open(path).unwrap();
+                let line = format!("writer {w} {}\n", "x".repeat(200));
+                // Until the agent refuses (ESHUTDOWN) or goes away.
+                while f.write_all(line.as_bytes()).and_then(|()| f.sync_data()).is_ok() {}
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(agent.stats()["ring"]["blocked_pushes_total"].as_u64().unwrap() > 0, "writers are held");
+    let start = std::time::Instant::now();
+    agent.signal(libc::SIGTERM);
+    let status = agent.wait_exit(Duration::from_secs(50));
+    let took = start.elapsed();
+    assert_eq!(status.code(), Some(0));
+    assert!(took < Duration::from_secs(8), "shutdown took {took:?} with shutdown_timeout = 3s");
+    for w in writers {
+        w.join().unwrap();
+    }
+}

@@ -2,11 +2,12 @@
 //! waits for a signal and shuts down in order (stop taking writes, drain, unmount).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use logtap_fusefs::{Model, MountOptions, Options, Owner};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
@@ -54,6 +55,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         server::bind(&config.control)?
     };
 
+    // Every task stops on this one token, at the end of shutdown.
+    let stop = CancellationToken::new();
     let sinks = sinks::start(&config.sinks, &host, &ring)?;
     let framing = Framing {
         host: host.as_str().into(),
@@ -76,7 +79,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     };
     let discovery = discovery.map(|(registry, asked)| {
         let _guard = rt.enter();
-        registry.follow(asked, Arc::new(Sources { volumes: source.clone(), pipes: pipes.clone() }));
+        registry.follow(asked, Arc::new(Sources { volumes: source.clone(), pipes: pipes.clone() }), stop.clone());
         registry
     });
     for target in &p.targets {
@@ -114,14 +117,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let _guard = rt.enter();
         match plugin::bind(&v.plugin_socket) {
             Ok(l) => {
-                rt.spawn(plugin::serve(l, control.clone()));
+                rt.spawn(plugin::serve(l, control.clone(), stop.clone()));
                 plugin_served = true;
             }
             // The volumes and every other source keep working without the plugin.
             Err(e) => warn!("the Docker volume plugin is not served: {e:#}"),
         }
     }
-    rt.spawn(server::serve(listener, control));
+    rt.spawn(server::serve(listener, control, stop.clone()));
     info!(
         host = %host,
         mount = %v.mount.display(),
@@ -159,15 +162,19 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         std::process::exit(130);
     });
 
+    // One deadline for all of shutdown: no step may wait past it, whatever the sinks do.
+    let deadline = Instant::now() + config.shutdown_timeout.0;
+    let left_until = |cap: Duration| deadline.saturating_duration_since(Instant::now()).min(cap);
+    ring.stop_waiting_at(deadline);
     // Stop taking writes: dirty pages are pushed out, partial lines end, later writes are refused.
     fs.close();
     rt.block_on(async {
-        if tokio::time::timeout(Duration::from_secs(2), pipes.close()).await.is_err() {
+        if tokio::time::timeout(left_until(Duration::from_secs(2)), pipes.close()).await.is_err() {
             warn!("the eBPF event reader did not finish in time");
         }
     });
     ring.close();
-    let left = ring.wait_drained(config.shutdown_timeout.0);
+    let left = ring.wait_drained(deadline);
     if left > 0 {
         warn!(records = left, timeout = %config.shutdown_timeout, "records not delivered before shutdown_timeout; they are lost");
     } else {
@@ -177,7 +184,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     if refused > 0 {
         warn!(bytes = refused, "writes refused while shutting down");
     }
-    if let Err(e) = fs.unmount(Duration::from_secs(2)) {
+    // Every task ends here: the control socket answered until now, for stats while draining.
+    stop.cancel();
+    // The mount goes even past the deadline: lazily, at once, if it is still busy.
+    if let Err(e) = fs.unmount(left_until(Duration::from_secs(2))) {
         warn!("unmount: {e}");
     }
     if left == 0 {

@@ -65,6 +65,8 @@ struct State {
     used: usize,
     readers: Vec<Reader>,
     closed: bool,
+    /// Shutdown's deadline: no push waits for room past it, whatever `block_timeout` says.
+    stop_waiting_at: Option<Instant>,
     pushed_records: u64,
     dropped_records: u64,
     dropped_bytes: u64,
@@ -232,7 +234,8 @@ impl Ring {
                     Policy::DropOldest => s.evict_front(),
                     Policy::Block => {
                         let now = Instant::now();
-                        let until = *deadline.get_or_insert(now + self.block_timeout);
+                        let mut until = *deadline.get_or_insert(now + self.block_timeout);
+                        until = s.stop_waiting_at.map_or(until, |at| until.min(at));
                         if now >= until || s.closed {
                             s.drop_record(&record);
                             break;
@@ -302,6 +305,14 @@ impl Ring {
         self.room.notify_all();
     }
 
+    /// Shutdown has begun and must be over by `at`: pushes waiting for room (block policy) give
+    /// up then, dropping (and counting) their records, so that writers held in FUSE requests
+    /// cannot stretch shutdown one `block_timeout` after another.
+    pub fn stop_waiting_at(&self, at: Instant) {
+        self.lock().stop_waiting_at = Some(at);
+        self.room.notify_all();
+    }
+
     /// No more records will come; readers finish what is there.
     pub fn close(&self) {
         self.lock().closed = true;
@@ -309,10 +320,9 @@ impl Ring {
         self.readable.notify_waiters();
     }
 
-    /// Waits until every required reader has acknowledged every record, or `timeout` passes.
+    /// Waits until every required reader has acknowledged every record, or `deadline`.
     /// Returns the records still unacknowledged.
-    pub fn wait_drained(&self, timeout: Duration) -> u64 {
-        let deadline = Instant::now() + timeout;
+    pub fn wait_drained(&self, deadline: Instant) -> u64 {
         let mut s = self.lock();
         loop {
             let left = s.tail() - s.required_floor().min(s.tail());
@@ -426,7 +436,7 @@ mod tests {
         // It resumes with what is still there, in order.
         assert_eq!(bytes(&ring.try_read(optional, 10, 1 << 20).unwrap()), vec![4, 5, 6]);
         // Shutdown does not wait for it.
-        assert_eq!(ring.wait_drained(Duration::from_millis(1)), 0);
+        assert_eq!(ring.wait_drained(Instant::now() + Duration::from_millis(1)), 0);
     }
 
     #[test]
@@ -499,6 +509,6 @@ mod tests {
         let got = read_all(&ring, a);
         pusher.join().unwrap();
         assert_eq!(got, vec![7]);
-        assert_eq!(ring.wait_drained(Duration::from_millis(1)), 0);
+        assert_eq!(ring.wait_drained(Instant::now() + Duration::from_millis(1)), 0);
     }
 }

@@ -18,6 +18,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::server::{self, Control};
@@ -47,9 +48,9 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     server::bind_unix(path, 0o660)
 }
 
-pub async fn serve(listener: UnixListener, control: Arc<Control>) {
+pub async fn serve(listener: UnixListener, control: Arc<Control>, stop: CancellationToken) {
     let plugin = Arc::new(Plugin { control, mounts: Mutex::default() });
-    server::serve_http(listener, move |req| handle(req, plugin.clone())).await
+    server::serve_http(listener, move |req| handle(req, plugin.clone()), stop).await
 }
 
 /// The protocol's media type.

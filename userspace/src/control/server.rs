@@ -16,6 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::api::{SpecError, TargetSpec, UnwatchSpec, VolumeSpec};
@@ -83,13 +84,13 @@ fn group_id(name: &str) -> anyhow::Result<u32> {
     Ok(unsafe { (*gr).gr_gid })
 }
 
-/// Serves the control API until the task is dropped.
-pub async fn serve(listener: UnixListener, control: Arc<Control>) {
-    serve_http(listener, move |req| handle(req, control.clone())).await
+/// Serves the control API until `stop`.
+pub async fn serve(listener: UnixListener, control: Arc<Control>, stop: CancellationToken) {
+    serve_http(listener, move |req| handle(req, control.clone()), stop).await
 }
 
-/// Serves HTTP/1.1 connections on `listener` with `handler`, until the task is dropped.
-pub async fn serve_http<H, F>(listener: UnixListener, handler: H)
+/// Serves HTTP/1.1 connections on `listener` with `handler`, until `stop`.
+pub async fn serve_http<H, F>(listener: UnixListener, handler: H, stop: CancellationToken)
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
@@ -97,8 +98,18 @@ where
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         // Past the limit, new connections wait in the socket's backlog.
-        let Ok(permit) = open.clone().acquire_owned().await else { return };
-        let stream = match listener.accept().await {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            permit = open.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
             Ok((s, _)) => s,
             Err(e) => {
                 warn!("control socket accept failed: {e}");

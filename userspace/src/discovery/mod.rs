@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::api::{ContainerInfo, RuntimeStatus, Stdout};
 use crate::values::{lock, ByteSize, Dur};
@@ -159,8 +160,19 @@ impl Discovery {
     /// Follows the runtime on the current tokio runtime, reconnecting for ever, and tells
     /// `listener` what changes. The sources are made after the registry (it is their
     /// directory), so they are given here rather than to [`Discovery::new`].
-    pub fn follow(self: &Arc<Self>, asked: mpsc::Receiver<String>, listener: Arc<dyn Listener>) {
-        tokio::spawn(runtime::follow(self.clone(), asked, listener));
+    pub fn follow(
+        self: &Arc<Self>,
+        asked: mpsc::Receiver<String>,
+        listener: Arc<dyn Listener>,
+        stop: CancellationToken,
+    ) {
+        let follow = runtime::follow(self.clone(), asked, listener);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = follow => {}
+            }
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
