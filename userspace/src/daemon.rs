@@ -71,7 +71,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let source = VolumeSource::new(framing.clone(), ring.clone(), directory.clone());
     let p = &config.pipes;
     let pipes = if p.enabled {
-        let _guard = rt.enter();
         let ring_buffer = u32::try_from(p.ring_buffer.0).context("pipes.ring_buffer")?;
         PipeSource::start(framing, ring.clone(), p.max_write_capture.0, ring_buffer, directory)
     } else {

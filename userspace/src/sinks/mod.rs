@@ -355,6 +355,10 @@ mod tests {
         let s = counters.snapshot();
         assert_eq!((s.delivered_records_total, s.rejected_records_total, s.retried_records_total), (3, 1, 1));
         assert_eq!((s.errors_total, s.in_flight_records), (1, 0));
-        assert_eq!(ring.wait_drained(std::time::Instant::now() + Duration::from_millis(1)), 0, "everything acknowledged");
+        assert_eq!(
+            ring.wait_drained(std::time::Instant::now() + Duration::from_millis(1)),
+            0,
+            "everything acknowledged"
+        );
     }
 }

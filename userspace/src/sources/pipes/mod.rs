@@ -151,11 +151,6 @@ struct StdPipes {
 }
 
 impl StdPipes {
-    fn learn(&mut self, pid: u32) {
-        let (stdout, stderr) = crate::host::output_pipes(pid);
-        self.add(stdout, stderr);
-    }
-
     /// A pair of pipes; only a whole pair counts (one of them alone would make the other
     /// stream's writes look like another pipe's).
     fn add(&mut self, stdout: Option<u64>, stderr: Option<u64>) {
@@ -298,8 +293,7 @@ impl PipeSource {
         lock(&self.state)
     }
 
-    /// Loads and attaches the programs and starts reading their events on the current tokio
-    /// runtime. With a `directory`, every container is captured from its first write. On
+    /// Loads and attaches the programs and starts reading their events on a thread of its own. With a `directory`, every container is captured from its first write. On
     /// failure the source says why in its stats and the agent carries on.
     pub fn start(
         framing: Framing,
@@ -323,16 +317,27 @@ impl PipeSource {
                 let index = root.map(cgroups::Index::new);
                 let s = source.clone();
                 let ebpf = loaded.ebpf;
-                tokio::spawn(async move {
+                // Its own thread: reading cgroups and /proc, and pushing into a full ring under
+                // `block`, must not hold up the control socket's runtime.
+                let reader = std::thread::Builder::new().name("pipe-reader".into()).spawn(move || {
                     // The programs stay attached while `ebpf` lives.
                     let _ebpf = ebpf;
-                    if let Err(e) = s.clone().run(loaded.events, rx, index).await {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                    let read = rt
+                        .context("cannot start the event reader's runtime")
+                        .and_then(|rt| rt.block_on(s.clone().run(loaded.events, rx, index)));
+                    if let Err(e) = read {
                         warn!("the eBPF event reader stopped: {e:#}");
                         let mut st = s.lock();
                         st.status = "unavailable".into();
                         st.reason = Some(format!("{e:#}"));
                     }
                 });
+                if let Err(e) = reader {
+                    let mut st = source.lock();
+                    st.status = "unavailable".into();
+                    st.reason = Some(format!("cannot start the event reader's thread: {e}"));
+                }
                 info!(containers = source.directory.is_some(), "eBPF pipe capture loaded and attached");
                 source
             }
@@ -405,6 +410,10 @@ impl PipeSource {
             }
             _ => "unknown".into(),
         });
+        let (stdout, stderr) = match (spec.stdout_pipe, spec.stderr_pipe, spec.pid) {
+            (None, None, Some(pid)) => crate::host::output_pipes(pid),
+            (out, err, _) => (out, err),
+        };
         let who = Who {
             service: service.into(),
             module: spec.module.as_deref().map(Into::into),
@@ -433,13 +442,7 @@ impl PipeSource {
             }
         }
         let target = self.add_target(&mut st, spec.clone(), who)?;
-        {
-            let mut pipes = lock(&target.pipes);
-            match (spec.stdout_pipe, spec.stderr_pipe, spec.pid) {
-                (None, None, Some(pid)) => pipes.learn(pid),
-                (out, err, _) => pipes.add(out, err),
-            }
-        }
+        lock(&target.pipes).add(stdout, stderr);
         let Some(maps) = st.maps.as_mut() else { bail!("eBPF pipe capture stopped") };
         if let Some(pid) = spec.pid {
             maps.pids.insert(pid, target.slot, 0).context("adding the process to the watch map")?;

@@ -25,6 +25,8 @@ use crate::record::{Origin, Record};
 use crate::sources::{reorigin_all, LineStream, Stamp};
 use crate::values::lock;
 
+/// How long a cgroup found gone is taken as gone without looking again.
+const UNRESOLVED_KEPT: Duration = Duration::from_secs(1);
 /// How often cgroups the kernel skips are checked for removal (their entries then go).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -96,6 +98,9 @@ pub(super) struct Reassembly {
     /// What each cgroup seen under `CONTAINERS_TARGET` is: its container's target, or `None`
     /// (not captured).
     cgroups: IdMap<u64, Option<u32>>,
+    /// cgroups found gone (no path), and when: the events they queued before going do not
+    /// each walk the tree again. Kept briefly, as cgroup ids (inodes) are reused.
+    unresolved: IdMap<u64, Instant>,
     /// Paths of cgroups, when every container is captured.
     index: Option<cgroups::Index>,
     held: IdMap<u32, Held>,
@@ -122,6 +127,7 @@ impl Reassembly {
             batch: Vec::new(),
             stamp: Stamp::now(),
             cgroups: IdMap::default(),
+            unresolved: IdMap::default(),
             index,
             held: IdMap::default(),
             last_prune: Instant::now(),
@@ -275,6 +281,7 @@ impl PipeSource {
         let Some(index) = asm.index.as_mut() else { return };
         let live = index.live_ids();
         asm.cgroups.retain(|id, _| live.contains(id));
+        asm.unresolved.retain(|_, at| at.elapsed() < UNRESOLVED_KEPT);
         let mut st = self.lock();
         let super::State { maps, excluded, .. } = &mut *st;
         let gone: Vec<u64> = excluded.iter().filter(|id| !live.contains(id)).copied().collect();
@@ -343,9 +350,13 @@ impl PipeSource {
         let target = match known {
             Some(known) => known,
             None => {
+                if asm.unresolved.get(&cgroup).is_some_and(|at| at.elapsed() < UNRESOLVED_KEPT) {
+                    return Err(&self.counts.unresolved_bytes);
+                }
                 let path = asm.index.as_mut().and_then(|i| i.path_of(cgroup).map(str::to_string));
                 let Some(path) = path else {
                     debug!(cgroup, "a cgroup was removed before it could be told apart");
+                    asm.unresolved.insert(cgroup, Instant::now());
                     return Err(&self.counts.unresolved_bytes);
                 };
                 let target = match cgroups::container_id(&path) {
@@ -373,6 +384,8 @@ impl PipeSource {
         if matches!(&lookup, Lookup::Known(i) if !i.stdout) {
             return None;
         }
+        // Files read before the source's lock is taken: the control socket waits on it.
+        let init_pipes = asm.index.as_ref().and_then(|i| i.init_process(path)).map(crate::host::output_pipes);
         let mut st = self.lock();
         let target = match st.containers.get(id).and_then(|t| st.targets.get(t)).cloned() {
             Some(t) => t,
@@ -396,8 +409,8 @@ impl PipeSource {
             }
         };
         lock(&target.cgroups).push(cgroup);
-        if let Some(init) = asm.index.as_ref().and_then(|i| i.init_process(path)) {
-            lock(&target.pipes).learn(init);
+        if let Some((stdout, stderr)) = init_pipes {
+            lock(&target.pipes).add(stdout, stderr);
         }
         if let Some(maps) = st.maps.as_mut() {
             if let Err(e) = maps.cgroups.insert(cgroup, target.slot, 0) {
