@@ -13,10 +13,11 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::control::plugin;
 use crate::control::server::{self, Control};
-use crate::discovery::{Directory, Discovery, Hold};
+use crate::discovery::{Discovery, Hold};
 use crate::report::Report;
 use crate::ring::Ring;
 use crate::sinks;
+use crate::sources::hold::Holding;
 use crate::sources::pipes::PipeSource;
 use crate::sources::volume::{Framing, VolumeCapture, VolumeSource};
 use crate::sources::Sources;
@@ -67,12 +68,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let d = &config.discovery;
     let hold = Hold { timeout: d.hold_timeout.0, bytes: usize_of(d.hold_bytes.0, "discovery.hold_bytes")? };
     let discovery = d.enabled.then(|| Discovery::new(d.clone(), v.mount.clone()));
-    let directory = discovery.as_ref().map(|(registry, _)| (registry.clone() as Arc<dyn Directory>, hold));
-    let source = VolumeSource::new(framing.clone(), ring.clone(), directory.clone());
+    let holding = discovery.as_ref().map(|(registry, _)| Holding::new(registry.clone(), hold));
+    let source = VolumeSource::new(framing.clone(), ring.clone(), holding.clone());
     let p = &config.pipes;
     let pipes = if p.enabled {
         let ring_buffer = u32::try_from(p.ring_buffer.0).context("pipes.ring_buffer")?;
-        PipeSource::start(framing, ring.clone(), p.max_write_capture.0, ring_buffer, directory)
+        PipeSource::start(framing, ring.clone(), p.max_write_capture.0, ring_buffer, holding)
     } else {
         PipeSource::new(framing, ring.clone(), p.max_write_capture.0, "disabled", None)
     };

@@ -2,6 +2,7 @@
 //! (a file, a process's stdout), which frames them with the one [`crate::framer`]; the source
 //! pushes the records into the one [`crate::ring`].
 
+pub mod hold;
 pub mod pipes;
 pub mod volume;
 

@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use logtap_fusefs::{Capture, Stream};
 
+use super::hold::{Holding, Wait};
 use super::{reorigin_all, LineStream, Stamp};
 use crate::api::{Container, SpecError, VolumeSnapshot, VolumeSpec};
 use crate::counters::GroupCounters;
 use crate::discovery::identity::Identity;
-use crate::discovery::{Directory, Hold, Lookup};
+use crate::discovery::Lookup;
 use crate::host::cgroups;
 use crate::record::{Origin, Record};
 use crate::ring::Ring;
@@ -117,21 +118,20 @@ pub struct VolumeSource {
     links: Mutex<HashMap<String, Arc<Identity>>>,
     /// Bumped at every link change, so that file streams know to take their identity again.
     generation: AtomicU64,
-    /// Who containers are, with discovery on.
-    containers: Option<(Arc<dyn Directory>, Hold)>,
+    /// Who containers are, and where their records wait to be named, with discovery on.
+    holding: Option<Arc<Holding>>,
 }
 
 impl VolumeSource {
-    /// With `containers` (discovery on), files made by containers' processes get their
-    /// identity.
-    pub fn new(framing: Framing, ring: Arc<Ring>, containers: Option<(Arc<dyn Directory>, Hold)>) -> Arc<Self> {
+    /// With `holding` (discovery on), files made by containers' processes get their identity.
+    pub fn new(framing: Framing, ring: Arc<Ring>, holding: Option<Arc<Holding>>) -> Arc<Self> {
         Arc::new(Self {
             framing,
             ring,
             volumes: Mutex::default(),
             links: Mutex::default(),
             generation: AtomicU64::new(0),
-            containers,
+            holding,
         })
     }
 
@@ -187,12 +187,12 @@ impl VolumeSource {
     /// The identity of the container whose process `pid` made a file in an unlinked volume:
     /// known, or (`Err`) the container's id, not named yet.
     fn creator(&self, volume: &str, pid: u32) -> Result<Option<Arc<Identity>>, String> {
-        let Some((directory, _)) = &self.containers else { return Ok(None) };
+        let Some(holding) = &self.holding else { return Ok(None) };
         if pid == 0 || self.link_of(volume).is_some() {
             return Ok(None);
         }
         let Some(id) = cgroups::container_of_process(pid) else { return Ok(None) };
-        match directory.lookup(&id) {
+        match holding.directory().lookup(&id) {
             Lookup::Known(i) => Ok(Some(i)),
             Lookup::Pending => Err(id),
             Lookup::Unknown => Ok(None),
@@ -323,7 +323,7 @@ impl Capture for VolumeCapture {
         let counters = v.counters.stream(path);
         let (creator, waiting) = match self.0.creator(volume, creator) {
             Ok(known) => (known, None),
-            Err(container) => (None, Some(Waiting { container, since: Instant::now(), records: Vec::new() })),
+            Err(container) => (None, Some(Waiting { container, since: Instant::now(), records: Vec::new(), bytes: 0 })),
         };
         let origin = self.0.origin(&v, path, counters, creator.as_ref());
         FileStream {
@@ -339,6 +339,7 @@ impl Capture for VolumeCapture {
 
 /// Records of a file made by a container the runtime has not named yet.
 struct Waiting {
+    bytes: usize,
     container: String,
     since: Instant,
     records: Vec<Record>,
@@ -374,39 +375,38 @@ impl FileStream {
     fn emit(&mut self, frame: impl FnOnce(&mut LineStream, &mut Vec<Record>)) {
         self.refresh();
         let mut batch = Vec::new();
-        let out = match &mut self.waiting {
-            Some(w) => &mut w.records,
-            None => &mut batch,
-        };
-        frame(&mut self.lines, out);
-        self.source.ring.push(batch);
+        frame(&mut self.lines, &mut batch);
+        match (&mut self.waiting, &self.source.holding) {
+            (Some(w), Some(holding)) => {
+                let bytes: usize = batch.iter().map(|r| r.bytes.len()).sum();
+                holding.held(batch.len() as i64, bytes as i64);
+                w.bytes += bytes;
+                w.records.append(&mut batch);
+            }
+            _ => self.source.ring.push(batch),
+        }
         self.settle(false);
     }
 
     /// Waiting records go out once the creator is named, unknown to the runtime, or waited
     /// for long enough (`force`: the file is going).
     fn settle(&mut self, force: bool) {
-        let Some(w) = &self.waiting else { return };
-        let Some((directory, hold)) = &self.source.containers else { return };
-        let go = match directory.lookup(&w.container) {
-            Lookup::Known(i) => {
+        let (Some(w), Some(holding)) = (&self.waiting, &self.source.holding) else { return };
+        let named = match holding.wait(&w.container, w.since) {
+            Wait::Named(i) => {
                 self.creator = Some(i);
                 true
             }
-            Lookup::Unknown => true,
-            Lookup::Pending => {
-                let bytes: usize = w.records.iter().map(|r| r.bytes.len()).sum();
-                let late = force || w.since.elapsed() >= hold.timeout || bytes >= hold.bytes;
-                if late {
-                    tracing::warn!(container = %w.container, volume = %self.volume.name, "container not named by the runtime in time; its file's records go out without its identity");
-                }
-                late
+            Wait::Unknown => false,
+            Wait::Pending if !force => return,
+            Wait::Pending | Wait::Late => {
+                tracing::warn!(container = %w.container, volume = %self.volume.name, "container not named by the runtime in time; its file's records go out without its identity");
+                false
             }
         };
-        if !go {
-            return;
-        }
         let Some(mut w) = self.waiting.take() else { return };
+        holding.held(-(w.records.len() as i64), -(w.bytes as i64));
+        holding.released(w.records.len() as u64, named);
         self.lines.origin = self.reorigin(&self.lines.origin);
         reorigin_all(&mut w.records, |o| self.reorigin(o));
         self.source.ring.push(w.records);

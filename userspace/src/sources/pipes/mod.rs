@@ -16,7 +16,6 @@ mod tracefs;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
@@ -24,11 +23,11 @@ use logtap_common::{TargetCounters, CONTAINERS_TARGET, TARGET_EXCLUDED};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::hold::Holding;
 use super::volume::Framing;
 use crate::api::{Container, ContainersSnapshot, PipesSnapshot, TargetSnapshot, TargetSpec, UnwatchSpec};
 use crate::counters::{GroupCounters, StreamCounters};
 use crate::discovery::identity::Identity;
-use crate::discovery::{Directory, Hold};
 use crate::host::cgroups;
 use crate::record::Origin;
 use crate::ring::Ring;
@@ -210,10 +209,6 @@ const ENDED_KEPT: usize = 64;
 struct ContainerCounts {
     ignored_bytes: AtomicU64,
     unresolved_bytes: AtomicU64,
-    held_records: AtomicU64,
-    held_bytes: AtomicU64,
-    unidentified_records: AtomicU64,
-    opted_out_records: AtomicU64,
 }
 
 pub struct PipeSource {
@@ -224,9 +219,9 @@ pub struct PipeSource {
     /// Work for the event loop, which first reads what is already in the ring buffer
     /// (bounded: see [`COMMANDS`]).
     commands: Option<mpsc::Sender<Command>>,
-    /// Set when every container is captured.
-    directory: Option<Arc<dyn Directory>>,
-    hold: Hold,
+    /// Set when every container is captured: who containers are, and where their records
+    /// wait until the runtime names them.
+    holding: Option<Arc<Holding>>,
     counts: ContainerCounts,
     /// Target ids are `{instance}-{n}`: `instance` differs at every start of the agent, so a
     /// `logtap run` that outlived an agent cannot unwatch another run's target.
@@ -258,14 +253,10 @@ impl PipeSource {
         max_capture: u64,
         status: &str,
         reason: Option<String>,
-        containers: Option<(Arc<dyn Directory>, Hold)>,
+        holding: Option<Arc<Holding>>,
         running: Option<(Maps, mpsc::Sender<Command>)>,
     ) -> Arc<Self> {
         let (maps, commands) = running.unzip();
-        let (directory, hold) = match containers {
-            Some((d, h)) => (Some(d), h),
-            None => (None, Hold { timeout: Duration::ZERO, bytes: 0 }),
-        };
         Arc::new(Self {
             framing,
             ring,
@@ -281,8 +272,7 @@ impl PipeSource {
                 excluded: HashSet::new(),
             }),
             commands,
-            directory,
-            hold,
+            holding,
             counts: ContainerCounts::default(),
             instance: instance_name(),
             next_id: AtomicU64::new(1),
@@ -300,7 +290,7 @@ impl PipeSource {
         ring: Arc<Ring>,
         max_capture: u64,
         ring_buffer_bytes: u32,
-        containers: Option<(Arc<dyn Directory>, Hold)>,
+        containers: Option<Arc<Holding>>,
     ) -> Arc<Self> {
         let loaded = probe::load(max_capture as u32, ring_buffer_bytes, containers.is_some()).and_then(|loaded| {
             let root = containers.as_ref().map(|_| cgroups::v2_root()).transpose()?;
@@ -338,7 +328,7 @@ impl PipeSource {
                     st.status = "unavailable".into();
                     st.reason = Some(format!("cannot start the event reader's thread: {e}"));
                 }
-                info!(containers = source.directory.is_some(), "eBPF pipe capture loaded and attached");
+                info!(containers = source.holding.is_some(), "eBPF pipe capture loaded and attached");
                 source
             }
             Err(e) => {
@@ -606,9 +596,10 @@ impl PipeSource {
         let st = self.lock();
         let mut targets: Vec<TargetSnapshot> = st.targets.keys().filter_map(|id| self.snapshot_of(&st, *id)).collect();
         targets.extend(st.ended.iter().cloned());
-        let containers = self.directory.as_ref().map(|_| {
+        let containers = self.holding.as_ref().map(|holding| {
             let k = Self::kernel_counters(&st, CONTAINERS_TARGET);
             let c = &self.counts;
+            let (held_records, held_bytes, unidentified, opted_out) = holding.counts();
             ContainersSnapshot {
                 unclassified_writes_total: k.writes,
                 unclassified_written_bytes_total: k.bytes,
@@ -616,10 +607,10 @@ impl PipeSource {
                 lost_bytes_total: k.lost_bytes,
                 ignored_bytes_total: c.ignored_bytes.load(Relaxed),
                 unresolved_bytes_total: c.unresolved_bytes.load(Relaxed),
-                held_records: c.held_records.load(Relaxed),
-                held_bytes: c.held_bytes.load(Relaxed),
-                unidentified_records_total: c.unidentified_records.load(Relaxed),
-                opted_out_records_total: c.opted_out_records.load(Relaxed),
+                held_records,
+                held_bytes,
+                unidentified_records_total: unidentified,
+                opted_out_records_total: opted_out,
                 excluded_cgroups: st.excluded.len() as u64,
             }
         });

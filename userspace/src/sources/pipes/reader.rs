@@ -104,6 +104,8 @@ pub(super) struct Reassembly {
     /// Paths of cgroups, when every container is captured.
     index: Option<cgroups::Index>,
     held: IdMap<u32, Held>,
+    /// The held records and bytes last told to the holding (its gauges are over both sources).
+    published: (u64, u64),
     last_prune: Instant,
 }
 
@@ -130,6 +132,7 @@ impl Reassembly {
             unresolved: IdMap::default(),
             index,
             held: IdMap::default(),
+            published: (0, 0),
             last_prune: Instant::now(),
         }
     }
@@ -217,7 +220,7 @@ impl PipeSource {
                         }
                     };
                     self.ring.push(std::mem::take(&mut asm.batch));
-                    self.publish_held(&asm);
+                    self.publish_held(&mut asm);
                     if let Some(done) = close {
                         let _ = done.send(());
                         return Ok(());
@@ -237,22 +240,19 @@ impl PipeSource {
             s.lines.idle(now, partial_flush, out_for(held, batch, s.target));
         }
         // Held too long, or too much held: out with the container's id only.
-        let mut late: Vec<(Instant, u32)> = asm
-            .held
-            .iter()
-            .filter(|(_, h)| now.duration_since(h.since) >= self.hold.timeout)
-            .map(|(t, h)| (h.since, *t))
-            .collect();
-        let (_, mut bytes) = asm.held_totals();
-        if bytes > self.hold.bytes as u64 {
+        let mut late = Vec::new();
+        if let Some(holding) = &self.holding {
+            self.publish_held(asm);
             let mut all: Vec<(Instant, u32)> = asm.held.iter().map(|(t, h)| (h.since, *t)).collect();
             all.sort();
+            // The oldest first while too much is held, over both sources.
+            let mut bytes = asm.published.1;
+            let others = holding.counts().1.saturating_sub(bytes);
             for (since, t) in all {
-                if bytes <= self.hold.bytes as u64 {
-                    break;
+                if holding.due(since) || bytes + others > holding.limit_bytes() {
+                    bytes -= asm.held.get(&t).map_or(0, held_bytes);
+                    late.push((since, t));
                 }
-                bytes -= asm.held.get(&t).map_or(0, held_bytes);
-                late.push((since, t));
             }
         }
         late.sort();
@@ -270,10 +270,12 @@ impl PipeSource {
         self.lock().pending_bytes = asm.pending_bytes();
     }
 
-    fn publish_held(&self, asm: &Reassembly) {
+    fn publish_held(&self, asm: &mut Reassembly) {
+        let Some(holding) = &self.holding else { return };
         let (records, bytes) = asm.held_totals();
-        self.counts.held_records.store(records, Relaxed);
-        self.counts.held_bytes.store(bytes, Relaxed);
+        let (was_records, was_bytes) = asm.published;
+        holding.held(records as i64 - was_records as i64, bytes as i64 - was_bytes as i64);
+        asm.published = (records, bytes);
     }
 
     /// Removed cgroups leave the kernel's skip list and the classification cache.
@@ -380,7 +382,7 @@ impl PipeSource {
     /// A cgroup of container `id`: it joins the container's target (made now if need be), or is
     /// skipped if the container opted out.
     fn container_cgroup(&self, id: &str, cgroup: u64, path: &str, asm: &mut Reassembly) -> Option<u32> {
-        let lookup = self.directory.as_ref().map_or(Lookup::Unknown, |d| d.lookup(id));
+        let lookup = self.holding.as_ref().map_or(Lookup::Unknown, |h| h.directory().lookup(id));
         if matches!(&lookup, Lookup::Known(i) if !i.stdout) {
             return None;
         }
@@ -423,13 +425,13 @@ impl PipeSource {
 
     fn identified_now(&self, container: &str, asm: &mut Reassembly) {
         let Some(target) = self.lock().containers.get(container).copied() else { return };
-        let Some(directory) = &self.directory else { return };
-        match directory.lookup(container) {
+        let Some(holding) = &self.holding else { return };
+        match holding.directory().lookup(container) {
             Lookup::Pending => {}
             Lookup::Known(i) if !i.stdout => {
                 // Opted out: what was held is not wanted.
                 if let Some(h) = asm.held.remove(&target) {
-                    self.counts.opted_out_records.fetch_add(h.records.len() as u64, Relaxed);
+                    holding.opted_out(h.records.len() as u64);
                 }
                 asm.streams.retain(|_, s| s.target != target);
                 let cgroups = self.target(target).map(|t| lock(&t.cgroups).clone()).unwrap_or_default();
@@ -464,8 +466,8 @@ impl PipeSource {
         let Some(held) = asm.held.remove(&target) else { return };
         let who = self.target(target).map(|t| t.who());
         let mut records = held.records;
-        if !who.as_ref().is_some_and(|w| w.identified) {
-            self.counts.unidentified_records.fetch_add(records.len() as u64, Relaxed);
+        if let Some(holding) = &self.holding {
+            holding.released(records.len() as u64, who.as_ref().is_some_and(|w| w.identified));
         }
         if let Some(who) = &who {
             reorigin_all(&mut records, |o| reorigin(o, who));
