@@ -5,10 +5,10 @@
 pub mod capture;
 pub mod fuse;
 pub mod model;
+mod name;
 mod tail;
-mod volume_name;
 
 pub use capture::{Capture, Stream};
 pub use fuse::{mount, MountOptions, MountedFs};
 pub use model::{Model, Options, Owner};
-pub use volume_name::{validate_volume_name, VolumeNameError, VOLUME_NAME_MAX};
+pub use name::{is_name_char, Name, NameError, NAME_MAX};

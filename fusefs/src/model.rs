@@ -13,8 +13,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::capture::{Capture, Stream};
+use crate::name::Name;
 use crate::tail::Tail;
-use crate::volume_name::validate_volume_name;
 
 pub const ROOT: u64 = 1;
 /// How long data beyond a gap waits for the gap to fill before the gap counts as a hole.
@@ -361,7 +361,7 @@ impl<C: Capture> Model<C> {
         }
         if parent == ROOT {
             let volume = name.to_str().ok_or(libc::EINVAL)?;
-            validate_volume_name(volume).map_err(|_| libc::EINVAL)?;
+            Name::parse(volume).map_err(|_| libc::EINVAL)?;
         }
         let ino = self.insert(parent, name, mode, owner, Body::Dir(BTreeMap::new()));
         if parent == ROOT {

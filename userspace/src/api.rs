@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::counters::{CountersSnapshot, SinkSnapshot};
-use logtap_fusefs::validate_volume_name;
+use logtap_fusefs::{is_name_char, Name};
 
 /// The container a record comes from, as discovery found it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,14 +81,12 @@ pub enum SpecError {
 
 impl VolumeSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
-        validate_volume_name(&self.name).map_err(|e| SpecError::Name(self.name.clone(), e.to_string()))?;
+        Name::parse(&self.name).map_err(|e| SpecError::Name(self.name.clone(), e.to_string()))?;
         if let Some(s) = &self.service {
-            validate_volume_name(s).map_err(|e| SpecError::Service(s.clone(), e.to_string()))?;
+            Name::parse(s).map_err(|e| SpecError::Service(s.clone(), e.to_string()))?;
         }
         for k in self.labels.keys() {
-            let ok = !k.is_empty()
-                && k.len() <= 128
-                && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+            let ok = !k.is_empty() && k.len() <= 128 && k.chars().all(|c| is_name_char(c) || c == '/');
             if !ok {
                 return Err(SpecError::Label(k.clone()));
             }

@@ -154,7 +154,7 @@ impl Api {
 
     /// A container's description; `None` when the runtime does not know it.
     pub async fn inspect(&self, id: &str) -> anyhow::Result<Option<Inspect>> {
-        if !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
+        if !id.chars().all(logtap_fusefs::is_name_char) {
             bail!("not a container id: {id:?}");
         }
         let path = format!("{}/containers/{id}/json", self.prefix);

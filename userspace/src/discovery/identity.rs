@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use logtap_fusefs::Name;
+
 use crate::api::Container;
 
 /// The identity every record of a container carries.
@@ -33,17 +35,9 @@ pub struct Described<'a> {
     pub env: &'a [String],
 }
 
-/// A name made fit for file paths, topics and the service alphabet (`[A-Za-z0-9._-]`, at
-/// most 128, no leading dot); `None` when nothing is left.
-pub fn sanitize(name: &str) -> Option<String> {
-    let s: String = name
-        .trim()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
-        .take(logtap_fusefs::VOLUME_NAME_MAX)
-        .collect();
-    let s = s.trim_start_matches('.');
-    (!s.is_empty()).then(|| s.to_string())
+/// A label or variable made a name (see [`Name::sanitize`]).
+fn safe(text: &str) -> Option<String> {
+    Name::sanitize(text).map(Name::into_string)
 }
 
 /// The first 12 digits of an id, as runtimes show it.
@@ -74,9 +68,9 @@ impl Identity {
             c.env.iter().find_map(|e| e.strip_prefix(&var))
         };
         let name = c.name.trim_start_matches('/');
-        let explicit = setting("service").and_then(sanitize);
+        let explicit = setting("service").and_then(safe);
         let service_explicit = explicit.is_some();
-        let service = explicit.or_else(|| sanitize(name)).unwrap_or_else(|| short_id(c.id).to_string());
+        let service = explicit.or_else(|| safe(name)).unwrap_or_else(|| short_id(c.id).to_string());
         let stdout = !setting("stdout")
             .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "0" | "no" | "off"));
         let labels: BTreeMap<String, String> =
@@ -90,8 +84,8 @@ impl Identity {
             }),
             service: service.into(),
             service_explicit,
-            module: setting("module").and_then(sanitize).map(Into::into),
-            tenant: setting("tenant").and_then(sanitize).unwrap_or_default().into(),
+            module: setting("module").and_then(safe).map(Into::into),
+            tenant: setting("tenant").and_then(safe).unwrap_or_default().into(),
             stdout,
         }
     }
@@ -146,8 +140,6 @@ mod tests {
         let i = of(&[("logtap.service", "../../etc passwd"), ("logtap.tenant", "a/b")], &[]);
         assert_eq!(&*i.service, "_.._etc_passwd");
         assert_eq!(&*i.tenant, "a_b");
-        assert_eq!(sanitize("..."), None);
-        assert_eq!(sanitize(&"x".repeat(300)).map(|s| s.len()), Some(128));
         // Nothing usable: the name, then the short id.
         assert_eq!(&*of(&[("logtap.service", "///")], &[]).service, "___");
         let none = HashMap::new();

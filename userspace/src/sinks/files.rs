@@ -56,11 +56,7 @@ pub struct FilesSink {
 
 /// A name made safe as one path component: no separators, no leading dot, bounded length.
 pub fn path_component(name: &str) -> String {
-    let mut s: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
-        .take(200)
-        .collect();
+    let mut s: String = name.chars().map(|c| if logtap_fusefs::is_name_char(c) { c } else { '_' }).take(200).collect();
     if s.is_empty() || s.starts_with('.') {
         s.insert(0, '_');
     }

@@ -128,10 +128,6 @@ fn lost_producer_state(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-fn topic_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
-}
-
 /// Checks a Kafka sink's settings, librdkafka's included, without connecting.
 pub fn check(config: &KafkaSinkConfig) -> Result<(), String> {
     if config.brokers.is_empty() || config.brokers.iter().any(|b| b.trim().is_empty()) {
@@ -141,7 +137,7 @@ pub fn check(config: &KafkaSinkConfig) -> Result<(), String> {
         return Err("topic must not be empty".into());
     }
     for text in config.topic.literals() {
-        if let Some(c) = text.chars().find(|&c| !topic_char(c)) {
+        if let Some(c) = text.chars().find(|&c| !logtap_fusefs::is_name_char(c)) {
             return Err(format!("topic has {c:?}: Kafka topic names use ASCII letters, digits, '.', '_' and '-'"));
         }
     }
@@ -157,7 +153,10 @@ pub fn check(config: &KafkaSinkConfig) -> Result<(), String> {
 fn client_config(config: &KafkaSinkConfig, host: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", config.brokers.join(","))
-        .set("client.id", format!("logtap-{}", host.chars().filter(|&c| topic_char(c)).collect::<String>()))
+        .set(
+            "client.id",
+            format!("logtap-{}", host.chars().filter(|&c| logtap_fusefs::is_name_char(c)).collect::<String>()),
+        )
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("compression.type", config.compression.as_str())
@@ -388,7 +387,8 @@ fn render(template: &Template, o: &Origin, out: &mut String) {
 fn topic_name(template: &Template, o: &Origin) -> String {
     let mut raw = String::new();
     render(template, o, &mut raw);
-    let mut topic: String = raw.chars().map(|c| if topic_char(c) { c } else { '_' }).take(MAX_TOPIC).collect();
+    let mut topic: String =
+        raw.chars().map(|c| if logtap_fusefs::is_name_char(c) { c } else { '_' }).take(MAX_TOPIC).collect();
     if topic.is_empty() || topic == "." || topic == ".." {
         topic.push('_');
     }

@@ -101,8 +101,8 @@ impl SinkConfig {
 
     /// Checks the table of sink `name`.
     pub fn validate(&self, name: &str) -> Result<(), String> {
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err(format!("sink name {name:?} may use only ASCII letters, digits, '_' and '-'"));
+        if let Err(e) = logtap_fusefs::Name::parse(name) {
+            return Err(format!("invalid sink name {name:?}: {e}"));
         }
         match self {
             SinkConfig::Files(f) if !f.dir.is_absolute() => {

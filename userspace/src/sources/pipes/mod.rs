@@ -382,10 +382,10 @@ impl PipeSource {
             bail!("name exactly one of pid or cgroup");
         }
         if let Some(s) = &spec.service {
-            logtap_fusefs::validate_volume_name(s).map_err(|e| anyhow::anyhow!("invalid service name {s:?}: {e}"))?;
+            logtap_fusefs::Name::parse(s).map_err(|e| anyhow::anyhow!("invalid service name {s:?}: {e}"))?;
         }
         if let Some(m) = &spec.module {
-            logtap_fusefs::validate_volume_name(m).map_err(|e| anyhow::anyhow!("invalid module name {m:?}: {e}"))?;
+            logtap_fusefs::Name::parse(m).map_err(|e| anyhow::anyhow!("invalid module name {m:?}: {e}"))?;
         }
         let cgroup = spec.cgroup.as_deref().map(cgroups::id_of).transpose()?;
         if let Some(pid) = spec.pid {
