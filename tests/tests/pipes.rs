@@ -399,14 +399,21 @@ fn static_targets_from_the_config_are_watched_from_the_start() {
     std::fs::remove_dir(&cgroup).unwrap();
 }
 
-/// `logtap run -- COMMAND...` with the output captured under `service`.
-fn run_sh(agent: &Agent, service: &str, script: &str) -> Output {
-    let out = Command::new(logtap_bin())
+/// `logtap run --service SERVICE -- sh -c SCRIPT`, its stdout and stderr piped.
+fn spawn_sh(agent: &Agent, service: &str, script: &str) -> std::process::Child {
+    Command::new(logtap_bin())
         .args(["run", "--service", service, "--socket"])
         .arg(&agent.socket)
         .args(["--", "sh", "-c", script])
-        .output()
-        .expect("logtap run");
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("logtap run")
+}
+
+/// [`spawn_sh`], waited for.
+fn run_sh(agent: &Agent, service: &str, script: &str) -> Output {
+    let out = spawn_sh(agent, service, script).wait_with_output().expect("logtap run");
     assert!(out.status.success(), "logtap run failed: {}", String::from_utf8_lossy(&out.stderr));
     out
 }
@@ -442,26 +449,12 @@ fn a_run_that_outlives_the_agent_says_so_at_once_and_leaves_other_runs_alone() {
     use std::io::BufRead;
     let mut agent = Agent::start(Setup::default());
     assert_pipes_running(&agent);
-    let mut first = Command::new(logtap_bin())
-        .args(["run", "--service", "first", "--socket"])
-        .arg(&agent.socket)
-        .args(["--", "sh", "-c", "echo before; sleep 6; echo after"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut first = spawn_sh(&agent, "first", "echo before; sleep 6; echo after");
     assert_eq!(logtap_e2e::as_strings(&agent.wait_lines("first", "stdout", 1, WAIT)), vec!["before"]);
     agent.restart();
     let restarted = std::time::Instant::now();
     // The second run gets a target on the new agent while the first still runs.
-    let second = Command::new(logtap_bin())
-        .args(["run", "--service", "second", "--socket"])
-        .arg(&agent.socket)
-        .args(["--", "sh", "-c", "sleep 7; for i in 1 2 3; do echo second $i; done"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let second = spawn_sh(&agent, "second", "sleep 7; for i in 1 2 3; do echo second $i; done");
     let stderr = std::io::BufReader::new(first.stderr.take().unwrap());
     let mut said_at = None;
     let mut said = String::new();

@@ -203,12 +203,19 @@ pub fn prometheus(s: &Snapshot) -> String {
         let container = |c: &crate::api::ContainerSnapshot| {
             format!("{{container=\"{}\",service=\"{}\"}}", label_value(&c.info.name), label_value(&c.info.service))
         };
-        let rows = live.clone().map(|c| (container(c), c.pipe.captured_records_total as f64)).collect();
-        metric("container_pipe_captured_records_total", "counter", "stdout/stderr records per container.", rows);
-        let rows = live.clone().map(|c| (container(c), c.lost_bytes_total as f64)).collect();
-        metric("container_lost_bytes_total", "counter", "Bytes of a container's output not delivered.", rows);
-        let rows = live.map(|c| (container(c), c.other_pipe_bytes_total as f64)).collect();
-        metric("container_other_pipe_bytes_total", "counter", "Bytes written to pipes that are not output.", rows);
+        type CPick = fn(&crate::api::ContainerSnapshot) -> u64;
+        let fields: [(&str, &str, CPick); 3] = [
+            ("container_pipe_captured_records_total", "stdout/stderr records per container.", |c| {
+                c.pipe.captured_records_total
+            }),
+            ("container_lost_bytes_total", "Bytes of a container's output not delivered.", |c| c.lost_bytes_total),
+            ("container_other_pipe_bytes_total", "Bytes written to pipes that are not output.", |c| {
+                c.other_pipe_bytes_total
+            }),
+        ];
+        for (name, help, pick) in fields {
+            metric(name, "counter", help, live.clone().map(|c| (container(c), pick(c) as f64)).collect());
+        }
     }
     let r = &s.ring;
     metric("ring_capacity_bytes", "gauge", "Ring capacity.", one(r.capacity_bytes as f64));
