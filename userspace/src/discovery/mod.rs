@@ -300,10 +300,11 @@ impl Directory for Discovery {
         }
         // One question per container at a time; with the queue full, it is asked at the
         // next lookup instead.
-        if r.asked.len() < ASKED_AT_ONCE && r.asked.insert(container_id.to_string()) {
-            if self.ask.try_send(container_id.to_string()).is_err() {
-                r.asked.remove(container_id);
-            }
+        if r.asked.len() < ASKED_AT_ONCE
+            && r.asked.insert(container_id.to_string())
+            && self.ask.try_send(container_id.to_string()).is_err()
+        {
+            r.asked.remove(container_id);
         }
         Lookup::Pending
     }
