@@ -142,7 +142,7 @@ pub fn prometheus(s: &Snapshot) -> String {
         format!("{{target=\"{}\",service=\"{}\"}}", t.id, label_value(&t.service_name))
     };
     type TPick = fn(&crate::api::TargetSnapshot) -> u64;
-    let target_fields: [(&str, &str, TPick); 7] = [
+    let target_fields: [(&str, &str, TPick); 11] = [
         ("pipe_writes_total", "write() calls to watched pipes.", |t| t.writes_total),
         ("pipe_written_bytes_total", "Bytes written to watched pipes.", |t| t.written_bytes_total),
         ("pipe_truncated_bytes_total", "Bytes past max_write_capture.", |t| t.truncated_bytes_total),
@@ -150,6 +150,14 @@ pub fn prometheus(s: &Snapshot) -> String {
         ("pipe_lost_bytes_total", "Bytes the BPF ring buffer had no room for.", |t| t.lost_bytes_total),
         ("pipe_captured_records_total", "Records captured from pipes.", |t| t.totals.captured_records_total),
         ("pipe_dropped_records_total", "Pipe records dropped by the ring.", |t| t.totals.dropped_records_total),
+        ("pipe_captured_bytes_total", "Bytes captured from pipes.", |t| t.totals.captured_bytes_total),
+        ("pipe_dropped_bytes_total", "Pipe bytes dropped by the ring.", |t| t.totals.dropped_bytes_total),
+        ("pipe_split_records_total", "Pipe records that are pieces of over-long lines.", |t| {
+            t.totals.split_records_total
+        }),
+        ("pipe_other_pipe_bytes_total", "Bytes written to pipes that are not the target's output.", |t| {
+            t.other_pipe_bytes_total
+        }),
     ];
     for (name, help, pick) in target_fields {
         // Ended targets are in the JSON stats only: the series of short runs would pile up.
@@ -204,7 +212,7 @@ pub fn prometheus(s: &Snapshot) -> String {
             format!("{{container=\"{}\",service=\"{}\"}}", label_value(&c.info.name), label_value(&c.info.service))
         };
         type CPick = fn(&crate::api::ContainerSnapshot) -> u64;
-        let fields: [(&str, &str, CPick); 3] = [
+        let fields: [(&str, &str, CPick); 7] = [
             ("container_pipe_captured_records_total", "stdout/stderr records per container.", |c| {
                 c.pipe.captured_records_total
             }),
@@ -212,22 +220,55 @@ pub fn prometheus(s: &Snapshot) -> String {
             ("container_other_pipe_bytes_total", "Bytes written to pipes that are not output.", |c| {
                 c.other_pipe_bytes_total
             }),
+            ("container_written_bytes_total", "Bytes written to a container's stdout/stderr pipes.", |c| {
+                c.written_bytes_total
+            }),
+            ("container_kernel_lost_bytes_total", "stdout/stderr bytes the BPF ring buffer had no room for.", |c| {
+                c.kernel_lost_bytes_total
+            }),
+            ("container_truncated_bytes_total", "stdout/stderr bytes past max_write_capture.", |c| {
+                c.truncated_bytes_total
+            }),
+            ("container_dropped_bytes_total", "Bytes of a container's records the ring dropped.", |c| {
+                c.dropped_bytes_total
+            }),
         ];
         for (name, help, pick) in fields {
             metric(name, "counter", help, live.clone().map(|c| (container(c), pick(c) as f64)).collect());
         }
     }
-    let r = &s.ring;
-    metric("ring_capacity_bytes", "gauge", "Ring capacity.", one(r.capacity_bytes as f64));
-    metric("ring_used_bytes", "gauge", "Ring bytes in use.", one(r.used_bytes as f64));
-    metric("ring_records", "gauge", "Records in the ring.", one(r.records as f64));
-    metric(
-        "ring_dropped_records_total",
-        "counter",
-        "Records dropped by the ring.",
-        one(r.dropped_records_total as f64),
-    );
-    metric("ring_dropped_bytes_total", "counter", "Bytes dropped by the ring.", one(r.dropped_bytes_total as f64));
+    type RPick = fn(&crate::api::RingSnapshot) -> u64;
+    let ring_fields: [(&str, &str, &str, RPick); 7] = [
+        ("ring_capacity_bytes", "gauge", "Ring capacity.", |r| r.capacity_bytes),
+        ("ring_used_bytes", "gauge", "Ring bytes in use.", |r| r.used_bytes),
+        ("ring_records", "gauge", "Records in the ring.", |r| r.records),
+        ("ring_pushed_records_total", "counter", "Records pushed into the ring.", |r| r.pushed_records_total),
+        ("ring_dropped_records_total", "counter", "Records dropped by the ring.", |r| r.dropped_records_total),
+        ("ring_dropped_bytes_total", "counter", "Bytes dropped by the ring.", |r| r.dropped_bytes_total),
+        ("ring_blocked_pushes_total", "counter", "Pushes that waited for room (block policy).", |r| {
+            r.blocked_pushes_total
+        }),
+    ];
+    for (name, kind, help, pick) in ring_fields {
+        metric(name, kind, help, one(pick(&s.ring) as f64));
+    }
+    let reader = |n: &str| format!("{{sink=\"{}\"}}", label_value(n));
+    type RdPick = fn(&crate::api::ReaderSnapshot) -> u64;
+    let reader_fields: [(&str, &str, &str, RdPick); 4] = [
+        ("ring_reader_lag_records", "gauge", "Records pushed and not yet handed to the sink.", |r| r.lag_records),
+        ("ring_reader_in_flight_records", "gauge", "Records handed to the sink, not acknowledged.", |r| {
+            r.in_flight_records
+        }),
+        ("ring_reader_dropped_records_total", "counter", "Records the sink missed (dropped or skipped).", |r| {
+            r.dropped_records_total
+        }),
+        ("ring_reader_dropped_bytes_total", "counter", "Bytes the sink missed (dropped or skipped).", |r| {
+            r.dropped_bytes_total
+        }),
+    ];
+    for (name, kind, help, pick) in reader_fields {
+        metric(name, kind, help, s.ring.readers.iter().map(|r| (reader(&r.name), pick(r) as f64)).collect());
+    }
     let sink = |n: &str| format!("{{sink=\"{}\"}}", label_value(n));
     type SPick = fn(&SinkSnapshot) -> u64;
     let sink_fields: [(&str, &str, &str, SPick); 8] = [
@@ -304,5 +345,42 @@ mod tests {
         let text = prometheus(&report.snapshot());
         assert!(text.contains("logtap_sink_delivered_records_total{sink=\"out\\\"x\"} 3"), "{text}");
         assert!(text.contains("# TYPE logtap_ring_capacity_bytes gauge"));
+    }
+
+    /// Every counter the JSON stats show has its Prometheus series: the tables cannot drift
+    /// from the documents.
+    #[test]
+    fn every_json_counter_has_a_series() {
+        let ring = Arc::new(Ring::new(1024, crate::ring::Policy::DropOldest, Duration::from_secs(1)));
+        let framing = Framing { host: "h".into(), max_record_bytes: 100, partial_flush: Duration::from_secs(1) };
+        let volumes = VolumeSource::new(framing.clone(), ring.clone(), None);
+        let pipes = PipeSource::new(framing, ring.clone(), 100, "disabled", None);
+        let sink = Arc::new(SinkCounters::new("s", "stdout"));
+        ring.add_reader("s", false);
+        let report = Report::new("h".into(), ring, vec![sink.clone()], volumes, pipes, None);
+        let text = prometheus(&report.snapshot());
+        for k in counters_of(&CountersSnapshot::default()) {
+            for family in ["volume", "file"] {
+                assert!(text.contains(&format!("# TYPE logtap_{family}_{k} ")), "no logtap_{family}_{k}");
+            }
+        }
+        for k in counters_of(&sink.snapshot()) {
+            assert!(text.contains(&format!("# TYPE logtap_sink_{k} ")), "no logtap_sink_{k}");
+        }
+        let ring = report.snapshot().ring;
+        for k in counters_of(&ring).into_iter().filter(|k| k.ends_with("_total")) {
+            assert!(text.contains(&format!("# TYPE logtap_ring_{k} ")), "no logtap_ring_{k}");
+        }
+        for k in counters_of(&ring.readers[0]) {
+            assert!(text.contains(&format!("# TYPE logtap_ring_reader_{k} ")), "no logtap_ring_reader_{k}");
+        }
+    }
+
+    /// The names of a document's integer fields.
+    fn counters_of<T: serde::Serialize>(doc: &T) -> Vec<String> {
+        let v = serde_json::to_value(doc).expect("JSON");
+        v.as_object()
+            .map(|o| o.iter().filter(|(_, v)| v.is_u64()).map(|(k, _)| k.clone()).collect())
+            .unwrap_or_default()
     }
 }
