@@ -236,6 +236,11 @@ impl Histogram {
     }
 }
 
+/// Topics counted one by one per sink, at most.
+pub const TOPICS_KEPT: usize = 1024;
+/// Where the topics past [`TOPICS_KEPT`] are counted.
+pub const OTHER_TOPICS: &str = "(other topics)";
+
 /// What a sink counts.
 #[derive(Debug, Default)]
 pub struct SinkCounters {
@@ -289,9 +294,16 @@ impl SinkCounters {
         }
     }
 
-    /// The counters of one topic, created on first use.
+    /// The counters of one topic, created on first use. Topics come from templates over
+    /// records' identities, so past [`TOPICS_KEPT`] of them the rest count together under
+    /// [`OTHER_TOPICS`] and the list stays bounded.
     pub fn topic(&self, topic: &str) -> Arc<Delivered> {
-        lock(&self.topics).entry(topic.to_string()).or_default().clone()
+        let mut topics = lock(&self.topics);
+        if let Some(d) = topics.get(topic) {
+            return d.clone();
+        }
+        let key = if topics.len() < TOPICS_KEPT { topic } else { OTHER_TOPICS };
+        topics.entry(key.to_string()).or_default().clone()
     }
 
     pub fn snapshot(&self) -> SinkSnapshot {
@@ -373,5 +385,18 @@ mod tests {
         assert!((0.050..0.056).contains(&p50), "{p50}");
         assert!((0.099..0.101).contains(&p99), "{p99}");
         assert_eq!(h.snapshot().count, 100);
+    }
+
+    #[test]
+    fn topics_counted_one_by_one_stay_bounded() {
+        let s = SinkCounters::new("k", "kafka");
+        for i in 0..TOPICS_KEPT + 10 {
+            s.topic(&format!("logs.{i}")).records.fetch_add(1, Relaxed);
+        }
+        s.topic("logs.0").records.fetch_add(1, Relaxed);
+        let topics = s.snapshot().topics;
+        assert_eq!(topics.len(), TOPICS_KEPT + 1);
+        assert_eq!(topics[OTHER_TOPICS].delivered_records_total, 10);
+        assert_eq!(topics["logs.0"].delivered_records_total, 2);
     }
 }
