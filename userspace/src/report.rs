@@ -5,7 +5,10 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::api::{ContainerSnapshot, DiscoverySnapshot, PipesSnapshot, Snapshot, VolumeSnapshot};
+use crate::api::{
+    ContainerSnapshot, ContainersSnapshot, DiscoverySnapshot, PipesSnapshot, ReaderSnapshot, RingSnapshot, Snapshot,
+    TargetSnapshot, VolumeSnapshot,
+};
 use crate::counters::{CountersSnapshot, DeliveredSnapshot, SinkCounters, SinkSnapshot};
 use crate::discovery::Discovery;
 use crate::ring::Ring;
@@ -99,230 +102,208 @@ fn label_value(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// A series family per field of a document: name (after its table's prefix), type, help, value.
+type Field<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
+
+/// Prometheus text being written.
+struct Exposition(String);
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str, rows: impl IntoIterator<Item = (String, f64)>) {
+        let _ = writeln!(self.0, "# HELP logtap_{name} {help}\n# TYPE logtap_{name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(self.0, "logtap_{name}{labels} {v}");
+        }
+    }
+
+    /// A family per field, named `{prefix}{field}`, with a series per row (labels, document).
+    fn table<T>(&mut self, prefix: &str, fields: &[Field<T>], rows: &[(String, &T)]) {
+        for (name, kind, help, pick) in fields {
+            self.family(&format!("{prefix}{name}"), kind, help, rows.iter().map(|(l, t)| (l.clone(), pick(t) as f64)));
+        }
+    }
+}
+
+/// Labels `{k="v",...}`, values escaped.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let inner: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}=\"{}\"", label_value(v))).collect();
+    format!("{{{}}}", inner.join(","))
+}
+
 /// Prometheus text exposition (version 0.0.4) of a snapshot.
 pub fn prometheus(s: &Snapshot) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
-        let _ = writeln!(out, "# HELP logtap_{name} {help}\n# TYPE logtap_{name} {kind}");
-        for (labels, v) in rows {
-            let _ = writeln!(out, "logtap_{name}{labels} {v}");
-        }
-    };
-    let vol =
-        |v: &VolumeSnapshot| format!("{{volume=\"{}\",service=\"{}\"}}", label_value(&v.name), label_value(&v.service));
-    let file =
-        |v: &VolumeSnapshot, p: &str| format!("{{volume=\"{}\",path=\"{}\"}}", label_value(&v.name), label_value(p));
-    type Pick = fn(&CountersSnapshot) -> u64;
-    let fields: [(&str, &str, Pick); 7] = [
-        ("captured_records_total", "Records captured.", |c| c.captured_records_total),
-        ("captured_bytes_total", "Bytes captured.", |c| c.captured_bytes_total),
-        ("dropped_records_total", "Records dropped by the ring.", |c| c.dropped_records_total),
-        ("dropped_bytes_total", "Bytes dropped by the ring.", |c| c.dropped_bytes_total),
-        ("split_records_total", "Records that are pieces of over-long lines.", |c| c.split_records_total),
-        ("overwritten_bytes_total", "Bytes written again below the captured high-water mark.", |c| {
+    let mut out = Exposition(String::new());
+    let counters: [Field<CountersSnapshot>; 7] = [
+        ("captured_records_total", "counter", "Records captured.", |c| c.captured_records_total),
+        ("captured_bytes_total", "counter", "Bytes captured.", |c| c.captured_bytes_total),
+        ("dropped_records_total", "counter", "Records dropped by the ring.", |c| c.dropped_records_total),
+        ("dropped_bytes_total", "counter", "Bytes dropped by the ring.", |c| c.dropped_bytes_total),
+        ("split_records_total", "counter", "Records that are pieces of over-long lines.", |c| c.split_records_total),
+        ("overwritten_bytes_total", "counter", "Bytes written again below the captured high-water mark.", |c| {
             c.overwritten_bytes_total
         }),
-        ("refused_bytes_total", "Bytes refused because the agent was shutting down.", |c| c.refused_bytes_total),
+        ("refused_bytes_total", "counter", "Bytes refused because the agent was shutting down.", |c| {
+            c.refused_bytes_total
+        }),
     ];
-    for (name, help, pick) in fields {
-        metric(
-            &format!("volume_{name}"),
-            "counter",
-            help,
-            s.volumes.iter().map(|v| (vol(v), pick(&v.totals) as f64)).collect(),
-        );
-        metric(
-            &format!("file_{name}"),
-            "counter",
-            help,
-            s.volumes.iter().flat_map(|v| v.files.iter().map(move |(p, c)| (file(v, p), pick(c) as f64))).collect(),
-        );
-    }
-    let target = |t: &crate::api::TargetSnapshot| {
-        format!("{{target=\"{}\",service=\"{}\"}}", t.id, label_value(&t.service_name))
-    };
-    type TPick = fn(&crate::api::TargetSnapshot) -> u64;
-    let target_fields: [(&str, &str, TPick); 11] = [
-        ("pipe_writes_total", "write() calls to watched pipes.", |t| t.writes_total),
-        ("pipe_written_bytes_total", "Bytes written to watched pipes.", |t| t.written_bytes_total),
-        ("pipe_truncated_bytes_total", "Bytes past max_write_capture.", |t| t.truncated_bytes_total),
-        ("pipe_lost_events_total", "Events the BPF ring buffer had no room for.", |t| t.lost_events_total),
-        ("pipe_lost_bytes_total", "Bytes the BPF ring buffer had no room for.", |t| t.lost_bytes_total),
-        ("pipe_captured_records_total", "Records captured from pipes.", |t| t.totals.captured_records_total),
-        ("pipe_dropped_records_total", "Pipe records dropped by the ring.", |t| t.totals.dropped_records_total),
-        ("pipe_captured_bytes_total", "Bytes captured from pipes.", |t| t.totals.captured_bytes_total),
-        ("pipe_dropped_bytes_total", "Pipe bytes dropped by the ring.", |t| t.totals.dropped_bytes_total),
-        ("pipe_split_records_total", "Pipe records that are pieces of over-long lines.", |t| {
+    let volumes: Vec<(String, &CountersSnapshot)> =
+        s.volumes.iter().map(|v| (labels(&[("volume", &v.name), ("service", &v.service)]), &v.totals)).collect();
+    out.table("volume_", &counters, &volumes);
+    let files: Vec<(String, &CountersSnapshot)> = s
+        .volumes
+        .iter()
+        .flat_map(|v| v.files.iter().map(move |(p, c)| (labels(&[("volume", &v.name), ("path", p)]), c)))
+        .collect();
+    out.table("file_", &counters, &files);
+
+    let target_fields: [Field<TargetSnapshot>; 11] = [
+        ("writes_total", "counter", "write() calls to watched pipes.", |t| t.writes_total),
+        ("written_bytes_total", "counter", "Bytes written to watched pipes.", |t| t.written_bytes_total),
+        ("truncated_bytes_total", "counter", "Bytes past max_write_capture.", |t| t.truncated_bytes_total),
+        ("lost_events_total", "counter", "Events the BPF ring buffer had no room for.", |t| t.lost_events_total),
+        ("lost_bytes_total", "counter", "Bytes the BPF ring buffer had no room for.", |t| t.lost_bytes_total),
+        ("captured_records_total", "counter", "Records captured from pipes.", |t| t.totals.captured_records_total),
+        ("dropped_records_total", "counter", "Pipe records dropped by the ring.", |t| t.totals.dropped_records_total),
+        ("captured_bytes_total", "counter", "Bytes captured from pipes.", |t| t.totals.captured_bytes_total),
+        ("dropped_bytes_total", "counter", "Pipe bytes dropped by the ring.", |t| t.totals.dropped_bytes_total),
+        ("split_records_total", "counter", "Pipe records that are pieces of over-long lines.", |t| {
             t.totals.split_records_total
         }),
-        ("pipe_other_pipe_bytes_total", "Bytes written to pipes that are not the target's output.", |t| {
+        ("other_pipe_bytes_total", "counter", "Bytes written to pipes that are not the target's output.", |t| {
             t.other_pipe_bytes_total
         }),
     ];
-    for (name, help, pick) in target_fields {
-        // Ended targets are in the JSON stats only: the series of short runs would pile up.
-        let live = s.pipes.targets.iter().filter(|t| !t.ended);
-        metric(name, "counter", help, live.map(|t| (target(t), pick(t) as f64)).collect());
-    }
-    // A series without labels.
-    let one = |v: f64| vec![(String::new(), v)];
+    // Ended targets are in the JSON stats only: the series of short runs would pile up.
+    let targets: Vec<(String, &TargetSnapshot)> = s
+        .pipes
+        .targets
+        .iter()
+        .filter(|t| !t.ended)
+        .map(|t| (labels(&[("target", &t.id), ("service", &t.service_name)]), t))
+        .collect();
+    out.table("pipe_", &target_fields, &targets);
+
     if let Some(c) = &s.pipes.containers {
-        type CPick = fn(&crate::api::ContainersSnapshot) -> u64;
-        let fields: [(&str, &str, &str, CPick); 8] = [
-            ("containers_unclassified_written_bytes_total", "counter", "Bytes from cgroups not yet told apart.", |c| {
+        let fields: [Field<ContainersSnapshot>; 8] = [
+            ("unclassified_written_bytes_total", "counter", "Bytes from cgroups not yet told apart.", |c| {
                 c.unclassified_written_bytes_total
             }),
-            ("containers_ignored_bytes_total", "counter", "Bytes of cgroups that are no container (skipped).", |c| {
+            ("ignored_bytes_total", "counter", "Bytes of cgroups that are no container (skipped).", |c| {
                 c.ignored_bytes_total
             }),
-            (
-                "containers_unresolved_bytes_total",
-                "counter",
-                "Bytes of cgroups removed before being told apart (lost).",
-                |c| c.unresolved_bytes_total,
-            ),
-            (
-                "containers_lost_bytes_total",
-                "counter",
-                "Unclassified bytes the BPF ring buffer had no room for.",
-                |c| c.lost_bytes_total,
-            ),
-            ("containers_held_records", "gauge", "Records waiting for the runtime to name their container.", |c| {
-                c.held_records
+            ("unresolved_bytes_total", "counter", "Bytes of cgroups removed before being told apart (lost).", |c| {
+                c.unresolved_bytes_total
             }),
-            ("containers_unidentified_records_total", "counter", "Records sent with the container id only.", |c| {
+            ("lost_bytes_total", "counter", "Unclassified bytes the BPF ring buffer had no room for.", |c| {
+                c.lost_bytes_total
+            }),
+            ("held_records", "gauge", "Records waiting for the runtime to name their container.", |c| c.held_records),
+            ("unidentified_records_total", "counter", "Records sent with the container id only.", |c| {
                 c.unidentified_records_total
             }),
-            ("containers_opted_out_records_total", "counter", "Records of opted-out containers discarded.", |c| {
+            ("opted_out_records_total", "counter", "Records of opted-out containers discarded.", |c| {
                 c.opted_out_records_total
             }),
-            ("containers_excluded_cgroups", "gauge", "cgroups the kernel skips.", |c| c.excluded_cgroups),
+            ("excluded_cgroups", "gauge", "cgroups the kernel skips.", |c| c.excluded_cgroups),
         ];
-        for (name, kind, help, pick) in fields {
-            metric(name, kind, help, one(pick(c) as f64));
-        }
+        out.table("containers_", &fields, &[(String::new(), c)]);
     }
     if let Some(d) = &s.discovery {
-        let up = f64::from(u8::from(d.runtime.status == "connected"));
-        metric("discovery_connected", "gauge", "Whether the container runtime's API answers.", one(up));
-        let reconnects = d.runtime.reconnects_total as f64;
-        metric("discovery_reconnects_total", "counter", "Connections to the runtime lost.", one(reconnects));
-        let live = d.containers.iter().filter(|c| c.info.state != "removed");
-        let container = |c: &crate::api::ContainerSnapshot| {
-            format!("{{container=\"{}\",service=\"{}\"}}", label_value(&c.info.name), label_value(&c.info.service))
-        };
-        type CPick = fn(&crate::api::ContainerSnapshot) -> u64;
-        let fields: [(&str, &str, CPick); 7] = [
-            ("container_pipe_captured_records_total", "stdout/stderr records per container.", |c| {
+        let runtime: [Field<DiscoverySnapshot>; 2] = [
+            ("connected", "gauge", "Whether the container runtime's API answers.", |d| {
+                u64::from(d.runtime.status == "connected")
+            }),
+            ("reconnects_total", "counter", "Connections to the runtime lost.", |d| d.runtime.reconnects_total),
+        ];
+        out.table("discovery_", &runtime, &[(String::new(), d)]);
+        let fields: [Field<ContainerSnapshot>; 7] = [
+            ("pipe_captured_records_total", "counter", "stdout/stderr records per container.", |c| {
                 c.pipe.captured_records_total
             }),
-            ("container_lost_bytes_total", "Bytes of a container's output not delivered.", |c| c.lost_bytes_total),
-            ("container_other_pipe_bytes_total", "Bytes written to pipes that are not output.", |c| {
+            ("lost_bytes_total", "counter", "Bytes of a container's output not delivered.", |c| c.lost_bytes_total),
+            ("other_pipe_bytes_total", "counter", "Bytes written to pipes that are not output.", |c| {
                 c.other_pipe_bytes_total
             }),
-            ("container_written_bytes_total", "Bytes written to a container's stdout/stderr pipes.", |c| {
+            ("written_bytes_total", "counter", "Bytes written to a container's stdout/stderr pipes.", |c| {
                 c.written_bytes_total
             }),
-            ("container_kernel_lost_bytes_total", "stdout/stderr bytes the BPF ring buffer had no room for.", |c| {
+            ("kernel_lost_bytes_total", "counter", "stdout/stderr bytes the BPF ring buffer had no room for.", |c| {
                 c.kernel_lost_bytes_total
             }),
-            ("container_truncated_bytes_total", "stdout/stderr bytes past max_write_capture.", |c| {
+            ("truncated_bytes_total", "counter", "stdout/stderr bytes past max_write_capture.", |c| {
                 c.truncated_bytes_total
             }),
-            ("container_dropped_bytes_total", "Bytes of a container's records the ring dropped.", |c| {
+            ("dropped_bytes_total", "counter", "Bytes of a container's records the ring dropped.", |c| {
                 c.dropped_bytes_total
             }),
         ];
-        for (name, help, pick) in fields {
-            metric(name, "counter", help, live.clone().map(|c| (container(c), pick(c) as f64)).collect());
-        }
+        let live: Vec<(String, &ContainerSnapshot)> = d
+            .containers
+            .iter()
+            .filter(|c| c.info.state != "removed")
+            .map(|c| (labels(&[("container", &c.info.name), ("service", &c.info.service)]), c))
+            .collect();
+        out.table("container_", &fields, &live);
     }
-    type RPick = fn(&crate::api::RingSnapshot) -> u64;
-    let ring_fields: [(&str, &str, &str, RPick); 7] = [
-        ("ring_capacity_bytes", "gauge", "Ring capacity.", |r| r.capacity_bytes),
-        ("ring_used_bytes", "gauge", "Ring bytes in use.", |r| r.used_bytes),
-        ("ring_records", "gauge", "Records in the ring.", |r| r.records),
-        ("ring_pushed_records_total", "counter", "Records pushed into the ring.", |r| r.pushed_records_total),
-        ("ring_dropped_records_total", "counter", "Records dropped by the ring.", |r| r.dropped_records_total),
-        ("ring_dropped_bytes_total", "counter", "Bytes dropped by the ring.", |r| r.dropped_bytes_total),
-        ("ring_blocked_pushes_total", "counter", "Pushes that waited for room (block policy).", |r| {
-            r.blocked_pushes_total
-        }),
+
+    let ring: [Field<RingSnapshot>; 7] = [
+        ("capacity_bytes", "gauge", "Ring capacity.", |r| r.capacity_bytes),
+        ("used_bytes", "gauge", "Ring bytes in use.", |r| r.used_bytes),
+        ("records", "gauge", "Records in the ring.", |r| r.records),
+        ("pushed_records_total", "counter", "Records pushed into the ring.", |r| r.pushed_records_total),
+        ("dropped_records_total", "counter", "Records dropped by the ring.", |r| r.dropped_records_total),
+        ("dropped_bytes_total", "counter", "Bytes dropped by the ring.", |r| r.dropped_bytes_total),
+        ("blocked_pushes_total", "counter", "Pushes that waited for room (block policy).", |r| r.blocked_pushes_total),
     ];
-    for (name, kind, help, pick) in ring_fields {
-        metric(name, kind, help, one(pick(&s.ring) as f64));
-    }
-    let reader = |n: &str| format!("{{sink=\"{}\"}}", label_value(n));
-    type RdPick = fn(&crate::api::ReaderSnapshot) -> u64;
-    let reader_fields: [(&str, &str, &str, RdPick); 4] = [
-        ("ring_reader_lag_records", "gauge", "Records pushed and not yet handed to the sink.", |r| r.lag_records),
-        ("ring_reader_in_flight_records", "gauge", "Records handed to the sink, not acknowledged.", |r| {
-            r.in_flight_records
-        }),
-        ("ring_reader_dropped_records_total", "counter", "Records the sink missed (dropped or skipped).", |r| {
+    out.table("ring_", &ring, &[(String::new(), &s.ring)]);
+    let readers: [Field<ReaderSnapshot>; 4] = [
+        ("lag_records", "gauge", "Records pushed and not yet handed to the sink.", |r| r.lag_records),
+        ("in_flight_records", "gauge", "Records handed to the sink, not acknowledged.", |r| r.in_flight_records),
+        ("dropped_records_total", "counter", "Records the sink missed (dropped or skipped).", |r| {
             r.dropped_records_total
         }),
-        ("ring_reader_dropped_bytes_total", "counter", "Bytes the sink missed (dropped or skipped).", |r| {
-            r.dropped_bytes_total
-        }),
+        ("dropped_bytes_total", "counter", "Bytes the sink missed (dropped or skipped).", |r| r.dropped_bytes_total),
     ];
-    for (name, kind, help, pick) in reader_fields {
-        metric(name, kind, help, s.ring.readers.iter().map(|r| (reader(&r.name), pick(r) as f64)).collect());
-    }
-    let sink = |n: &str| format!("{{sink=\"{}\"}}", label_value(n));
-    type SPick = fn(&SinkSnapshot) -> u64;
-    let sink_fields: [(&str, &str, &str, SPick); 8] = [
-        ("sink_delivered_records_total", "counter", "Records delivered.", |k| k.delivered_records_total),
-        ("sink_delivered_bytes_total", "counter", "Bytes delivered.", |k| k.delivered_bytes_total),
-        ("sink_errors_total", "counter", "Failed delivery attempts (each retried).", |k| k.errors_total),
-        ("sink_in_flight_records", "gauge", "Records sent and not yet acknowledged.", |k| k.in_flight_records),
-        ("sink_retried_records_total", "counter", "Records offered again after a failure.", |k| {
-            k.retried_records_total
-        }),
-        ("sink_rejected_records_total", "counter", "Records the destination refused for good (dropped).", |k| {
+    let rows: Vec<(String, &ReaderSnapshot)> =
+        s.ring.readers.iter().map(|r| (labels(&[("sink", &r.name)]), r)).collect();
+    out.table("ring_reader_", &readers, &rows);
+
+    let sinks: [Field<SinkSnapshot>; 8] = [
+        ("delivered_records_total", "counter", "Records delivered.", |k| k.delivered_records_total),
+        ("delivered_bytes_total", "counter", "Bytes delivered.", |k| k.delivered_bytes_total),
+        ("errors_total", "counter", "Failed delivery attempts (each retried).", |k| k.errors_total),
+        ("in_flight_records", "gauge", "Records sent and not yet acknowledged.", |k| k.in_flight_records),
+        ("retried_records_total", "counter", "Records offered again after a failure.", |k| k.retried_records_total),
+        ("rejected_records_total", "counter", "Records the destination refused for good (dropped).", |k| {
             k.rejected_records_total
         }),
-        ("sink_rejected_bytes_total", "counter", "Bytes the destination refused for good (dropped).", |k| {
+        ("rejected_bytes_total", "counter", "Bytes the destination refused for good (dropped).", |k| {
             k.rejected_bytes_total
         }),
-        ("sink_split_records_total", "counter", "Records sent as several messages.", |k| k.split_records_total),
+        ("split_records_total", "counter", "Records sent as several messages.", |k| k.split_records_total),
     ];
-    for (name, kind, help, pick) in sink_fields {
-        metric(name, kind, help, s.sinks.iter().map(|k| (sink(&k.name), pick(k) as f64)).collect());
-    }
-    metric(
-        "sink_errors_by_kind_total",
-        "counter",
-        "Errors the destination reported, by kind.",
-        s.sinks
-            .iter()
-            .flat_map(|k| {
-                k.errors_by_kind.iter().map(|(kind, n)| {
-                    (format!("{{sink=\"{}\",kind=\"{}\"}}", label_value(&k.name), label_value(kind)), *n as f64)
-                })
-            })
-            .collect(),
-    );
-    let topic =
-        |k: &SinkSnapshot, t: &str| format!("{{sink=\"{}\",topic=\"{}\"}}", label_value(&k.name), label_value(t));
-    type DPick = fn(&DeliveredSnapshot) -> u64;
-    let topic_fields: [(&str, &str, DPick); 2] = [
-        ("sink_topic_delivered_records_total", "Records delivered per topic.", |d| d.delivered_records_total),
-        ("sink_topic_delivered_bytes_total", "Bytes delivered per topic.", |d| d.delivered_bytes_total),
+    let rows: Vec<(String, &SinkSnapshot)> = s.sinks.iter().map(|k| (labels(&[("sink", &k.name)]), k)).collect();
+    out.table("sink_", &sinks, &rows);
+    let by_kind = s.sinks.iter().flat_map(|k| {
+        k.errors_by_kind.iter().map(|(kind, n)| (labels(&[("sink", &k.name), ("kind", kind)]), *n as f64))
+    });
+    out.family("sink_errors_by_kind_total", "counter", "Errors the destination reported, by kind.", by_kind);
+    let topics: [Field<DeliveredSnapshot>; 2] = [
+        ("delivered_records_total", "counter", "Records delivered per topic.", |d| d.delivered_records_total),
+        ("delivered_bytes_total", "counter", "Bytes delivered per topic.", |d| d.delivered_bytes_total),
     ];
-    for (name, help, pick) in topic_fields {
-        let rows = s.sinks.iter().flat_map(|k| k.topics.iter().map(move |(t, d)| (topic(k, t), pick(d) as f64)));
-        metric(name, "counter", help, rows.collect());
-    }
-    let mut rows = Vec::new();
-    for k in &s.sinks {
-        for (q, v) in [("0.5", k.latency.p50_seconds), ("0.9", k.latency.p90_seconds), ("0.99", k.latency.p99_seconds)]
-        {
-            rows.push((format!("{{sink=\"{}\",quantile=\"{q}\"}}", label_value(&k.name)), v));
-        }
-    }
-    metric("sink_latency_seconds", "summary", "Capture-to-delivery latency.", rows);
-    out
+    let rows: Vec<(String, &DeliveredSnapshot)> = s
+        .sinks
+        .iter()
+        .flat_map(|k| k.topics.iter().map(move |(t, d)| (labels(&[("sink", &k.name), ("topic", t)]), d)))
+        .collect();
+    out.table("sink_topic_", &topics, &rows);
+    let latency = s.sinks.iter().flat_map(|k| {
+        [("0.5", k.latency.p50_seconds), ("0.9", k.latency.p90_seconds), ("0.99", k.latency.p99_seconds)]
+            .map(|(q, v)| (labels(&[("sink", &k.name), ("quantile", q)]), v))
+    });
+    out.family("sink_latency_seconds", "summary", "Capture-to-delivery latency.", latency);
+    out.0
 }
 
 #[cfg(test)]
