@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use logtap_fusefs::{is_name_char, Name};
 use serde::{Deserialize, Serialize};
 
 use crate::counters::{CountersSnapshot, SinkSnapshot};
-use logtap_fusefs::{is_name_char, Name};
 
 /// The container a record comes from, as discovery found it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

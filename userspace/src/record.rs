@@ -5,11 +5,11 @@ use std::time::SystemTime;
 
 use base64::Engine;
 use bytes::Bytes;
+use serde::de::{self, Deserialize, Deserializer};
 use serde::Serialize;
 
 use crate::api::Container;
 use crate::counters::StreamCounters;
-use serde::de::{self, Deserialize, Deserializer};
 
 /// Whose bytes these are. Shared by every record of a stream, so a record costs one `Arc`.
 #[derive(Debug)]

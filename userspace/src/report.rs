@@ -98,10 +98,6 @@ fn containers(d: &Discovery, pipes: &PipesSnapshot, volumes: &[VolumeSnapshot]) 
     DiscoverySnapshot { runtime, containers }
 }
 
-fn label_value(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
 /// A series family per field of a document: name (after its table's prefix), type, help, value.
 type Field<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
 
@@ -124,9 +120,10 @@ impl Exposition {
     }
 }
 
-/// Labels `{k="v",...}`, values escaped.
+/// Labels `{k="v",...}`, values escaped as the text format wants.
 fn labels(pairs: &[(&str, &str)]) -> String {
-    let inner: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}=\"{}\"", label_value(v))).collect();
+    let escape = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let inner: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
     format!("{{{}}}", inner.join(","))
 }
 

@@ -11,6 +11,7 @@
 //! limit is lower than ours) or as an invalid record is rejected: dropped and counted, because
 //! no retry could succeed and it would hold the ring. Every other failure is retried.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +29,6 @@ use crate::counters::{Delivered, SinkCounters};
 use crate::record::{Field, Origin, Part, Record, Template};
 use crate::sinks::Format;
 use crate::values::{lock, ByteSize, Dur};
-use std::collections::BTreeMap;
 
 /// Apache Kafka through librdkafka: acks=all, the idempotent producer, and a record leaves the
 /// ring only when its delivery report says the broker has it.

@@ -10,6 +10,7 @@
 //! for it (up to `discovery.hold_timeout`).
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -26,7 +27,6 @@ use crate::host::cgroups;
 use crate::record::{Origin, Record};
 use crate::ring::Ring;
 use crate::values::{lock, ByteSize, Dur};
-use std::path::PathBuf;
 
 /// A volume's identity: every record from its files carries it.
 #[derive(Debug)]

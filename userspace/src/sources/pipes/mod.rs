@@ -43,7 +43,7 @@ pub struct PipesConfig {
     /// Size of the BPF ring buffer between the kernel and the agent (a power of two).
     pub ring_buffer: ByteSize,
     /// Processes or cgroups watched from the start.
-    pub targets: Vec<crate::api::TargetSpec>,
+    pub targets: Vec<TargetSpec>,
 }
 
 impl Default for PipesConfig {

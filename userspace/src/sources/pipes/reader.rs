@@ -239,25 +239,23 @@ impl PipeSource {
         for s in streams.values_mut() {
             s.lines.idle(now, partial_flush, out_for(held, batch, s.target));
         }
-        // Held too long, or too much held: out with the container's id only.
+        // Held too long, or too much held: out with the container's id only, oldest first.
         let mut late = Vec::new();
         if let Some(holding) = &self.holding {
             self.publish_held(asm);
             let mut all: Vec<(Instant, u32)> = asm.held.iter().map(|(t, h)| (h.since, *t)).collect();
             all.sort();
-            // The oldest first while too much is held, over both sources.
+            // Too much held is counted over both sources.
             let mut bytes = asm.published.1;
             let others = holding.counts().1.saturating_sub(bytes);
             for (since, t) in all {
                 if holding.due(since) || bytes + others > holding.limit_bytes() {
                     bytes -= asm.held.get(&t).map_or(0, held_bytes);
-                    late.push((since, t));
+                    late.push(t);
                 }
             }
         }
-        late.sort();
-        late.dedup();
-        for (_, t) in late {
+        for t in late {
             warn!(target = t, "container not named by the runtime in time; its records go out with its id only");
             self.release(t, asm);
         }
