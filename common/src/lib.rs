@@ -17,6 +17,11 @@ pub const MAX_TARGETS: u32 = 4096;
 pub const CONTAINERS_TARGET: u32 = MAX_TARGETS - 1;
 /// A `WATCH_CGROUPS` value: this cgroup is not captured (user space found it is no container).
 pub const TARGET_EXCLUDED: u32 = u32::MAX;
+/// An `OUTPUT_PIPES` value: the pipe is the output of more than one target (each target's
+/// writes to it are captured; user space names the stream).
+pub const PIPE_SHARED: u32 = u32::MAX;
+/// Most output pipes known at once, over all targets (`OUTPUT_PIPES` entries).
+pub const MAX_OUTPUT_PIPES: u32 = 65536;
 
 /// A data event: a piece of what one write()/writev() put into a watched pipe.
 pub const EVENT_DATA: u32 = 1;
@@ -63,6 +68,12 @@ pub struct TargetCounters {
     /// Events the ring buffer had no room for, and their data bytes.
     pub lost_events: u64,
     pub lost_bytes: u64,
+    /// Bytes written to pipes that are not the target's output (a pipeline inside a container,
+    /// an `exec` session), counted and not copied.
+    pub other_pipe_bytes: u64,
+    /// Bytes that splice(), tee() or sendfile() moved into the target's output: they pass no
+    /// user buffer that the programs could copy, so they are counted as lost.
+    pub spliced_bytes: u64,
 }
 
 /// Settings user space resolves at load time: field offsets from the tracepoints' format
@@ -78,6 +89,16 @@ pub struct Settings {
     pub enter_writev_vlen: u32,
     pub exit_write_ret: u32,
     pub exit_writev_ret: u32,
+    pub enter_vmsplice_fd: u32,
+    pub enter_vmsplice_iov: u32,
+    pub enter_vmsplice_nr_segs: u32,
+    pub exit_vmsplice_ret: u32,
+    pub enter_splice_fd_out: u32,
+    pub enter_tee_fdout: u32,
+    pub enter_sendfile_out_fd: u32,
+    pub exit_splice_ret: u32,
+    pub exit_tee_ret: u32,
+    pub exit_sendfile_ret: u32,
     pub fork_child_pid: u32,
     pub task_files: u32,
     pub files_fdt: u32,

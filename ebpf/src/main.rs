@@ -1,12 +1,19 @@
-//! logtap's eBPF programs: capture what watched processes write to their stdout/stderr when
-//! that fd is a pipe or FIFO, counting only bytes the kernel accepted.
+//! logtap's eBPF programs: capture what watched processes write to their stdout/stderr pipes,
+//! counting only bytes the kernel accepted.
+//!
+//! A write is a target's output when it reaches one of the target's output pipes, whatever the
+//! fd number (`/dev/stdout` reopened, `exec 3>&1`, nginx's access log linked to stdout): the
+//! pipe's inode decides (`OUTPUT_PIPES`, filled by user space). A target whose pipes user space
+//! does not know (its fds 1/2 were no pipes when it was watched) has its fd 1/2 pipe writes
+//! taken as output. Writes to other pipes are counted, not copied.
 //!
 //! `sys_enter_write[v]` notes a candidate call per thread; `sys_exit_write[v]` copies the bytes
-//! the call returned (up to `max_capture`) into the ring buffer in chunks. Processes are
-//! watched by cgroup v2 id or by tgid; children are followed at fork and forgotten at exit.
-//! With `containers` on, every cgroup no map names is captured too, as `CONTAINERS_TARGET`,
-//! until user space says what it is: so a container's first write is never missed.
-//! Every offset (tracepoint fields, kernel structs) comes from user space at load time.
+//! the call returned (up to `max_capture`) into the ring buffer in chunks. vmsplice() is copied
+//! as a writev(); splice(), tee() and sendfile() into an output pipe carry no user buffer and
+//! are counted. Processes are watched by cgroup v2 id or by tgid; children are followed at fork
+//! and forgotten at exit. With `containers` on, every cgroup no map names is captured too, as
+//! `CONTAINERS_TARGET`, until user space says what it is: so a container's first write is never
+//! missed. Every offset (tracepoint fields, kernel structs) comes from user space at load time.
 #![no_std]
 #![no_main]
 
@@ -15,11 +22,11 @@ use aya_ebpf::helpers::{
     bpf_probe_read_user, bpf_probe_read_user_buf,
 };
 use aya_ebpf::macros::{map, tracepoint};
-use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf};
 use aya_ebpf::programs::TracePointContext;
 use logtap_common::{
     EventHeader, Settings, TargetCounters, CHUNK, CONTAINERS_TARGET, EVENT_DATA, EVENT_EXIT, EVENT_WRITE_END, HEADER_LEN,
-    MAX_CHUNKS, MAX_IOV, MAX_TARGETS, TARGET_EXCLUDED,
+    MAX_CHUNKS, MAX_IOV, MAX_OUTPUT_PIPES, MAX_TARGETS, PIPE_SHARED, TARGET_EXCLUDED,
 };
 
 /// Filled in by user space before load.
@@ -33,6 +40,16 @@ static SETTINGS: Settings = Settings {
     enter_writev_vlen: 0,
     exit_write_ret: 0,
     exit_writev_ret: 0,
+    enter_vmsplice_fd: 0,
+    enter_vmsplice_iov: 0,
+    enter_vmsplice_nr_segs: 0,
+    exit_vmsplice_ret: 0,
+    enter_splice_fd_out: 0,
+    enter_tee_fdout: 0,
+    enter_sendfile_out_fd: 0,
+    exit_splice_ret: 0,
+    exit_tee_ret: 0,
+    exit_sendfile_ret: 0,
     fork_child_pid: 0,
     task_files: 0,
     files_fdt: 0,
@@ -51,8 +68,18 @@ static WATCH_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
 #[map]
 static WATCH_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(65536, 0);
 
+/// The pipes that are targets' stdout or stderr: pipe inode -> target slot, or `PIPE_SHARED`.
+#[map]
+static OUTPUT_PIPES: HashMap<u64, u32> = HashMap::with_max_entries(MAX_OUTPUT_PIPES, 0);
+/// Per target slot: non-zero when `OUTPUT_PIPES` holds its output pipes.
+#[map]
+static KNOWS_PIPES: Array<u32> = Array::with_max_entries(MAX_TARGETS, 0);
+
 const KIND_WRITE: u32 = 1;
 const KIND_WRITEV: u32 = 2;
+const KIND_VMSPLICE: u32 = 3;
+/// splice(), tee(), sendfile(): counted, nothing to copy.
+const KIND_MOVE: u32 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -60,7 +87,8 @@ struct Pending {
     kind: u32,
     target: u32,
     fd: u32,
-    _pad: u32,
+    /// Non-zero: the pipe is the target's output (copied); zero: another pipe (counted).
+    output: u32,
     /// The buffer (write) or the iovec array (writev).
     ptr: u64,
     /// count or vlen.
@@ -170,21 +198,40 @@ fn pipe_of(s: &Settings, fd: u32) -> Option<u64> {
     }
 }
 
+/// Whether `target`'s write to `pipe` through `fd` is its output.
 #[inline(always)]
-fn enter(ctx: &TracePointContext, kind: u32, fd_at: u32, ptr_at: u32, n_at: u32) -> Result<(), i64> {
-    // The fd first: it is the cheapest test and rules out most writes on a host.
+fn is_output(target: u32, pipe: u64, fd: u32) -> bool {
+    if target == CONTAINERS_TARGET {
+        // Which container it is, and so which pipes are its output, user space finds out.
+        return true;
+    }
+    if !KNOWS_PIPES.get(target).is_some_and(|k| *k != 0) {
+        return fd == 1 || fd == 2;
+    }
+    // SAFETY: map lookup.
+    matches!(unsafe { OUTPUT_PIPES.get(&pipe) }.copied(), Some(t) if t == target || t == PIPE_SHARED)
+}
+
+/// Notes a call of a watched process to a pipe: `ptr_n` are the offsets of the buffer (or
+/// iovec array) and its length, for calls whose bytes are copied.
+#[inline(always)]
+fn enter(ctx: &TracePointContext, kind: u32, fd_at: u32, ptr_n: Option<(u32, u32)>) -> Result<(), i64> {
+    // Who writes first: most writes on a host are by processes no target watches.
+    let Some((target, cgroup)) = watched() else { return Ok(()) };
     // SAFETY: offsets come from the tracepoint's format file.
     let fd: u64 = unsafe { ctx.read_at(fd_at as usize) }.map_err(|e| e as i64)?;
     let fd = fd as u32;
-    if fd != 1 && fd != 2 {
-        return Ok(());
-    }
-    let Some((target, cgroup)) = watched() else { return Ok(()) };
     let s = settings();
     let Some(pipe) = pipe_of(&s, fd) else { return Ok(()) };
-    let ptr: u64 = unsafe { ctx.read_at(ptr_at as usize) }.map_err(|e| e as i64)?;
-    let n: u64 = unsafe { ctx.read_at(n_at as usize) }.map_err(|e| e as i64)?;
-    let p = Pending { kind, target, fd, _pad: 0, ptr, n, cgroup, pipe };
+    let output = u32::from(is_output(target, pipe, fd));
+    let (ptr, n) = match ptr_n {
+        // SAFETY: as above.
+        Some((ptr_at, n_at)) => unsafe {
+            (ctx.read_at::<u64>(ptr_at as usize).map_err(|e| e as i64)?, ctx.read_at::<u64>(n_at as usize).map_err(|e| e as i64)?)
+        },
+        None => (0, 0),
+    };
+    let p = Pending { kind, target, fd, output, ptr, n, cgroup, pipe };
     PENDING.insert(&bpf_get_current_pid_tgid(), &p, 0)?;
     Ok(())
 }
@@ -241,10 +288,10 @@ fn emit_segment(scratch: &mut Scratch, p: &Pending, total: u64, base: u64, len: 
     copied
 }
 
-/// The call in flight for this thread, if it is of `kind`, with what it returned and how much
-/// of it to copy.
+/// The call in flight for this thread, if it is of `kind` and wrote something, with what it
+/// returned.
 #[inline(always)]
-fn finished(ctx: &TracePointContext, kind: u32, ret_at: u32) -> Option<(Pending, u64, u64)> {
+fn finished(ctx: &TracePointContext, kind: u32, ret_at: u32) -> Option<(Pending, u64)> {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: map lookup.
     let p = unsafe { PENDING.get(&id) }.copied()?;
@@ -258,9 +305,21 @@ fn finished(ctx: &TracePointContext, kind: u32, ret_at: u32) -> Option<(Pending,
         // EAGAIN, EINTR, EPIPE...: nothing was written.
         return None;
     }
-    let total = ret as u64;
+    Some((p, ret as u64))
+}
+
+/// Of a finished write to the target's output, the bytes to copy. A write to another pipe is
+/// counted here and copies nothing.
+#[inline(always)]
+fn to_copy(p: &Pending, total: u64) -> Option<u64> {
+    if p.output == 0 {
+        if let Some(c) = counters(p.target) {
+            c.other_pipe_bytes += total;
+        }
+        return None;
+    }
     let max = settings().max_capture as u64;
-    Some((p, total, if total > max { max } else { total }))
+    Some(if total > max { max } else { total })
 }
 
 #[inline(always)]
@@ -283,20 +342,80 @@ fn scratch() -> Option<&'static mut Scratch> {
 #[tracepoint]
 pub fn write_enter(ctx: TracePointContext) -> u32 {
     let s = settings();
-    let _ = enter(&ctx, KIND_WRITE, s.enter_write_fd, s.enter_write_buf, s.enter_write_count);
+    let _ = enter(&ctx, KIND_WRITE, s.enter_write_fd, Some((s.enter_write_buf, s.enter_write_count)));
     0
 }
 
 #[tracepoint]
 pub fn writev_enter(ctx: TracePointContext) -> u32 {
     let s = settings();
-    let _ = enter(&ctx, KIND_WRITEV, s.enter_writev_fd, s.enter_writev_vec, s.enter_writev_vlen);
+    let _ = enter(&ctx, KIND_WRITEV, s.enter_writev_fd, Some((s.enter_writev_vec, s.enter_writev_vlen)));
+    0
+}
+
+/// vmsplice() into a pipe takes an iovec array from user memory, as writev() does.
+#[tracepoint]
+pub fn vmsplice_enter(ctx: TracePointContext) -> u32 {
+    let s = settings();
+    let _ = enter(&ctx, KIND_VMSPLICE, s.enter_vmsplice_fd, Some((s.enter_vmsplice_iov, s.enter_vmsplice_nr_segs)));
+    0
+}
+
+#[tracepoint]
+pub fn splice_enter(ctx: TracePointContext) -> u32 {
+    let _ = enter(&ctx, KIND_MOVE, settings().enter_splice_fd_out, None);
+    0
+}
+
+#[tracepoint]
+pub fn tee_enter(ctx: TracePointContext) -> u32 {
+    let _ = enter(&ctx, KIND_MOVE, settings().enter_tee_fdout, None);
+    0
+}
+
+#[tracepoint]
+pub fn sendfile_enter(ctx: TracePointContext) -> u32 {
+    let _ = enter(&ctx, KIND_MOVE, settings().enter_sendfile_out_fd, None);
+    0
+}
+
+/// Bytes moved into a pipe by splice(), tee() or sendfile(): counted, as there is no user
+/// buffer to copy them from.
+#[inline(always)]
+fn moved(ctx: &TracePointContext, ret_at: u32) {
+    let Some((p, total)) = finished(ctx, KIND_MOVE, ret_at) else { return };
+    let Some(c) = counters(p.target) else { return };
+    if p.output == 0 {
+        c.other_pipe_bytes += total;
+    } else {
+        c.writes += 1;
+        c.bytes += total;
+        c.spliced_bytes += total;
+    }
+}
+
+#[tracepoint]
+pub fn splice_exit(ctx: TracePointContext) -> u32 {
+    moved(&ctx, settings().exit_splice_ret);
+    0
+}
+
+#[tracepoint]
+pub fn tee_exit(ctx: TracePointContext) -> u32 {
+    moved(&ctx, settings().exit_tee_ret);
+    0
+}
+
+#[tracepoint]
+pub fn sendfile_exit(ctx: TracePointContext) -> u32 {
+    moved(&ctx, settings().exit_sendfile_ret);
     0
 }
 
 #[tracepoint]
 pub fn write_exit(ctx: TracePointContext) -> u32 {
-    let Some((p, total, want)) = finished(&ctx, KIND_WRITE, settings().exit_write_ret) else { return 0 };
+    let Some((p, total)) = finished(&ctx, KIND_WRITE, settings().exit_write_ret) else { return 0 };
+    let Some(want) = to_copy(&p, total) else { return 0 };
     let Some(scratch) = scratch() else { return 0 };
     let mut loss = Loss::default();
     let sent = emit_segment(scratch, &p, total, p.ptr, want, 0, &mut loss);
@@ -372,13 +491,26 @@ fn writev_step(ctx: &TracePointContext) {
     account(&st.p, st.total, st.sent, &Loss { events: st.lost_events, bytes: st.lost_bytes });
 }
 
-#[tracepoint]
-pub fn writev_exit(ctx: TracePointContext) -> u32 {
-    let Some((p, total, want)) = finished(&ctx, KIND_WRITEV, settings().exit_writev_ret) else { return 0 };
-    let Some(st) = WRITEV.get_ptr_mut(0) else { return 0 };
+/// A finished writev() or vmsplice(): its iovecs are copied one per program run.
+#[inline(always)]
+fn iovecs_exit(ctx: &TracePointContext, kind: u32, ret_at: u32) {
+    let Some((p, total)) = finished(ctx, kind, ret_at) else { return };
+    let Some(want) = to_copy(&p, total) else { return };
+    let Some(st) = WRITEV.get_ptr_mut(0) else { return };
     // SAFETY: per-CPU map value, ours for the program's run.
     unsafe { *st = Writev { p, total, want, sent: 0, next: 0, lost_events: 0, lost_bytes: 0 } };
-    writev_step(&ctx);
+    writev_step(ctx);
+}
+
+#[tracepoint]
+pub fn writev_exit(ctx: TracePointContext) -> u32 {
+    iovecs_exit(&ctx, KIND_WRITEV, settings().exit_writev_ret);
+    0
+}
+
+#[tracepoint]
+pub fn vmsplice_exit(ctx: TracePointContext) -> u32 {
+    iovecs_exit(&ctx, KIND_VMSPLICE, settings().exit_vmsplice_ret);
     0
 }
 

@@ -190,6 +190,10 @@ pub struct TargetSnapshot {
     /// container or a command, `exec` sessions), not captured.
     #[serde(default)]
     pub other_pipe_bytes_total: u64,
+    /// Bytes splice(), tee() or sendfile() moved into its stdout/stderr: no user buffer to copy
+    /// them from, so they are lost (counted in the kernel).
+    #[serde(default)]
+    pub spliced_bytes_total: u64,
     /// Counted here: records and bytes framed, dropped by the ring, split.
     #[serde(flatten)]
     pub totals: CountersSnapshot,
@@ -275,7 +279,7 @@ pub struct ContainerSnapshot {
     pub pipe: CountersSnapshot,
     /// Counted in the kernel: bytes written to its stdout/stderr pipes.
     pub written_bytes_total: u64,
-    /// Every byte of its output that will not be delivered: the sum of the three below.
+    /// Every byte of its output that will not be delivered: the sum of the four below.
     pub lost_bytes_total: u64,
     /// stdout/stderr bytes the BPF ring buffer had no room for (counted in the kernel).
     pub kernel_lost_bytes_total: u64,
@@ -283,6 +287,8 @@ pub struct ContainerSnapshot {
     pub truncated_bytes_total: u64,
     /// Bytes of its records (stdout/stderr and its volumes' files) the ring dropped.
     pub dropped_bytes_total: u64,
+    /// stdout/stderr bytes moved by splice(), tee() or sendfile(), which carry no user buffer.
+    pub spliced_bytes_total: u64,
     /// Bytes its processes wrote to pipes that are not its stdout/stderr (not its output).
     pub other_pipe_bytes_total: u64,
 }

@@ -73,13 +73,14 @@ fn containers(d: &Discovery, pipes: &PipesSnapshot, volumes: &[VolumeSnapshot]) 
         .into_iter()
         .map(|info| {
             let mut pipe = CountersSnapshot::default();
-            let (mut written, mut kernel_lost, mut truncated, mut other) = (0, 0, 0, 0);
+            let (mut written, mut kernel_lost, mut truncated, mut other, mut spliced) = (0, 0, 0, 0, 0);
             for t in pipes.targets.iter().filter(|t| t.spec.container.as_deref() == Some(&info.id)) {
                 pipe.add(&t.totals);
                 written += t.written_bytes_total;
                 kernel_lost += t.lost_bytes_total;
                 truncated += t.truncated_bytes_total;
                 other += t.other_pipe_bytes_total;
+                spliced += t.spliced_bytes_total;
             }
             let mine = volumes.iter().filter(|v| v.container.as_ref().is_some_and(|c| c.id == info.id));
             let dropped = pipe.dropped_bytes_total + mine.map(|v| v.totals.dropped_bytes_total).sum::<u64>();
@@ -87,10 +88,11 @@ fn containers(d: &Discovery, pipes: &PipesSnapshot, volumes: &[VolumeSnapshot]) 
                 info,
                 pipe,
                 written_bytes_total: written,
-                lost_bytes_total: kernel_lost + truncated + dropped,
+                lost_bytes_total: kernel_lost + truncated + dropped + spliced,
                 kernel_lost_bytes_total: kernel_lost,
                 truncated_bytes_total: truncated,
                 dropped_bytes_total: dropped,
+                spliced_bytes_total: spliced,
                 other_pipe_bytes_total: other,
             }
         })
@@ -153,7 +155,7 @@ pub fn prometheus(s: &Snapshot) -> String {
         .collect();
     out.table("file_", &counters, &files);
 
-    let target_fields: [Field<TargetSnapshot>; 11] = [
+    let target_fields: [Field<TargetSnapshot>; 12] = [
         ("writes_total", "counter", "write() calls to watched pipes.", |t| t.writes_total),
         ("written_bytes_total", "counter", "Bytes written to watched pipes.", |t| t.written_bytes_total),
         ("truncated_bytes_total", "counter", "Bytes past max_write_capture.", |t| t.truncated_bytes_total),
@@ -168,6 +170,9 @@ pub fn prometheus(s: &Snapshot) -> String {
         }),
         ("other_pipe_bytes_total", "counter", "Bytes written to pipes that are not the target's output.", |t| {
             t.other_pipe_bytes_total
+        }),
+        ("spliced_bytes_total", "counter", "Output bytes moved by splice/tee/sendfile, not copied (lost).", |t| {
+            t.spliced_bytes_total
         }),
     ];
     // Ended targets are in the JSON stats only: the series of short runs would pile up.
@@ -213,7 +218,7 @@ pub fn prometheus(s: &Snapshot) -> String {
             ("reconnects_total", "counter", "Connections to the runtime lost.", |d| d.runtime.reconnects_total),
         ];
         out.table("discovery_", &runtime, &[(String::new(), d)]);
-        let fields: [Field<ContainerSnapshot>; 7] = [
+        let fields: [Field<ContainerSnapshot>; 8] = [
             ("pipe_captured_records_total", "counter", "stdout/stderr records per container.", |c| {
                 c.pipe.captured_records_total
             }),
@@ -232,6 +237,9 @@ pub fn prometheus(s: &Snapshot) -> String {
             }),
             ("dropped_bytes_total", "counter", "Bytes of a container's records the ring dropped.", |c| {
                 c.dropped_bytes_total
+            }),
+            ("spliced_bytes_total", "counter", "stdout/stderr bytes moved by splice/tee/sendfile (lost).", |c| {
+                c.spliced_bytes_total
             }),
         ];
         let live: Vec<(String, &ContainerSnapshot)> = d

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{bail, Context};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-use logtap_common::{TargetCounters, CONTAINERS_TARGET, TARGET_EXCLUDED};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use logtap_common::{TargetCounters, CONTAINERS_TARGET, MAX_OUTPUT_PIPES, MAX_TARGETS, PIPE_SHARED, TARGET_EXCLUDED};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -133,16 +133,22 @@ struct Target {
     cgroups: Mutex<Vec<u64>>,
     /// Its stdout and stderr pipes.
     pipes: Mutex<StdPipes>,
-    /// Bytes written to other pipes (a pipeline inside a container or a command, `exec`
-    /// sessions).
+    /// Bytes written to other pipes that the kernel could not tell apart (before the
+    /// container was found, or through a pipe several targets share); the kernel counts the
+    /// rest.
     other_pipe_bytes: AtomicU64,
 }
 
+/// Most stdout/stderr pairs kept per target (each start of a container brings one): every
+/// target's fit in the kernel's map of output pipes.
+const PAIRS_KEPT: usize = 8;
+const _: () = assert!(PAIRS_KEPT * 2 * MAX_TARGETS as usize <= MAX_OUTPUT_PIPES as usize);
+
 /// The inodes of a target's stdout and stderr pipes: a container's from its init process's fds
 /// 1 and 2 (one pair per start), a process's from its fds 1 and 2 when it is watched, or as the
-/// watch request names them. They name a write's stream whatever fd number it used; a write to
-/// any other pipe is not the target's output. Unknown (not pipes, init gone): the fd number
-/// names it.
+/// watch request names them. The kernel takes a write to one of them as the target's output
+/// whatever fd number it used, and they name its stream; a write to any other pipe is not the
+/// target's output. Unknown (not pipes, init gone): the fd number (1 or 2) decides and names.
 #[derive(Debug, Default)]
 struct StdPipes {
     stdout: Vec<u64>,
@@ -150,13 +156,24 @@ struct StdPipes {
 }
 
 impl StdPipes {
-    /// A pair of pipes; only a whole pair counts (one of them alone would make the other
-    /// stream's writes look like another pipe's).
-    fn add(&mut self, stdout: Option<u64>, stderr: Option<u64>) {
-        if let (Some(out), Some(err)) = (stdout, stderr) {
-            self.stdout.push(out);
-            self.stderr.push(err);
+    /// A pair of pipes (only a whole pair counts: one of them alone would make the other
+    /// stream's writes look like another pipe's). Returns the pipes that are no longer the
+    /// target's, if the oldest pair had to go.
+    fn add(&mut self, stdout: u64, stderr: u64) -> Vec<u64> {
+        if self.stdout.iter().zip(&self.stderr).any(|p| p == (&stdout, &stderr)) {
+            return Vec::new();
         }
+        self.stdout.push(stdout);
+        self.stderr.push(stderr);
+        if self.stdout.len() <= PAIRS_KEPT {
+            return Vec::new();
+        }
+        let old = [self.stdout.remove(0), self.stderr.remove(0)];
+        old.into_iter().filter(|p| !self.all().any(|q| q == *p)).collect()
+    }
+
+    fn all(&self) -> impl Iterator<Item = u64> + '_ {
+        self.stdout.iter().chain(&self.stderr).copied()
     }
 
     /// `stdout` or `stderr`; `None` for a pipe that is neither.
@@ -183,6 +200,10 @@ struct Maps {
     pids: BpfHashMap<MapData, u32, u32>,
     cgroups: BpfHashMap<MapData, u64, u32>,
     counters: PerCpuArray<MapData, TargetCounters>,
+    /// Pipe inode -> the target it is the output of, or `PIPE_SHARED`.
+    output_pipes: BpfHashMap<MapData, u64, u32>,
+    /// Per target slot: whether `output_pipes` holds its pipes.
+    knows_pipes: Array<MapData, u32>,
 }
 
 struct State {
@@ -197,6 +218,67 @@ struct State {
     ended: VecDeque<TargetSnapshot>,
     /// cgroups the kernel is told to skip.
     excluded: HashSet<u64>,
+    /// Output pipes and the targets they are the output of (mostly one).
+    pipe_owners: HashMap<u64, Vec<u32>>,
+}
+
+impl State {
+    /// `stdout` and `stderr` become `target`'s output pipes, here and in the kernel, before
+    /// the kernel sees its first write: only then does the kernel go by pipe identity.
+    fn add_output(&mut self, target: &Target, stdout: Option<u64>, stderr: Option<u64>) {
+        let (Some(out), Some(err)) = (stdout, stderr) else { return };
+        let gone = lock(&target.pipes).add(out, err);
+        for pipe in gone {
+            self.set_owner(pipe, target.slot, false);
+        }
+        let owned = [out, err].iter().all(|pipe| self.set_owner(*pipe, target.slot, true));
+        if let (true, Some(maps)) = (owned, self.maps.as_mut()) {
+            if let Err(e) = maps.knows_pipes.set(target.slot, 1, 0) {
+                warn!(target = %target.id, "cannot tell the kernel a target's output pipes: {e}");
+            }
+        }
+    }
+
+    /// Forgets every output pipe of `target` (it goes).
+    fn remove_output(&mut self, target: &Target) {
+        let pipes: Vec<u64> = lock(&target.pipes).all().collect();
+        for pipe in pipes {
+            self.set_owner(pipe, target.slot, false);
+        }
+        if let Some(maps) = self.maps.as_mut() {
+            let _ = maps.knows_pipes.set(target.slot, 0, 0);
+        }
+    }
+
+    /// Adds (`own`) or removes `slot` as an owner of `pipe`, and writes the kernel's entry.
+    /// False if the kernel's map refused it.
+    fn set_owner(&mut self, pipe: u64, slot: u32, own: bool) -> bool {
+        let owners = self.pipe_owners.entry(pipe).or_default();
+        owners.retain(|s| *s != slot);
+        if own {
+            owners.push(slot);
+        }
+        let value = match owners.as_slice() {
+            [] => None,
+            [one] => Some(*one),
+            _ => Some(PIPE_SHARED),
+        };
+        if value.is_none() {
+            self.pipe_owners.remove(&pipe);
+        }
+        let Some(maps) = self.maps.as_mut() else { return false };
+        let written = match value {
+            Some(v) => maps.output_pipes.insert(pipe, v, 0),
+            None => maps.output_pipes.remove(&pipe),
+        };
+        match written {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(pipe, slot, "cannot update the kernel's map of output pipes: {e}");
+                false
+            }
+        }
+    }
 }
 
 /// Commands waiting for the event loop at most.
@@ -270,6 +352,7 @@ impl PipeSource {
                 pending_bytes: 0,
                 ended: VecDeque::new(),
                 excluded: HashSet::new(),
+                pipe_owners: HashMap::new(),
             }),
             commands,
             holding,
@@ -299,7 +382,13 @@ impl PipeSource {
         match loaded {
             Ok((loaded, root)) => {
                 let (tx, rx) = mpsc::channel(COMMANDS);
-                let maps = Maps { pids: loaded.pids, cgroups: loaded.cgroups, counters: loaded.counters };
+                let maps = Maps {
+                    pids: loaded.pids,
+                    cgroups: loaded.cgroups,
+                    counters: loaded.counters,
+                    output_pipes: loaded.output_pipes,
+                    knows_pipes: loaded.knows_pipes,
+                };
                 let source = Self::with(framing, ring, max_capture, "running", None, containers, Some((maps, tx)));
                 if let Some(root) = &root {
                     source.exclude_host_and_self(root);
@@ -432,7 +521,7 @@ impl PipeSource {
             }
         }
         let target = self.add_target(&mut st, spec.clone(), who)?;
-        lock(&target.pipes).add(stdout, stderr);
+        st.add_output(&target, stdout, stderr);
         let Some(maps) = st.maps.as_mut() else { bail!("eBPF pipe capture stopped") };
         if let Some(pid) = spec.pid {
             maps.pids.insert(pid, target.slot, 0).context("adding the process to the watch map")?;
@@ -454,6 +543,7 @@ impl PipeSource {
         maps.counters
             .set(slot, aya::maps::PerCpuValues::try_from(vec![TargetCounters::default(); cpus])?, 0)
             .context("resetting the target's counters")?;
+        maps.knows_pipes.set(slot, 0, 0).context("resetting the target's output pipes")?;
         let target = Arc::new(Target {
             slot,
             id: format!("{}-{}", self.instance, self.next_id.fetch_add(1, Relaxed)),
@@ -526,6 +616,7 @@ impl PipeSource {
             }
         }
         let Some(t) = st.targets.remove(&slot) else { return };
+        st.remove_output(&t);
         if let Some(c) = &t.spec.container {
             if st.containers.get(c) == Some(&slot) {
                 st.containers.remove(c);
@@ -562,6 +653,8 @@ impl PipeSource {
                     truncated_bytes: a.truncated_bytes + c.truncated_bytes,
                     lost_events: a.lost_events + c.lost_events,
                     lost_bytes: a.lost_bytes + c.lost_bytes,
+                    other_pipe_bytes: a.other_pipe_bytes + c.other_pipe_bytes,
+                    spliced_bytes: a.spliced_bytes + c.spliced_bytes,
                 })
             })
             .unwrap_or_default()
@@ -586,7 +679,8 @@ impl PipeSource {
             truncated_bytes_total: k.truncated_bytes,
             lost_events_total: k.lost_events,
             lost_bytes_total: k.lost_bytes,
-            other_pipe_bytes_total: t.other_pipe_bytes.load(Relaxed),
+            other_pipe_bytes_total: k.other_pipe_bytes + t.other_pipe_bytes.load(Relaxed),
+            spliced_bytes_total: k.spliced_bytes,
             totals: t.counters.totals.snapshot(),
             streams: t.counters.streams(),
         })
@@ -673,7 +767,8 @@ mod tests {
     fn a_containers_pipes_name_its_streams_whatever_the_fd() {
         let unknown = StdPipes::default();
         assert_eq!((unknown.name(7, 1), unknown.name(7, 2)), (Some("stdout"), Some("stderr")));
-        let p = StdPipes { stdout: vec![10], stderr: vec![20] };
+        let mut p = StdPipes::default();
+        assert!(p.add(10, 20).is_empty());
         // `echo x >&2` in a shell writes the stderr pipe through fd 1.
         assert_eq!(p.name(20, 1), Some("stderr"));
         assert_eq!(p.name(10, 2), Some("stdout"));
@@ -682,5 +777,26 @@ mod tests {
         // One pipe for both: the fd tells them apart.
         let both = StdPipes { stdout: vec![10], stderr: vec![10] };
         assert_eq!((both.name(10, 1), both.name(10, 2)), (Some("stdout"), Some("stderr")));
+    }
+
+    #[test]
+    fn a_target_keeps_its_latest_pairs_of_pipes() {
+        let mut p = StdPipes::default();
+        // A container restarted many times: each start brings a pair; the oldest go.
+        for start in 0..PAIRS_KEPT as u64 {
+            assert!(p.add(100 + start, 200 + start).is_empty());
+        }
+        assert!(p.add(100, 200).is_empty(), "a pair it has is not added twice");
+        assert_eq!(p.add(900, 901), vec![100, 200]);
+        assert_eq!(p.all().count(), 2 * PAIRS_KEPT);
+        assert_eq!(p.name(100, 1), None);
+        assert_eq!(p.name(900, 1), Some("stdout"));
+        // A pipe of the oldest pair that a kept pair still has stays.
+        let mut shared = StdPipes::default();
+        shared.add(1, 2);
+        for start in 1..PAIRS_KEPT as u64 {
+            shared.add(10 + start, 2);
+        }
+        assert_eq!(shared.add(50, 2), vec![1]);
     }
 }

@@ -1,7 +1,7 @@
 //! Loading and attaching the eBPF programs, with this kernel's offsets filled in.
 
 use anyhow::{bail, Context};
-use aya::maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use logtap_common::{Settings, TargetCounters};
@@ -17,6 +17,8 @@ pub struct Loaded {
     pub pids: HashMap<MapData, u32, u32>,
     pub cgroups: HashMap<MapData, u64, u32>,
     pub counters: PerCpuArray<MapData, TargetCounters>,
+    pub output_pipes: HashMap<MapData, u64, u32>,
+    pub knows_pipes: Array<MapData, u32>,
 }
 
 fn settings(max_capture: u32, containers: bool) -> anyhow::Result<Settings> {
@@ -32,6 +34,16 @@ fn settings(max_capture: u32, containers: bool) -> anyhow::Result<Settings> {
         enter_writev_vlen: f("syscalls", "sys_enter_writev", "vlen")?,
         exit_write_ret: f("syscalls", "sys_exit_write", "ret")?,
         exit_writev_ret: f("syscalls", "sys_exit_writev", "ret")?,
+        enter_vmsplice_fd: f("syscalls", "sys_enter_vmsplice", "fd")?,
+        enter_vmsplice_iov: f("syscalls", "sys_enter_vmsplice", "uiov")?,
+        enter_vmsplice_nr_segs: f("syscalls", "sys_enter_vmsplice", "nr_segs")?,
+        exit_vmsplice_ret: f("syscalls", "sys_exit_vmsplice", "ret")?,
+        enter_splice_fd_out: f("syscalls", "sys_enter_splice", "fd_out")?,
+        enter_tee_fdout: f("syscalls", "sys_enter_tee", "fdout")?,
+        enter_sendfile_out_fd: f("syscalls", "sys_enter_sendfile64", "out_fd")?,
+        exit_splice_ret: f("syscalls", "sys_exit_splice", "ret")?,
+        exit_tee_ret: f("syscalls", "sys_exit_tee", "ret")?,
+        exit_sendfile_ret: f("syscalls", "sys_exit_sendfile64", "ret")?,
         fork_child_pid: f("sched", "sched_process_fork", "child_pid")?,
         task_files: btf.member_offset("task_struct", "files")?,
         files_fdt: btf.member_offset("files_struct", "fdt")?,
@@ -70,6 +82,14 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool) -> anyho
         ("writev_enter", "syscalls", "sys_enter_writev"),
         ("write_exit", "syscalls", "sys_exit_write"),
         ("writev_exit", "syscalls", "sys_exit_writev"),
+        ("vmsplice_enter", "syscalls", "sys_enter_vmsplice"),
+        ("vmsplice_exit", "syscalls", "sys_exit_vmsplice"),
+        ("splice_enter", "syscalls", "sys_enter_splice"),
+        ("splice_exit", "syscalls", "sys_exit_splice"),
+        ("tee_enter", "syscalls", "sys_enter_tee"),
+        ("tee_exit", "syscalls", "sys_exit_tee"),
+        ("sendfile_enter", "syscalls", "sys_enter_sendfile64"),
+        ("sendfile_exit", "syscalls", "sys_exit_sendfile64"),
         ("process_fork", "sched", "sched_process_fork"),
         ("process_exit", "sched", "sched_process_exit"),
     ] {
@@ -97,5 +117,7 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool) -> anyho
     let pids = HashMap::try_from(take(&mut ebpf, "WATCH_PIDS")?)?;
     let cgroups = HashMap::try_from(take(&mut ebpf, "WATCH_CGROUPS")?)?;
     let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
-    Ok(Loaded { ebpf, events, pids, cgroups, counters })
+    let output_pipes = HashMap::try_from(take(&mut ebpf, "OUTPUT_PIPES")?)?;
+    let knows_pipes = Array::try_from(take(&mut ebpf, "KNOWS_PIPES")?)?;
+    Ok(Loaded { ebpf, events, pids, cgroups, counters, output_pipes, knows_pipes })
 }

@@ -410,7 +410,7 @@ impl PipeSource {
         };
         lock(&target.cgroups).push(cgroup);
         if let Some((stdout, stderr)) = init_pipes {
-            lock(&target.pipes).add(stdout, stderr);
+            st.add_output(&target, stdout, stderr);
         }
         if let Some(maps) = st.maps.as_mut() {
             if let Err(e) = maps.cgroups.insert(cgroup, target.slot, 0) {
