@@ -375,3 +375,41 @@ pub fn every_10ms(ticks: usize, mut tick: impl FnMut(usize)) {
 pub fn as_strings(lines: &[Vec<u8>]) -> Vec<String> {
     lines.iter().map(|l| String::from_utf8_lossy(l).into_owned()).collect()
 }
+
+/// Bytes [`other_ways_to_stdout`] splices into stdout.
+pub const SPLICED_BYTES: u64 = 100_000;
+
+/// A shell script that reaches its stdout and stderr pipes the ways programs do besides fd 1
+/// and 2, with `writer` (the `pipe-writer` binary): opened again as `/dev/stdout` (nginx's logs
+/// linked there) and as `/proc/self/fd/1`, through a shell's `exec 3>&1`, with vmsplice(2).
+/// Then what is not output: a file written through fd 1, and [`SPLICED_BYTES`] zeros that
+/// splice(2) moves into stdout with no user buffer (counted as lost, not copied).
+pub fn other_ways_to_stdout(writer: &str) -> String {
+    format!(
+        "W={writer}; F=/tmp/logtap-ways.$$; $W reopened 500 dev /dev/stdout /dev/stderr && \
+         $W reopened 500 proc /proc/self/fd/1 /proc/self/fd/2 && exec 3>&1 4>&2 && $W fd 500 3 dup-out && \
+         $W fd 500 4 dup-err && $W vmsplice 500 vm && $W fd 500 1 to-file > $F && \
+         head -c {SPLICED_BYTES} /dev/zero > $F && $W splice $F && rm $F"
+    )
+}
+
+/// The stdout and stderr lines [`other_ways_to_stdout`] writes, in order.
+pub fn other_ways_expected() -> (Vec<String>, Vec<String>) {
+    let n = |p: &str| (0..500).map(move |i| format!("{p}-{i}")).collect::<Vec<_>>();
+    let stdout = [n("dev-out"), n("proc-out"), n("dup-out"), n("vm")].concat();
+    let stderr = [n("dev-err"), n("proc-err"), n("dup-err")].concat();
+    (stdout, stderr)
+}
+
+/// Fails with the first line that differs (and the counts), not with every line.
+pub fn assert_lines(got: &[String], want: &[String], what: &str) {
+    if let Some(i) = (0..got.len().max(want.len())).find(|&i| got.get(i) != want.get(i)) {
+        panic!(
+            "{what}: {} lines, {} expected; line {i} is {:?}, expected {:?}",
+            got.len(),
+            want.len(),
+            got.get(i),
+            want.get(i)
+        );
+    }
+}

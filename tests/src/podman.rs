@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The image every test container runs: busybox as `/bin/sh` and its applets.
-pub const IMAGE: &str = "localhost/logtap-busybox:latest";
+/// The image every test container runs: busybox as `/bin/sh` and its applets (the tag changes
+/// when the applets do: an image made by an older test stays as it was).
+pub const IMAGE: &str = "localhost/logtap-busybox:2";
 
 fn have(program: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {program}")]).output().is_ok_and(|o| o.status.success())
@@ -98,8 +99,11 @@ impl Podman {
             std::fs::create_dir_all(root.join(d)).expect("rootfs dir");
         }
         std::fs::copy(busybox, root.join("bin/busybox")).expect("copy busybox");
-        for applet in ["sh", "echo", "cat", "seq", "sleep", "printf", "yes", "head", "true", "ls", "env", "date", "wc"]
-        {
+        let applets = [
+            "sh", "echo", "cat", "seq", "sleep", "printf", "yes", "head", "tail", "true", "ls", "env", "date", "wc",
+            "rm", "mkdir", "ln", "kill", "wget", "grep",
+        ];
+        for applet in applets {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("applet link");
         }
         let tar = self.dir.path().join("rootfs.tar");

@@ -491,3 +491,29 @@ fn exited_processes_leave_their_counts_in_the_totals_not_in_a_growing_list() {
     let streams = t["streams"].as_object().map_or(0, |s| s.len());
     assert!(streams <= 2, "{streams} stream entries left for 300 exited processes: {t}");
 }
+
+/// The ways of [`logtap_e2e::other_ways_to_stdout`], 5 runs: each line once, in its stream;
+/// the spliced bytes counted as lost.
+#[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
+fn logtap_run_captures_output_reached_through_any_fd() {
+    let agent = Agent::start(Setup::default());
+    assert_pipes_running(&agent);
+    let script = logtap_e2e::other_ways_to_stdout(WRITER);
+    for round in 0..5 {
+        let service = format!("ways-{round}");
+        let out = run_sh(&agent, &service, &script);
+        let (stdout, stderr) = logtap_e2e::other_ways_expected();
+        let want = stdout.join("\n") + "\n";
+        assert!(out.stdout.starts_with(want.as_bytes()), "passed through unchanged");
+        let got_out = agent.wait_lines(&service, "stdout", stdout.len(), WAIT);
+        let got_err = agent.wait_lines(&service, "stderr", stderr.len(), WAIT);
+        let t = target(&agent, &service);
+        agent.wait_idle(WAIT);
+        assert_eq!(got_out.len(), agent.sink_lines(&service, "stdout").len(), "nothing more came");
+        logtap_e2e::assert_lines(&logtap_e2e::as_strings(&got_out), &stdout, "stdout");
+        logtap_e2e::assert_lines(&logtap_e2e::as_strings(&got_err), &stderr, "stderr");
+        assert_eq!(t["captured_records_total"], (stdout.len() + stderr.len()) as u64, "{t}");
+        assert_eq!(t["spliced_bytes_total"], logtap_e2e::SPLICED_BYTES, "{t}");
+    }
+}

@@ -153,7 +153,8 @@ fn setup() -> anyhow::Result<()> {
     }
     // python3: the rotating-logger test; dd, truncate: coreutils; podman (with runc, the
     // runtime that works with this kind of machine's cgroups) and busybox-static: the container
-    // tests and benchmarks.
+    // tests and benchmarks; nginx and wrk: a real web server logging to /dev/stdout in a
+    // container, under load.
     apt_install(&[
         ("python3", "python3"),
         ("coreutils", "truncate"),
@@ -161,6 +162,8 @@ fn setup() -> anyhow::Result<()> {
         ("runc", "runc"),
         ("busybox-static", "busybox"),
         ("tar", "tar"),
+        ("nginx", "nginx"),
+        ("wrk", "wrk"),
     ])?;
     rustup_components(&["rustfmt", "clippy"])?;
     ebpf_toolchain()?;

@@ -1,5 +1,6 @@
 //! A process with known output for the pipe-capture tests: `pipe-writer MODE [ARGS]`.
-//! Every mode writes to fd 1 and/or fd 2 with plain write(2)/writev(2) calls.
+//! Most modes write to fd 1 and/or fd 2 with plain write(2)/writev(2) calls; `fd`, `reopened`,
+//! `vmsplice` and `splice` reach the output pipe the other ways programs do.
 
 use std::io::Read;
 
@@ -31,6 +32,19 @@ fn writev_fd(fd: i32, parts: &[&[u8]]) {
     // SAFETY: iovecs point into live buffers.
     let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as i32) };
     assert_eq!(n as usize, parts.iter().map(|p| p.len()).sum::<usize>(), "short writev");
+}
+
+/// `n` lines `{prefix}-i` to `fd` (just `prefix` for one line), write() and writev() in turn.
+fn write_or_writev(fd: i32, n: usize, prefix: &str) {
+    for i in 0..n {
+        let line = if n == 1 { format!("{prefix}\n") } else { format!("{prefix}-{i}\n") };
+        if i % 2 == 0 {
+            write_fd(fd, line.as_bytes());
+        } else {
+            let (a, b) = line.as_bytes().split_at(line.len() / 2);
+            writev_fd(fd, &[a, b]);
+        }
+    }
 }
 
 /// `n` lines of `len` bytes to `fd`, one write each, at `rate` bytes/s (0: as fast as it goes);
@@ -194,6 +208,70 @@ fn main() {
                 let number = format!("{i:08}");
                 line[..number.len()].copy_from_slice(number.as_bytes());
             });
+        }
+        // `fd N FD PREFIX`: N lines `PREFIX-i` to an inherited fd (a shell's `exec 3>&1`),
+        // write() and writev() in turn.
+        "fd" => {
+            let fd = arg(3, 1) as i32;
+            let prefix = std::env::args().nth(4).unwrap_or_else(|| "fd".into());
+            write_or_writev(fd, arg(2, 10), &prefix);
+        }
+        // `reopened N PREFIX OUT ERR`: opens the paths OUT and ERR (`/dev/stdout`,
+        // `/proc/self/fd/2`, as nginx opens its logs linked there) and writes N lines
+        // `PREFIX-out-i` to the first and `PREFIX-err-i` to the second, write() and writev()
+        // in turn.
+        "reopened" => {
+            use std::os::fd::IntoRawFd;
+            let n = arg(2, 10);
+            let prefix = std::env::args().nth(3).unwrap_or_else(|| "re".into());
+            let open = |i: usize| {
+                let path = std::env::args().nth(i).expect("OUT and ERR paths");
+                // O_APPEND, as nginx opens its logs: a file there is appended to, not overwritten.
+                let f = std::fs::OpenOptions::new().append(true).open(&path);
+                f.unwrap_or_else(|e| panic!("open {path}: {e}")).into_raw_fd()
+            };
+            let (out, err) = (open(4), open(5));
+            for i in 0..n {
+                write_or_writev(out, 1, &format!("{prefix}-out-{i}"));
+                write_or_writev(err, 1, &format!("{prefix}-err-{i}"));
+            }
+        }
+        // `vmsplice N PREFIX`: N lines `PREFIX-i` into the stdout pipe with vmsplice(2) (or
+        // write(2) where seccomp refuses vmsplice).
+        "vmsplice" => {
+            let prefix = std::env::args().nth(3).unwrap_or_else(|| "vm".into());
+            // The pipe holds references to these pages until it is read: they are never freed,
+            // so that the allocator does not write into them.
+            let lines: &[String] = (0..arg(2, 10)).map(|i| format!("{prefix}-{i}\n")).collect::<Vec<_>>().leak();
+            for line in lines {
+                let iov = libc::iovec { iov_base: line.as_ptr() as *mut _, iov_len: line.len() };
+                // SAFETY: one iovec over a buffer that lives until the process exits.
+                let n = unsafe { libc::vmsplice(1, &iov, 1, 0) };
+                let e = std::io::Error::last_os_error();
+                if n < 0 && e.raw_os_error() == Some(libc::EPERM) {
+                    // podman's default seccomp profile refuses vmsplice: the line is written.
+                    write_fd(1, line.as_bytes());
+                    continue;
+                }
+                assert_eq!(n as usize, line.len(), "vmsplice: {e}");
+            }
+        }
+        // `splice FILE`: the file's bytes into the stdout pipe with splice(2), as `pv` and
+        // some copy tools do: no user buffer passes.
+        "splice" => {
+            use std::os::fd::AsRawFd;
+            let path = std::env::args().nth(2).expect("FILE");
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            loop {
+                // SAFETY: valid fds, no offsets.
+                let n = unsafe {
+                    libc::splice(file.as_raw_fd(), std::ptr::null_mut(), 1, std::ptr::null_mut(), 1 << 16, 0)
+                };
+                assert!(n >= 0, "splice: {}", std::io::Error::last_os_error());
+                if n == 0 {
+                    break;
+                }
+            }
         }
         other => {
             eprintln!("pipe-writer: unknown mode {other:?}");
