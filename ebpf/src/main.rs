@@ -64,6 +64,10 @@ static SETTINGS: Settings = Settings {
 /// Watched processes: tgid (and tids of their threads, until they exit) -> target.
 #[map]
 static WATCH_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
+/// Non-zero while some target is a process: until then no write pays a `WATCH_PIDS` lookup
+/// (an array load costs far less than a hash lookup, and every write on the host makes it).
+#[map]
+static PIDS_WATCHED: Array<u32> = Array::with_max_entries(1, 0);
 /// Watched cgroup v2 ids -> target, or `TARGET_EXCLUDED` (user space found no container there).
 #[map]
 static WATCH_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(65536, 0);
@@ -163,9 +167,11 @@ fn watched() -> Option<(u32, u64)> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: helper without arguments.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: map lookups return pointers valid for the program's run.
-    if let Some(t) = unsafe { WATCH_PIDS.get(&tgid) } {
-        return Some((*t, cgroup));
+    if PIDS_WATCHED.get(0).is_some_and(|w| *w != 0) {
+        // SAFETY: map lookups return pointers valid for the program's run.
+        if let Some(t) = unsafe { WATCH_PIDS.get(&tgid) } {
+            return Some((*t, cgroup));
+        }
     }
     match unsafe { WATCH_CGROUPS.get(&cgroup) }.copied() {
         Some(TARGET_EXCLUDED) => None,

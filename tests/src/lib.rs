@@ -58,6 +58,10 @@ pub struct Setup {
     pub extra: String,
     /// The agent's stdout on a pipe for the test (implied by `Sink::Stdout`).
     pub pipe_stdout: bool,
+    /// The agent binary (default [`logtap_bin`]): benchmarks run a previous build beside it.
+    pub bin: Option<PathBuf>,
+    /// Where the files sink writes (default: `out` in the agent's directory).
+    pub out: Option<PathBuf>,
 }
 
 impl Default for Setup {
@@ -76,6 +80,8 @@ impl Default for Setup {
             files_format: "raw".into(),
             extra: String::new(),
             pipe_stdout: false,
+            bin: None,
+            out: None,
         }
     }
 }
@@ -88,16 +94,21 @@ pub struct Agent {
     pub config: PathBuf,
     /// The Docker volume plugin's socket.
     pub plugin: PathBuf,
+    bin: PathBuf,
     child: Option<Child>,
     rt: tokio::runtime::Runtime,
 }
 
 impl Setup {
+    fn out(&self, dir: &Path) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| dir.join("out"))
+    }
+
     pub fn toml(&self, dir: &Path) -> String {
         let sink = match &self.sink {
             Sink::Files => format!(
                 "[sinks.files]\ntype = \"files\"\ndir = \"{}\"\ntimezone = \"{}\"\nformat = \"{}\"\n",
-                dir.join("out").display(),
+                self.out(dir).display(),
                 self.timezone,
                 self.files_format
             ),
@@ -135,14 +146,16 @@ impl Agent {
         let config = dir.path().join("logtap.toml");
         std::fs::write(&config, setup.toml(dir.path())).expect("write config");
         let piped = matches!(setup.sink, Sink::Stdout) || setup.pipe_stdout;
-        let child = spawn_daemon(&config, piped);
+        let bin = setup.bin.clone().unwrap_or_else(logtap_bin);
+        let child = spawn_daemon(&bin, &config, piped);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let agent = Agent {
             mount: dir.path().join("volumes"),
             socket: dir.path().join("logtap.sock"),
-            out: dir.path().join("out"),
+            out: setup.out(dir.path()),
             plugin: dir.path().join("plugin.sock"),
             config,
+            bin,
             dir,
             child: Some(child),
             rt,
@@ -154,7 +167,7 @@ impl Agent {
     /// Stops the agent (SIGTERM) and starts a new one on the same config, socket and mount.
     pub fn restart(&mut self) {
         assert!(self.stop().success(), "the agent did not stop cleanly");
-        self.child = Some(spawn_daemon(&self.config, false));
+        self.child = Some(spawn_daemon(&self.bin, &self.config, false));
         self.wait_ready();
     }
 
@@ -316,8 +329,8 @@ impl Agent {
     }
 }
 
-fn spawn_daemon(config: &Path, piped_stdout: bool) -> Child {
-    Command::new(logtap_bin())
+fn spawn_daemon(bin: &Path, config: &Path, piped_stdout: bool) -> Child {
+    Command::new(bin)
         .args(["daemon", "--config"])
         .arg(config)
         .env("RUST_LOG", std::env::var("LOGTAP_E2E_LOG").unwrap_or_else(|_| "warn".into()))

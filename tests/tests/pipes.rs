@@ -517,3 +517,29 @@ fn logtap_run_captures_output_reached_through_any_fd() {
         assert_eq!(t["spliced_bytes_total"], logtap_e2e::SPLICED_BYTES, "{t}");
     }
 }
+
+/// `watch --pid` on a process whose stderr is a file and whose stdout pipe it also reaches
+/// through `/dev/stdout` opened again (fd 3): both ways are its stdout, each line once.
+#[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
+fn a_watched_process_writing_its_stdout_pipe_through_another_fd_is_captured() {
+    let agent = Agent::start(Setup::default());
+    let stderr = std::fs::File::create(agent.dir.path().join("stderr.txt")).unwrap();
+    let mut child = Command::new(WRITER)
+        .args(["flood", "1000", "100", "0", "/dev/stdout"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    agent.post("/v1/watch", &json!({"pid": child.id(), "service": "again"})).unwrap();
+    child.stdin.take().unwrap().write_all(b"g").unwrap();
+    let mut out = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(out.len(), 1000 * 100, "passed through");
+    let got = agent.wait_lines("again", "stdout", 1000, WAIT);
+    agent.wait_idle(WAIT);
+    assert_eq!(agent.sink_lines("again", "stdout").len(), 1000, "each line once");
+    assert!(got.iter().all(|l| l.len() == 99 && l.iter().all(|&b| b == b'x')));
+}

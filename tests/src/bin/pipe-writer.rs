@@ -34,6 +34,13 @@ fn writev_fd(fd: i32, parts: &[&[u8]]) {
     assert_eq!(n as usize, parts.iter().map(|p| p.len()).sum::<usize>(), "short writev");
 }
 
+/// `path` opened for appending (created if need be), as loggers open their files.
+fn open_append(path: &str) -> i32 {
+    use std::os::fd::IntoRawFd;
+    let f = std::fs::OpenOptions::new().create(true).append(true).open(path);
+    f.unwrap_or_else(|e| panic!("open {path}: {e}")).into_raw_fd()
+}
+
 /// `n` lines `{prefix}-i` to `fd` (just `prefix` for one line), write() and writev() in turn.
 fn write_or_writev(fd: i32, n: usize, prefix: &str) {
     for i in 0..n {
@@ -181,25 +188,20 @@ fn main() {
                 write_fd(1, &line);
             }
         }
-        // Benchmark: waits for a byte on stdin, then N writes of LEN bytes (each a line) to
-        // stdout, as fast as possible or paced to RATE bytes/s.
+        // Benchmark: `flood N LEN RATE [OUT]` waits for a byte on stdin, then N writes of LEN
+        // bytes (each a line) to stdout, as fast as possible or paced to RATE bytes/s. OUT: an
+        // fd number, or a path opened for appending (`/dev/stdout`), instead of stdout.
         "flood" => {
+            let out = std::env::args().nth(5).map_or(1, |out| out.parse().unwrap_or_else(|_| open_append(&out)));
             let mut go = [0u8; 1];
             std::io::stdin().read_exact(&mut go).unwrap();
-            pace(1, arg(2, 100_000), arg(3, 100), arg(4, 0), |_, _| {});
+            pace(out, arg(2, 100_000), arg(3, 100), arg(4, 0), |_, _| {});
         }
         // `paced N LEN RATE START_MS [FILE]`: from START_MS (Unix time, ms) on, N numbered
         // lines of LEN bytes at RATE bytes/s, to FILE (appended) or stdout: a container's logger.
         "paced" => {
             let (n, len, rate, start_ms) = (arg(2, 100_000), arg(3, 100), arg(4, 0), arg(5, 0));
-            let fd = match std::env::args().nth(6) {
-                Some(path) => {
-                    use std::os::fd::IntoRawFd;
-                    let f = std::fs::OpenOptions::new().create(true).append(true).open(&path);
-                    f.unwrap_or_else(|e| panic!("open {path}: {e}")).into_raw_fd()
-                }
-                None => 1,
-            };
+            let fd = std::env::args().nth(6).map_or(1, |path| open_append(&path));
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
             if let Some(wait) = std::time::Duration::from_millis(start_ms as u64).checked_sub(now) {
                 std::thread::sleep(wait);
@@ -221,15 +223,10 @@ fn main() {
         // `PREFIX-out-i` to the first and `PREFIX-err-i` to the second, write() and writev()
         // in turn.
         "reopened" => {
-            use std::os::fd::IntoRawFd;
             let n = arg(2, 10);
             let prefix = std::env::args().nth(3).unwrap_or_else(|| "re".into());
-            let open = |i: usize| {
-                let path = std::env::args().nth(i).expect("OUT and ERR paths");
-                // O_APPEND, as nginx opens its logs: a file there is appended to, not overwritten.
-                let f = std::fs::OpenOptions::new().append(true).open(&path);
-                f.unwrap_or_else(|e| panic!("open {path}: {e}")).into_raw_fd()
-            };
+            // O_APPEND, as nginx opens its logs: a file there is appended to, not overwritten.
+            let open = |i: usize| open_append(&std::env::args().nth(i).expect("OUT and ERR paths"));
             let (out, err) = (open(4), open(5));
             for i in 0..n {
                 write_or_writev(out, 1, &format!("{prefix}-out-{i}"));

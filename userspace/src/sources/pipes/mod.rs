@@ -148,43 +148,44 @@ const _: () = assert!(PAIRS_KEPT * 2 * MAX_TARGETS as usize <= MAX_OUTPUT_PIPES 
 /// 1 and 2 (one pair per start), a process's from its fds 1 and 2 when it is watched, or as the
 /// watch request names them. The kernel takes a write to one of them as the target's output
 /// whatever fd number it used, and they name its stream; a write to any other pipe is not the
-/// target's output. Unknown (not pipes, init gone): the fd number (1 or 2) decides and names.
+/// target's output. An fd that was no pipe (a file, a tty) has none: it could not be captured.
+/// None known (init gone): the fd number (1 or 2) decides and names.
 #[derive(Debug, Default)]
 struct StdPipes {
-    stdout: Vec<u64>,
-    stderr: Vec<u64>,
+    /// stdout's and stderr's pipe, per start.
+    pairs: Vec<[Option<u64>; 2]>,
 }
 
 impl StdPipes {
-    /// A pair of pipes (only a whole pair counts: one of them alone would make the other
-    /// stream's writes look like another pipe's). Returns the pipes that are no longer the
-    /// target's, if the oldest pair had to go.
-    fn add(&mut self, stdout: u64, stderr: u64) -> Vec<u64> {
-        if self.stdout.iter().zip(&self.stderr).any(|p| p == (&stdout, &stderr)) {
+    /// The pipes of a start. Returns the pipes that are no longer the target's, if the oldest
+    /// pair had to go.
+    fn add(&mut self, stdout: Option<u64>, stderr: Option<u64>) -> Vec<u64> {
+        let pair = [stdout, stderr];
+        if pair == [None, None] || self.pairs.contains(&pair) {
             return Vec::new();
         }
-        self.stdout.push(stdout);
-        self.stderr.push(stderr);
-        if self.stdout.len() <= PAIRS_KEPT {
+        self.pairs.push(pair);
+        if self.pairs.len() <= PAIRS_KEPT {
             return Vec::new();
         }
-        let old = [self.stdout.remove(0), self.stderr.remove(0)];
-        old.into_iter().filter(|p| !self.all().any(|q| q == *p)).collect()
+        let old = self.pairs.remove(0);
+        old.into_iter().flatten().filter(|p| !self.all().any(|q| q == *p)).collect()
     }
 
     fn all(&self) -> impl Iterator<Item = u64> + '_ {
-        self.stdout.iter().chain(&self.stderr).copied()
+        self.pairs.iter().flatten().flatten().copied()
     }
 
     /// `stdout` or `stderr`; `None` for a pipe that is neither.
     fn name(&self, pipe: u64, fd: u32) -> Option<&'static str> {
         let by_fd = if fd == 2 { "stderr" } else { "stdout" };
-        match (self.stdout.contains(&pipe), self.stderr.contains(&pipe)) {
+        let is = |i: usize| self.pairs.iter().any(|p| p[i] == Some(pipe));
+        match (is(0), is(1)) {
             (true, false) => Some("stdout"),
             (false, true) => Some("stderr"),
             // One pipe for both: the fd tells them apart.
             (true, true) => Some(by_fd),
-            (false, false) if self.stdout.is_empty() => Some(by_fd),
+            (false, false) if self.pairs.is_empty() => Some(by_fd),
             (false, false) => None,
         }
     }
@@ -204,6 +205,8 @@ struct Maps {
     output_pipes: BpfHashMap<MapData, u64, u32>,
     /// Per target slot: whether `output_pipes` holds its pipes.
     knows_pipes: Array<MapData, u32>,
+    /// Whether the kernel looks writers up in `pids` (some target is a process).
+    pids_watched: Array<MapData, u32>,
 }
 
 struct State {
@@ -226,15 +229,28 @@ impl State {
     /// `stdout` and `stderr` become `target`'s output pipes, here and in the kernel, before
     /// the kernel sees its first write: only then does the kernel go by pipe identity.
     fn add_output(&mut self, target: &Target, stdout: Option<u64>, stderr: Option<u64>) {
-        let (Some(out), Some(err)) = (stdout, stderr) else { return };
-        let gone = lock(&target.pipes).add(out, err);
+        if stdout.is_none() && stderr.is_none() {
+            return;
+        }
+        let gone = lock(&target.pipes).add(stdout, stderr);
         for pipe in gone {
             self.set_owner(pipe, target.slot, false);
         }
-        let owned = [out, err].iter().all(|pipe| self.set_owner(*pipe, target.slot, true));
+        let owned = [stdout, stderr].into_iter().flatten().all(|pipe| self.set_owner(pipe, target.slot, true));
         if let (true, Some(maps)) = (owned, self.maps.as_mut()) {
             if let Err(e) = maps.knows_pipes.set(target.slot, 1, 0) {
                 warn!(target = %target.id, "cannot tell the kernel a target's output pipes: {e}");
+            }
+        }
+    }
+
+    /// Tells the kernel whether any target is a process (before the first one's pid is in
+    /// the watch map, after the last one's is gone).
+    fn count_pid_targets(&mut self) {
+        let any = self.targets.values().any(|t| t.spec.pid.is_some());
+        if let Some(maps) = self.maps.as_mut() {
+            if let Err(e) = maps.pids_watched.set(0, u32::from(any), 0) {
+                warn!("cannot tell the kernel whether processes are watched: {e}");
             }
         }
     }
@@ -388,6 +404,7 @@ impl PipeSource {
                     counters: loaded.counters,
                     output_pipes: loaded.output_pipes,
                     knows_pipes: loaded.knows_pipes,
+                    pids_watched: loaded.pids_watched,
                 };
                 let source = Self::with(framing, ring, max_capture, "running", None, containers, Some((maps, tx)));
                 if let Some(root) = &root {
@@ -522,6 +539,7 @@ impl PipeSource {
         }
         let target = self.add_target(&mut st, spec.clone(), who)?;
         st.add_output(&target, stdout, stderr);
+        st.count_pid_targets();
         let Some(maps) = st.maps.as_mut() else { bail!("eBPF pipe capture stopped") };
         if let Some(pid) = spec.pid {
             maps.pids.insert(pid, target.slot, 0).context("adding the process to the watch map")?;
@@ -639,6 +657,7 @@ impl PipeSource {
                 let _ = maps.pids.remove(&pid);
             }
         }
+        st.count_pid_targets();
         info!(target = %t.id, "target removed");
     }
 
@@ -768,15 +787,19 @@ mod tests {
         let unknown = StdPipes::default();
         assert_eq!((unknown.name(7, 1), unknown.name(7, 2)), (Some("stdout"), Some("stderr")));
         let mut p = StdPipes::default();
-        assert!(p.add(10, 20).is_empty());
+        assert!(p.add(Some(10), Some(20)).is_empty());
         // `echo x >&2` in a shell writes the stderr pipe through fd 1.
         assert_eq!(p.name(20, 1), Some("stderr"));
         assert_eq!(p.name(10, 2), Some("stdout"));
         // A pipe of its own (`a | b` inside the container) is not the container's output.
         assert_eq!(p.name(30, 1), None);
         // One pipe for both: the fd tells them apart.
-        let both = StdPipes { stdout: vec![10], stderr: vec![10] };
+        let both = StdPipes { pairs: vec![[Some(10), Some(10)]] };
         assert_eq!((both.name(10, 1), both.name(10, 2)), (Some("stdout"), Some("stderr")));
+        // stderr a file (no pipe): its stdout pipe still counts, through any fd.
+        let mut out_only = StdPipes::default();
+        out_only.add(Some(10), None);
+        assert_eq!((out_only.name(10, 3), out_only.name(30, 1)), (Some("stdout"), None));
     }
 
     #[test]
@@ -784,19 +807,19 @@ mod tests {
         let mut p = StdPipes::default();
         // A container restarted many times: each start brings a pair; the oldest go.
         for start in 0..PAIRS_KEPT as u64 {
-            assert!(p.add(100 + start, 200 + start).is_empty());
+            assert!(p.add(Some(100 + start), Some(200 + start)).is_empty());
         }
-        assert!(p.add(100, 200).is_empty(), "a pair it has is not added twice");
-        assert_eq!(p.add(900, 901), vec![100, 200]);
+        assert!(p.add(Some(100), Some(200)).is_empty(), "a pair it has is not added twice");
+        assert_eq!(p.add(Some(900), Some(901)), vec![100, 200]);
         assert_eq!(p.all().count(), 2 * PAIRS_KEPT);
         assert_eq!(p.name(100, 1), None);
         assert_eq!(p.name(900, 1), Some("stdout"));
         // A pipe of the oldest pair that a kept pair still has stays.
         let mut shared = StdPipes::default();
-        shared.add(1, 2);
+        shared.add(Some(1), Some(2));
         for start in 1..PAIRS_KEPT as u64 {
-            shared.add(10 + start, 2);
+            shared.add(Some(10 + start), Some(2));
         }
-        assert_eq!(shared.add(50, 2), vec![1]);
+        assert_eq!(shared.add(Some(50), Some(2)), vec![1]);
     }
 }

@@ -19,6 +19,7 @@ pub struct Loaded {
     pub counters: PerCpuArray<MapData, TargetCounters>,
     pub output_pipes: HashMap<MapData, u64, u32>,
     pub knows_pipes: Array<MapData, u32>,
+    pub pids_watched: Array<MapData, u32>,
 }
 
 fn settings(max_capture: u32, containers: bool) -> anyhow::Result<Settings> {
@@ -119,5 +120,6 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool) -> anyho
     let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
     let output_pipes = HashMap::try_from(take(&mut ebpf, "OUTPUT_PIPES")?)?;
     let knows_pipes = Array::try_from(take(&mut ebpf, "KNOWS_PIPES")?)?;
-    Ok(Loaded { ebpf, events, pids, cgroups, counters, output_pipes, knows_pipes })
+    let pids_watched = Array::try_from(take(&mut ebpf, "PIDS_WATCHED")?)?;
+    Ok(Loaded { ebpf, events, pids, cgroups, counters, output_pipes, knows_pipes, pids_watched })
 }
