@@ -404,6 +404,8 @@ fn the_volume_plugin_protocol_directly_and_through_podman() {
 
     // Through podman: the plugin as podman's volume driver `logtap`.
     let podman = Podman::start(Some(&agent.plugin));
+    // A run that failed midway left its volume in podman's database.
+    let _ = podman.output(&["volume", "rm", "-f", "lt-vol"]);
     podman.podman(&["volume", "create", "--driver", "logtap", "-o", "service=plugged", "lt-vol"]);
     podman.run(&[
         "--rm",
