@@ -246,7 +246,7 @@ impl State {
 
     /// Tells the kernel whether any target is a process (before the first one's pid is in
     /// the watch map, after the last one's is gone).
-    fn count_pid_targets(&mut self) {
+    fn publish_pids_watched(&mut self) {
         let any = self.targets.values().any(|t| t.spec.pid.is_some());
         if let Some(maps) = self.maps.as_mut() {
             if let Err(e) = maps.pids_watched.set(0, u32::from(any), 0) {
@@ -539,7 +539,7 @@ impl PipeSource {
         }
         let target = self.add_target(&mut st, spec.clone(), who)?;
         st.add_output(&target, stdout, stderr);
-        st.count_pid_targets();
+        st.publish_pids_watched();
         let Some(maps) = st.maps.as_mut() else { bail!("eBPF pipe capture stopped") };
         if let Some(pid) = spec.pid {
             maps.pids.insert(pid, target.slot, 0).context("adding the process to the watch map")?;
@@ -657,7 +657,7 @@ impl PipeSource {
                 let _ = maps.pids.remove(&pid);
             }
         }
-        st.count_pid_targets();
+        st.publish_pids_watched();
         info!(target = %t.id, "target removed");
     }
 
