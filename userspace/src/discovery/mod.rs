@@ -295,6 +295,11 @@ impl Directory for Discovery {
         if let Some(e) = r.containers.get(container_id) {
             return Lookup::Known(e.identity.clone());
         }
+        // Removed since it was described: records that waited for it (a file's last pages, a
+        // container that wrote and went at once) still get its identity.
+        if let Some(e) = r.removed.iter().rev().find(|e| e.identity.container.id == container_id) {
+            return Lookup::Known(e.identity.clone());
+        }
         if r.gone.iter().any(|g| g == container_id) {
             return Lookup::Unknown;
         }
@@ -307,5 +312,45 @@ impl Directory for Discovery {
             r.asked.remove(container_id);
         }
         Lookup::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Quiet;
+
+    impl Listener for Quiet {
+        fn described(&self, _: &Arc<Identity>, _: &[String], _: &[String]) {}
+        fn unknown(&self, _: &str) {}
+        fn died(&self, _: &str) {}
+        fn removed(&self, _: &str, _: &[String]) {}
+    }
+
+    fn entry(identity: &Arc<Identity>) -> Entry {
+        Entry {
+            identity: identity.clone(),
+            state: "running".into(),
+            pid: 1,
+            stdout: Stdout::Captured,
+            reason: None,
+            volumes: Vec::new(),
+        }
+    }
+
+    /// Records that waited for a container which wrote and went at once (a file's last pages
+    /// came after its `remove`) still get its identity; an id never described is asked about.
+    #[test]
+    fn a_removed_container_keeps_its_identity_for_late_records() {
+        let (d, _asked) = Discovery::new(DiscoveryConfig::default(), PathBuf::from("/nowhere"));
+        let shop = Arc::new(Identity { service: "shop".into(), ..Identity::unnamed("c1") });
+        d.described(entry(&shop), &Quiet);
+        d.died("c1", &Quiet);
+        d.removed("c1", &Quiet);
+        assert!(matches!(d.lookup("c1"), Lookup::Known(i) if i.service.as_ref() == "shop"));
+        assert!(matches!(d.lookup("c2"), Lookup::Pending));
+        d.unknown("c2", &Quiet);
+        assert!(matches!(d.lookup("c2"), Lookup::Unknown));
     }
 }
