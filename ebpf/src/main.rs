@@ -314,14 +314,23 @@ fn finished(ctx: &TracePointContext, kind: u32, ret_at: u32) -> Option<(Pending,
     Some((p, ret as u64))
 }
 
-/// Of a finished write to the target's output, the bytes to copy. A write to another pipe is
-/// counted here and copies nothing.
+/// A finished call to a pipe that is not the target's output is counted here, and nothing of
+/// it is copied.
+#[inline(always)]
+fn counted_as_other(p: &Pending, total: u64) -> bool {
+    if p.output != 0 {
+        return false;
+    }
+    if let Some(c) = counters(p.target) {
+        c.other_pipe_bytes += total;
+    }
+    true
+}
+
+/// Of a finished write to the target's output, the bytes to copy.
 #[inline(always)]
 fn to_copy(p: &Pending, total: u64) -> Option<u64> {
-    if p.output == 0 {
-        if let Some(c) = counters(p.target) {
-            c.other_pipe_bytes += total;
-        }
+    if counted_as_other(p, total) {
         return None;
     }
     let max = settings().max_capture as u64;
@@ -390,10 +399,10 @@ pub fn sendfile_enter(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn moved(ctx: &TracePointContext, ret_at: u32) {
     let Some((p, total)) = finished(ctx, KIND_MOVE, ret_at) else { return };
-    let Some(c) = counters(p.target) else { return };
-    if p.output == 0 {
-        c.other_pipe_bytes += total;
-    } else {
+    if counted_as_other(&p, total) {
+        return;
+    }
+    if let Some(c) = counters(p.target) {
         c.writes += 1;
         c.bytes += total;
         c.spliced_bytes += total;

@@ -161,7 +161,7 @@ impl StdPipes {
     /// pair had to go.
     fn add(&mut self, stdout: Option<u64>, stderr: Option<u64>) -> Vec<u64> {
         let pair = [stdout, stderr];
-        if pair == [None, None] || self.pairs.contains(&pair) {
+        if self.pairs.contains(&pair) {
             return Vec::new();
         }
         self.pairs.push(pair);
@@ -229,6 +229,8 @@ impl State {
     /// `stdout` and `stderr` become `target`'s output pipes, here and in the kernel, before
     /// the kernel sees its first write: only then does the kernel go by pipe identity.
     fn add_output(&mut self, target: &Target, stdout: Option<u64>, stderr: Option<u64>) {
+        // No pipe: the kernel keeps the fd 1/2 rule (knowing no pipes would make every write
+        // another pipe's).
         if stdout.is_none() && stderr.is_none() {
             return;
         }
@@ -255,14 +257,12 @@ impl State {
         }
     }
 
-    /// Forgets every output pipe of `target` (it goes).
+    /// Forgets every output pipe of `target` (it goes; its slot's flag is reset when the slot
+    /// is given again, as its counters are).
     fn remove_output(&mut self, target: &Target) {
         let pipes: Vec<u64> = lock(&target.pipes).all().collect();
         for pipe in pipes {
             self.set_owner(pipe, target.slot, false);
-        }
-        if let Some(maps) = self.maps.as_mut() {
-            let _ = maps.knows_pipes.set(target.slot, 0, 0);
         }
     }
 
