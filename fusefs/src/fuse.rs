@@ -1,7 +1,9 @@
-//! The thin fuser adapter: kernel requests in, [`Model`] calls, replies out. Also the mount's
-//! life: the flusher thread that bounds how long the kernel's writeback cache may hold lines,
-//! and the unmount.
+//! The thin fuser adapter: kernel requests in, [`Model`] calls, replies out; opens get FUSE
+//! passthrough to the file's memory when the kernel allows it. Also the mount's life: the
+//! capture reader, the flusher that bounds how long a writeback cache may hold lines (when the
+//! user chose it), and the unmount.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -10,33 +12,41 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow,
+    WriteFlags,
 };
 use tracing::{info, warn};
 
-use crate::capture::Capture;
+use crate::capture::{Capture, Serving};
 use crate::model::{Attr, FsResult, Kind, Model, Owner, SetAttr};
+use crate::reader::{self, ReaderSettings};
 
 /// How long the kernel may trust attributes and names it was given.
 const TTL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct MountOptions {
-    /// The kernel's writeback cache: large write requests instead of one per write().
+    /// FUSE passthrough: apps read and write the files' memory directly (kernel 6.9+, and
+    /// CAP_SYS_ADMIN in the initial namespace). Where refused, every write() is a request.
+    pub passthrough: bool,
+    /// The kernel's writeback cache when there is no passthrough: large write requests instead
+    /// of one per write(), at the price of the kernel holding written lines for a while.
     pub writeback_cache: bool,
     /// Largest write request, in bytes (the kernel caps it at 1 MiB).
     pub max_write: u32,
     /// Let other users (containers' users) use the mount; permissions are then checked by the
     /// kernel against each file's mode (`default_permissions`).
     pub allow_other: bool,
-    /// How often dirty pages are pushed out of the writeback cache and partial records
-    /// are checked for timeouts.
+    /// How often files are scanned for bytes inotify did not report, partial records checked
+    /// for timeouts, and (writeback cache) dirty pages pushed out.
     pub flush_interval: Duration,
+    /// Memory each volume's files may hold.
+    pub volume_budget: u64,
 }
 
 type Shared<C> = Arc<Mutex<Model<C>>>;
@@ -46,9 +56,19 @@ fn lock<C: Capture>(model: &Shared<C>) -> MutexGuard<'_, Model<C>> {
     model.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Passthrough registrations of the files' memory with the kernel, one per open inode (every
+/// open of an inode must share it), dropped with the inode's last open.
+#[derive(Default)]
+struct Passthrough {
+    /// Granted at init and not refused since.
+    on: bool,
+    by_ino: HashMap<u64, (Arc<BackingId>, usize)>,
+}
+
 struct Adapter<C: Capture> {
     model: Shared<C>,
     options: MountOptions,
+    passthrough: Mutex<Passthrough>,
 }
 
 fn errno(e: i32) -> Errno {
@@ -114,15 +134,82 @@ impl<C: Capture> Adapter<C> {
     fn model(&self) -> MutexGuard<'_, Model<C>> {
         lock(&self.model)
     }
+
+    /// The backing registration for an open of `ino`, made with `register` on its first open;
+    /// `None` without passthrough (never granted, or refused now: from then on, requests).
+    fn backing(&self, ino: u64, register: impl FnOnce() -> io::Result<BackingId>) -> Option<Arc<BackingId>> {
+        let mut p = self.passthrough.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((id, opens)) = p.by_ino.get_mut(&ino) {
+            *opens += 1;
+            return Some(id.clone());
+        }
+        if !p.on {
+            return None;
+        }
+        match register() {
+            Ok(id) => {
+                let id = Arc::new(id);
+                p.by_ino.insert(ino, (id.clone(), 1));
+                Some(id)
+            }
+            Err(e) => {
+                p.on = false;
+                let why = format!("the kernel refused a passthrough file ({e}); writes are requests from now on");
+                warn!("{why}");
+                self.model().capture().serving(&Serving::Requests { why });
+                None
+            }
+        }
+    }
+
+    fn released(&self, ino: u64) {
+        let mut p = self.passthrough.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, opens)) = p.by_ino.get_mut(&ino) {
+            *opens -= 1;
+            if *opens == 0 {
+                p.by_ino.remove(&ino);
+            }
+        }
+    }
+}
+
+/// Opens that cannot pass through bypass the page cache, so that they stay coherent with
+/// passthrough opens of the same file.
+fn request_flags(passthrough_asked: bool) -> FopenFlags {
+    if passthrough_asked {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
 }
 
 impl<C: Capture> Filesystem for Adapter<C> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        if self.options.writeback_cache {
-            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
-                warn!(?missing, "the kernel does not offer the writeback cache; every write() becomes a request");
+        let mut why = "passthrough is off in the config".to_string();
+        if self.options.passthrough {
+            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+                // The files' memory is on no stacked filesystem: one level is enough.
+                Ok(()) => match config.set_max_stack_depth(1) {
+                    Ok(_) => {
+                        self.passthrough.get_mut().unwrap_or_else(|e| e.into_inner()).on = true;
+                    }
+                    Err(_) => why = "the kernel refused the passthrough stack depth".into(),
+                },
+                Err(_) => why = "the kernel does not offer FUSE passthrough (Linux 6.9+)".into(),
             }
         }
+        let passthrough = self.passthrough.get_mut().unwrap_or_else(|e| e.into_inner()).on;
+        let serving = if passthrough {
+            Serving::Passthrough
+        } else if self.options.writeback_cache && config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE).is_ok() {
+            Serving::Writeback { why }
+        } else {
+            Serving::Requests { why }
+        };
+        if !passthrough {
+            warn!(serving = serving.name(), why = serving.why(), "volumes without passthrough");
+        }
+        lock(&self.model).capture().serving(&serving);
         if let Err(nearest) = config.set_max_write(self.options.max_write) {
             warn!(asked = self.options.max_write, nearest, "max_write not accepted; using the nearest value");
             let _ = config.set_max_write(nearest);
@@ -211,10 +298,18 @@ impl<C: Capture> Filesystem for Adapter<C> {
         reply_empty(reply, self.model().rename(parent.0, name, newparent.0, newname, noreplace));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        match self.model().open(ino.0, write) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        let read = flags.acc_mode() != OpenAccMode::O_WRONLY;
+        let opened = {
+            let mut model = self.model();
+            model.open(ino.0, read, write, req.pid()).and_then(|fh| Ok((fh, model.tap(ino.0)?)))
+        };
+        match opened {
+            Ok((fh, tap)) => match self.backing(ino.0, || reply.open_backing(tap.backing())) {
+                Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+                None => reply.opened(FileHandle(fh), request_flags(self.options.passthrough)),
+            },
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -230,10 +325,28 @@ impl<C: Capture> Filesystem for Adapter<C> {
         reply: ReplyCreate,
     ) {
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let mut model = self.model();
-        let made = model.create(parent.0, name, mode & !umask, owner(req), req.pid());
-        match made.and_then(|a| Ok((a, model.open(a.ino, write)?))) {
-            Ok((a, fh)) => reply.created(&TTL, &file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+        let read = flags & libc::O_ACCMODE != libc::O_WRONLY;
+        let made = {
+            let mut model = self.model();
+            let made = model.create(parent.0, name, mode & !umask, owner(req), req.pid());
+            made.and_then(|a| Ok((a, model.open(a.ino, read, write, req.pid())?, model.tap(a.ino)?)))
+        };
+        match made {
+            Ok((a, fh, tap)) => {
+                let attr = file_attr(&a);
+                match self.backing(a.ino, || reply.open_backing(tap.backing())) {
+                    Some(id) => {
+                        reply.created_passthrough(&TTL, &attr, Generation(0), FileHandle(fh), FopenFlags::empty(), &id)
+                    }
+                    None => reply.created(
+                        &TTL,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        request_flags(self.options.passthrough),
+                    ),
+                }
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -274,21 +387,23 @@ impl<C: Capture> Filesystem for Adapter<C> {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        // The kernel has written dirty pages before it sends FLUSH; records end at release.
+        // Every write has landed before FLUSH; records end at release.
         reply.ok();
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.model().release(fh.0));
+        let r = self.model().release(fh.0);
+        self.released(ino.0);
+        reply_empty(reply, r);
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -317,8 +432,8 @@ impl<C: Capture> Filesystem for Adapter<C> {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        // Contents are not stored, so space never runs out; report plenty rather than zero,
-        // which some loggers take for a full disk.
+        // Captured contents are given back, so space does not run out; report plenty rather
+        // than zero, which some loggers take for a full disk.
         let blocks = 1 << 32;
         reply.statfs(blocks, blocks, blocks, 1 << 24, 1 << 24, 4096, crate::model::NAME_MAX as u32, 4096);
     }
@@ -390,7 +505,9 @@ pub struct MountedFs<C: Capture> {
     model: Shared<C>,
     mountpoint: PathBuf,
     session: Option<fuser::BackgroundSession>,
-    flusher: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    /// The capture reader and (writeback cache) the flusher stop on this.
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 fn cpath(path: &Path) -> io::Result<CString> {
@@ -415,7 +532,7 @@ fn syncfs(dir: &std::fs::File) {
 }
 
 /// Mounts `model` at `mountpoint` (made if missing; a dead mount left there is detached first)
-/// and starts the flusher.
+/// and starts the capture reader.
 pub fn mount<C: Capture>(model: Model<C>, mountpoint: &Path, options: MountOptions) -> io::Result<MountedFs<C>> {
     match std::fs::metadata(mountpoint) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
@@ -429,6 +546,7 @@ pub fn mount<C: Capture>(model: Model<C>, mountpoint: &Path, options: MountOptio
         }
         Ok(_) => {}
     }
+    let taps = model.taps();
     let model = Arc::new(Mutex::new(model));
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -441,30 +559,27 @@ pub fn mount<C: Capture>(model: Model<C>, mountpoint: &Path, options: MountOptio
         MountOption::NoAtime,
     ];
     config.acl = if options.allow_other { SessionACL::All } else { SessionACL::Owner };
-    // One request loop: writes to a file are handled in the order the kernel sent them.
+    // One request loop: requests on a file are handled in the order the kernel sent them.
     config.n_threads = Some(1);
-    let adapter = Adapter { model: model.clone(), options: options.clone() };
+    let adapter = Adapter { model: model.clone(), options: options.clone(), passthrough: Mutex::default() };
     let session = fuser::spawn_mount(adapter, mountpoint, &config)?;
-    info!(mountpoint = %mountpoint.display(), writeback_cache = options.writeback_cache, "volumes mounted");
+    info!(mountpoint = %mountpoint.display(), "volumes mounted");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let dir = std::fs::File::open(mountpoint)?;
-    let flusher = {
+    let settings = ReaderSettings { interval: options.flush_interval, budget: options.volume_budget };
+    let mut threads = vec![reader::spawn(taps, settings, stop.clone())?];
+    if options.writeback_cache {
         let stop = stop.clone();
-        let model = model.clone();
-        let writeback = options.writeback_cache;
-        std::thread::Builder::new().name("volume-flusher".into()).spawn(move || {
+        let dir = std::fs::File::open(mountpoint)?;
+        threads.push(std::thread::Builder::new().name("volume-flusher".into()).spawn(move || {
             // A thread apart from the request loop: syncfs waits for the loop to take the pages.
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(options.flush_interval);
-                if writeback {
-                    syncfs(&dir);
-                }
-                lock(&model).tick(Instant::now());
+                syncfs(&dir);
             }
-        })?
-    };
-    Ok(MountedFs { model, mountpoint: mountpoint.to_owned(), session: Some(session), flusher: Some((stop, flusher)) })
+        })?);
+    }
+    Ok(MountedFs { model, mountpoint: mountpoint.to_owned(), session: Some(session), stop, threads })
 }
 
 impl<C: Capture> MountedFs<C> {
@@ -476,17 +591,18 @@ impl<C: Capture> MountedFs<C> {
         &self.mountpoint
     }
 
-    /// Shutdown begins: dirty pages are pushed out, partial records end, and from here on
-    /// writes are refused (and counted) rather than taken and lost.
+    /// Shutdown begins: (writeback cache) dirty pages are pushed out, every file is sealed
+    /// so that later writes fail rather than go unread, and what was written before is
+    /// captured, partial records ended.
     pub fn close(&mut self) {
-        if let Some((stop, thread)) = self.flusher.take() {
-            stop.store(true, Ordering::Relaxed);
-            let _ = thread.join();
-        }
         if let Ok(dir) = std::fs::File::open(&self.mountpoint) {
             syncfs(&dir);
         }
         self.model().close();
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 
     /// Unmounts (lazily if the mount is still in use) and waits up to `wait` for the request

@@ -1,14 +1,18 @@
-//! logtap's FUSE filesystem: log volumes whose writes are captured in memory and never reach a
-//! disk. [`model`] holds the behaviour (inodes, offsets, high-water marks), [`fuse`] adapts it to
-//! the kernel's requests, [`capture`] is where the captured bytes leave.
+//! logtap's FUSE filesystem: log volumes whose files live in memory and never reach a disk.
+//! [`model`] holds the namespace (inodes, names, handles), [`tap`] one file's content and how
+//! far it was captured, [`reader`] the thread that captures new bytes, [`fuse`] adapts it all to
+//! the kernel's requests (passthrough where allowed), [`capture`] is where captured bytes leave.
 
+pub mod backing;
 pub mod capture;
 pub mod fuse;
 pub mod model;
 mod name;
-mod tail;
+pub mod reader;
+pub mod tap;
 
-pub use capture::{Capture, Stream};
+pub use capture::{Capture, Serving, Stream};
 pub use fuse::{mount, MountOptions, MountedFs};
 pub use model::{Model, Options, Owner};
 pub use name::{is_name_char, Name, NameError, NAME_MAX};
+pub use tap::Settings;

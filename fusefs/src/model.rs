@@ -1,28 +1,25 @@
-//! The filesystem as a pure model: inodes, names, offsets and captured high-water marks.
+//! The filesystem's namespace: inodes, names, handles and attributes.
 //!
-//! No FUSE here: the adapter in `fuse.rs` turns kernel requests into these calls, and unit and
-//! property tests drive them directly. Errors are plain errno values.
+//! No FUSE here: the adapter in `fuse.rs` turns kernel requests into these calls, and unit
+//! tests drive them directly. Errors are plain errno values.
 //!
 //! Layout: the root holds only directories, the volumes. Inside a volume, files and nested
-//! directories behave like a log directory on any filesystem, except that file contents are
-//! handed to the file's [`Stream`] and only a bounded tail is kept.
+//! directories behave like a log directory on any filesystem. Each file's content lives in
+//! memory ([`Tap`]); capture reads it from there. What changes a file under capture (truncate,
+//! rename, unlink, the last close) captures what was written before it first.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use crate::capture::{Capture, Stream};
 use crate::name::Name;
-use crate::tail::Tail;
+use crate::reader::Taps;
+use crate::tap::{Mark, Settings, Tap};
 
 pub const ROOT: u64 = 1;
-/// How long data beyond a gap waits for the gap to fill before the gap counts as a hole.
-/// The kernel's writeback sends pages out of order at times; the flusher's syncfs (every
-/// flush_interval) sends the missing ones well within this.
-pub const GAP_HOLD: Duration = Duration::from_secs(1);
-/// Most bytes held beyond gaps per file; past it, the gaps count as holes.
-const GAP_HOLD_BYTES: usize = 16 << 20;
 /// Longest name of a file or directory, as on most Linux filesystems.
 pub const NAME_MAX: usize = 255;
 
@@ -69,10 +66,11 @@ pub struct Owner {
     pub gid: u32,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Options {
-    /// Bytes of recent content kept per file for reads.
-    pub tail_bytes: usize,
+    pub settings: Settings,
+    /// Most regular files one volume may hold (each costs a file descriptor of the agent).
+    pub max_files: usize,
 }
 
 struct Node<S> {
@@ -118,63 +116,17 @@ impl<S> Node<S> {
 
 enum Body<S> {
     Dir(BTreeMap<OsString, u64>),
-    File(File<S>),
+    File(Arc<Tap<S>>),
 }
 
-struct File<S> {
-    /// Logical size, as `stat` shows it.
-    size: u64,
-    /// Every byte below this offset has been handed to the stream once.
-    captured: u64,
-    /// Writes that start beyond `captured`, by offset: held until the gap fills, or until the
-    /// gap proves to be a hole (fsync, close, truncate, shutdown, or GAP_HOLD passing).
-    ahead: BTreeMap<u64, Vec<u8>>,
-    ahead_since: Option<Instant>,
-    tail: Tail,
-    stream: S,
-}
-
-impl<S: Stream> File<S> {
-    fn ahead_bytes(&self) -> usize {
-        self.ahead.values().map(Vec::len).sum()
-    }
-
-    /// Hands over what lies at `offset`: the part beyond `captured` is new, the rest was seen.
-    fn take(&mut self, offset: u64, data: &[u8]) {
-        let end = offset + data.len() as u64;
-        let fresh_from = offset.max(self.captured).min(end);
-        if fresh_from > offset {
-            self.stream.overwritten(fresh_from - offset);
-        }
-        if end > fresh_from {
-            self.stream.append(&data[(fresh_from - offset) as usize..]);
-            self.captured = end;
-        }
-    }
-
-    /// Takes the held writes that now touch `captured`. With `holes`, the gaps before them are
-    /// holes (nothing was written there) and everything held is taken.
-    fn take_ahead(&mut self, holes: bool) {
-        while let Some(entry) = self.ahead.first_entry() {
-            if *entry.key() > self.captured && !holes {
-                break;
-            }
-            let (offset, data) = entry.remove_entry();
-            // A hole is not emitted: nothing was written there.
-            self.captured = self.captured.max(offset);
-            self.take(offset, &data);
-        }
-        if self.ahead.is_empty() {
-            self.ahead_since = None;
-        }
-    }
-}
-
-/// One open of a file (the kernel's file handle): which inode, and whether it may write.
+/// One open of a file (the kernel's file handle): which inode, what it may do, and who opened
+/// it (a process reading one file while it makes another is making a copy).
 #[derive(Debug, Clone, Copy)]
 struct Handle {
     ino: u64,
+    read: bool,
     write: bool,
+    pid: u32,
 }
 
 pub struct Model<C: Capture> {
@@ -185,6 +137,9 @@ pub struct Model<C: Capture> {
     handles: HashMap<u64, Handle>,
     next_handle: u64,
     options: Options,
+    /// Regular files per volume.
+    files: HashMap<u64, usize>,
+    taps: Arc<Taps<C::Stream>>,
     closing: bool,
 }
 
@@ -194,6 +149,10 @@ pub struct DirEntry {
     pub ino: u64,
     pub kind: Kind,
     pub name: OsString,
+}
+
+fn io_errno(e: std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
 }
 
 fn check_name(name: &OsStr) -> FsResult<()> {
@@ -207,16 +166,31 @@ fn check_name(name: &OsStr) -> FsResult<()> {
 }
 
 impl<C: Capture> Model<C> {
-    pub fn new(capture: C, options: Options, root_owner: Owner) -> Self {
+    pub fn new(capture: C, options: Options, root_owner: Owner) -> std::io::Result<Self> {
         let root = Node::new(ROOT, OsStr::new(""), 0o755, root_owner, Body::Dir(BTreeMap::new()));
-        Self {
+        Ok(Self {
             capture,
             nodes: HashMap::from([(ROOT, root)]),
             next_ino: ROOT + 1,
             handles: HashMap::new(),
             next_handle: 1,
             options,
+            files: HashMap::new(),
+            taps: Taps::new()?,
             closing: false,
+        })
+    }
+
+    /// Every file's capture, for the capture reader.
+    pub fn taps(&self) -> Arc<Taps<C::Stream>> {
+        self.taps.clone()
+    }
+
+    /// The content of file `ino`.
+    pub fn tap(&self, ino: u64) -> FsResult<Arc<Tap<C::Stream>>> {
+        match &self.node(ino)?.body {
+            Body::File(t) => Ok(t.clone()),
+            Body::Dir(_) => Err(libc::EISDIR),
         }
     }
 
@@ -259,7 +233,7 @@ impl<C: Capture> Model<C> {
                     .count();
                 (Kind::Dir, 4096, 2 + subdirs as u32)
             }
-            Body::File(f) => (Kind::File, f.size, u32::from(node.linked)),
+            Body::File(t) => (Kind::File, t.size(), u32::from(node.linked)),
         };
         Attr {
             ino,
@@ -328,11 +302,21 @@ impl<C: Capture> Model<C> {
         self.reap(ino);
     }
 
-    /// Drops an inode that has no name, no kernel reference and no open handle.
+    /// Drops an inode that has no name, no kernel reference and no open handle; a file's last
+    /// bytes are captured first.
     fn reap(&mut self, ino: u64) {
         let gone = matches!(self.nodes.get(&ino), Some(n) if !n.linked && n.lookups == 0 && n.opens == 0);
-        if gone && ino != ROOT {
-            self.nodes.remove(&ino);
+        if !gone || ino == ROOT {
+            return;
+        }
+        if let Some(Node { body: Body::File(tap), .. }) = self.nodes.remove(&ino) {
+            self.taps.remove(ino);
+            if let Some(n) = self.files.get_mut(&tap.volume) {
+                *n = n.saturating_sub(1);
+            }
+            if let Err(e) = tap.finish() {
+                tracing::warn!("cannot read a removed volume file's last bytes: {e}");
+            }
         }
     }
 
@@ -384,26 +368,46 @@ impl<C: Capture> Model<C> {
         if self.entries(parent)?.contains_key(name) {
             return Err(libc::EEXIST);
         }
-        let ino = self.next_ino;
+        let volume_ino = self.volume_of(parent)?;
+        if self.files.get(&volume_ino).copied().unwrap_or(0) >= self.options.max_files {
+            return Err(libc::ENOSPC);
+        }
         let (volume, dir_path) = self.location(parent)?;
         let name_str = name.to_string_lossy();
         let path = if dir_path.is_empty() { name_str.into_owned() } else { format!("{dir_path}/{name_str}") };
         let stream = self.capture.stream(&volume, &path, creator);
-        let body = Body::File(File {
-            size: 0,
-            captured: 0,
-            ahead: BTreeMap::new(),
-            ahead_since: None,
-            tail: Tail::default(),
-            stream,
-        });
-        let made = self.insert(parent, name, mode, owner, body);
-        debug_assert_eq!(made, ino);
+        let tap = Tap::new(volume_ino, stream, self.options.settings).map_err(|e| {
+            tracing::warn!("cannot make the memory for a volume file: {e}");
+            e.raw_os_error().unwrap_or(libc::EIO)
+        })?;
+        let ino = self.insert(parent, name, mode, owner, Body::File(tap.clone()));
+        *self.files.entry(volume_ino).or_default() += 1;
+        self.taps.add(ino, tap);
+        self.note_copy(ino, creator);
         self.getattr(ino)
     }
 
-    /// Opens a file; the handle id goes to the kernel and comes back with `release`.
-    pub fn open(&mut self, ino: u64, write: bool) -> FsResult<u64> {
+    /// A file made or opened for writing by a process that is reading another file of the same
+    /// volume is (probably) a copy of it, as logrotate's `copytruncate` and `cp` make: its bytes
+    /// are compared with that file's at the same offsets, and equal ones are not captured again.
+    fn note_copy(&self, ino: u64, pid: u32) {
+        if pid == 0 {
+            return;
+        }
+        let Ok(copy) = self.tap(ino) else { return };
+        let source = self
+            .handles
+            .values()
+            .filter(|h| h.pid == pid && h.read && h.ino != ino)
+            .find_map(|h| self.tap(h.ino).ok().filter(|t| t.volume == copy.volume));
+        if let Some(source) = source {
+            copy.copy_of(source);
+        }
+    }
+
+    /// Opens a file by process `pid` (0 when unknown); the handle id goes to the kernel and
+    /// comes back with `release`.
+    pub fn open(&mut self, ino: u64, read: bool, write: bool, pid: u32) -> FsResult<u64> {
         let closing = self.closing;
         let node = self.node_mut(ino)?;
         match node.body {
@@ -414,25 +418,29 @@ impl<C: Capture> Model<C> {
                 node.writers += u32::from(write);
             }
         }
+        if write {
+            self.note_copy(ino, pid);
+        }
         let fh = self.next_handle;
         self.next_handle += 1;
-        self.handles.insert(fh, Handle { ino, write });
+        self.handles.insert(fh, Handle { ino, read, write, pid });
         Ok(fh)
     }
 
-    /// The kernel closed handle `fh`. When it was the last one that could write, the kernel
-    /// has written every dirty page: a gap left is a hole, and what was written so far ends a
-    /// record. A reader's close (`cat`, `tail`, logrotate's copy) changes nothing.
+    /// The kernel closed handle `fh`. When it was the last one that could write, every write
+    /// has landed: a hole left is final, and what was written so far ends a record. A reader's
+    /// close (`cat`, `tail`, logrotate's copy) changes nothing.
     pub fn release(&mut self, fh: u64) -> FsResult<()> {
-        let Handle { ino, write } = self.handles.remove(&fh).ok_or(libc::EBADF)?;
+        let Handle { ino, write, .. } = self.handles.remove(&fh).ok_or(libc::EBADF)?;
         let node = self.node_mut(ino)?;
         node.opens = node.opens.saturating_sub(1);
         if write {
             node.writers = node.writers.saturating_sub(1);
             if node.writers == 0 {
-                if let Body::File(f) = &mut node.body {
-                    f.take_ahead(true);
-                    f.stream.end_record();
+                if let Body::File(t) = &node.body {
+                    // A copy is complete when its writer closes it.
+                    t.settle_copy().map_err(io_errno)?;
+                    t.mark(Mark::End).map_err(io_errno)?;
                 }
             }
         }
@@ -441,61 +449,40 @@ impl<C: Capture> Model<C> {
     }
 
     pub fn fsync(&mut self, ino: u64) -> FsResult<()> {
-        if let Body::File(f) = &mut self.node_mut(ino)?.body {
-            f.take_ahead(true);
-            f.stream.end_record();
+        if let Body::File(t) = &self.node(ino)?.body {
+            t.mark(Mark::End).map_err(io_errno)?;
         }
         Ok(())
     }
 
+    /// Reads through the agent (no passthrough): released bytes read as zeros.
     pub fn read(&mut self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let node = self.node_mut(ino)?;
-        let Body::File(f) = &node.body else {
+        let Body::File(t) = &node.body else {
             return Err(libc::EISDIR);
         };
-        let len = f.size.saturating_sub(offset).min(u64::from(size)) as usize;
+        let len = t.size().saturating_sub(offset).min(u64::from(size)) as usize;
         let mut out = vec![0; len];
-        f.tail.read(offset, &mut out);
+        let n = t.backing().read_full(&mut out, offset).map_err(io_errno)?;
+        out.truncate(n);
         node.atime = SystemTime::now();
         Ok(out)
     }
 
-    /// Writes `data` at `offset`: bytes beyond the captured high-water mark go to the stream,
-    /// bytes below it are counted as overwritten (the writeback cache re-sends partly
-    /// written pages from the page start).
+    /// A write request (no passthrough): into the file's memory, then captured.
     pub fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let closing = self.closing;
-        let tail_limit = self.options.tail_bytes;
         let node = self.node_mut(ino)?;
-        let Body::File(f) = &mut node.body else {
+        let Body::File(t) = &node.body else {
             return Err(libc::EISDIR);
         };
         let len = u32::try_from(data.len()).map_err(|_| libc::EFBIG)?;
-        let end = offset.checked_add(data.len() as u64).ok_or(libc::EFBIG)?;
+        offset.checked_add(data.len() as u64).ok_or(libc::EFBIG)?;
         if closing {
-            f.stream.refused(data.len() as u64);
+            t.with_stream(|s| s.refused(data.len() as u64));
             return Err(libc::ESHUTDOWN);
         }
-        if offset > f.captured && f.ahead_bytes() + data.len() > GAP_HOLD_BYTES {
-            f.take_ahead(true);
-        }
-        if offset > f.captured {
-            // Beyond a gap: writeback sent this page before an earlier one, or the writer
-            // seeked past the end. Hold it until the gap fills or proves to be a hole.
-            let held = f.ahead.entry(offset).or_default();
-            if data.len() > held.len() {
-                f.stream.overwritten(held.len() as u64);
-                *held = data.to_vec();
-            } else {
-                f.stream.overwritten(data.len() as u64);
-            }
-            f.ahead_since.get_or_insert_with(Instant::now);
-        } else {
-            f.take(offset, data);
-            f.take_ahead(false);
-        }
-        f.tail.write(offset, data, tail_limit);
-        f.size = f.size.max(end);
+        t.write(offset, data).map_err(io_errno)?;
         let now = SystemTime::now();
         node.mtime = now;
         node.ctime = now;
@@ -503,28 +490,20 @@ impl<C: Capture> Model<C> {
     }
 
     pub fn setattr(&mut self, ino: u64, set: SetAttr) -> FsResult<Attr> {
-        let closing = self.closing;
-        let tail_limit = self.options.tail_bytes;
-        let node = self.node_mut(ino)?;
         let now = SystemTime::now();
         if let Some(size) = set.size {
-            let Body::File(f) = &mut node.body else {
-                return Err(libc::EISDIR);
-            };
-            if closing {
+            let tap = self.tap(ino)?;
+            if self.closing {
                 return Err(libc::ESHUTDOWN);
             }
-            // What was held beyond gaps was written before the truncate.
-            f.take_ahead(true);
-            if size < f.captured {
-                // copytruncate and O_TRUNC: what came before is complete, capture restarts.
-                f.stream.end_record();
-                f.captured = size;
+            // Copies being made of this file are settled while it still holds what they copied.
+            for copy in self.copies_of(&tap) {
+                copy.settle_copy().map_err(io_errno)?;
             }
-            f.tail.truncate(size, tail_limit);
-            f.size = size;
-            node.mtime = now;
+            tap.truncate(size).map_err(io_errno)?;
+            self.node_mut(ino)?.mtime = now;
         }
+        let node = self.node_mut(ino)?;
         if let Some(mode) = set.mode {
             node.perm = (mode & 0o7777) as u16;
         }
@@ -544,6 +523,16 @@ impl<C: Capture> Model<C> {
         self.getattr(ino)
     }
 
+    fn copies_of(&self, source: &Arc<Tap<C::Stream>>) -> Vec<Arc<Tap<C::Stream>>> {
+        self.nodes
+            .values()
+            .filter_map(|n| match &n.body {
+                Body::File(t) if t.is_copy_of(source) => Some(t.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Removes the name; the inode lives on while it is open or referenced.
     fn unlink_node(&mut self, parent: u64, name: &OsStr, ino: u64) -> FsResult<()> {
         self.entries_mut(parent)?.remove(name);
@@ -555,8 +544,8 @@ impl<C: Capture> Model<C> {
         let node = self.node_mut(ino)?;
         node.linked = false;
         node.ctime = now;
-        if let Body::File(f) = &mut node.body {
-            f.stream.end_record();
+        if let Body::File(t) = &node.body {
+            t.mark(Mark::End).map_err(io_errno)?;
         }
         self.reap(ino);
         Ok(())
@@ -648,11 +637,9 @@ impl<C: Capture> Model<C> {
     fn tell_moved(&mut self, ino: u64) -> FsResult<()> {
         let children: Vec<u64> = match &self.node(ino)?.body {
             Body::Dir(entries) => entries.values().copied().collect(),
-            Body::File(_) => {
+            Body::File(t) => {
                 let (_, path) = self.location(ino)?;
-                if let Body::File(f) = &mut self.node_mut(ino)?.body {
-                    f.stream.moved(&path);
-                }
+                t.mark(Mark::Moved(path)).map_err(io_errno)?;
                 return Ok(());
             }
         };
@@ -681,25 +668,20 @@ impl<C: Capture> Model<C> {
         Ok(out)
     }
 
-    /// Lets held gaps and partial records time out.
-    pub fn tick(&mut self, now: Instant) {
-        for node in self.nodes.values_mut() {
-            if let Body::File(f) = &mut node.body {
-                if f.ahead_since.is_some_and(|t| now.duration_since(t) >= GAP_HOLD) {
-                    f.take_ahead(true);
-                }
-                f.stream.idle(now);
-            }
-        }
-    }
-
-    /// Shutdown has begun: every partial record ends now, and writes are refused from here on.
+    /// Shutdown has begun: every file is sealed (later writes fail with EPERM, passthrough or
+    /// not; new opens for writing get ESHUTDOWN), then what was written before is captured and
+    /// every partial record ends.
     pub fn close(&mut self) {
         self.closing = true;
-        for node in self.nodes.values_mut() {
-            if let Body::File(f) = &mut node.body {
-                f.take_ahead(true);
-                f.stream.end_record();
+        let taps = self.taps.all();
+        for t in &taps {
+            if let Err(e) = t.backing().seal() {
+                tracing::warn!("cannot seal a volume file against writes: {e}");
+            }
+        }
+        for t in &taps {
+            if let Err(e) = t.finish() {
+                tracing::warn!("cannot read a volume file's last bytes: {e}");
             }
         }
     }
@@ -709,15 +691,9 @@ impl<C: Capture> Model<C> {
         self.entries(ROOT).map(|e| e.keys().map(|k| k.to_string_lossy().into_owned()).collect()).unwrap_or_default()
     }
 
-    /// Bytes held in file tails, over all files.
-    pub fn tail_bytes_held(&self) -> usize {
-        self.nodes
-            .values()
-            .map(|n| match &n.body {
-                Body::File(f) => f.tail.held(),
-                Body::Dir(_) => 0,
-            })
-            .sum()
+    /// Memory the files' contents hold, over all files.
+    pub fn held_bytes(&self) -> u64 {
+        self.taps.all().iter().map(|t| t.held()).sum()
     }
 
     /// Inodes in memory (named or still referenced).

@@ -39,6 +39,26 @@ pub enum Sink {
     Kafka { brokers: String, settings: String },
 }
 
+/// How the volumes serve files: the default (FUSE passthrough), or the fallbacks the agent
+/// uses where the kernel refuses passthrough (every write a request; the writeback cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    Passthrough,
+    Requests,
+    Writeback,
+}
+
+impl Serving {
+    /// What `logtap stats` calls it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Serving::Passthrough => "passthrough",
+            Serving::Requests => "requests",
+            Serving::Writeback => "writeback",
+        }
+    }
+}
+
 /// The parts of the config tests vary.
 #[derive(Debug, Clone)]
 pub struct Setup {
@@ -49,7 +69,9 @@ pub struct Setup {
     pub max_record_bytes: String,
     pub partial_flush: String,
     pub flush_interval: String,
-    pub writeback_cache: bool,
+    pub serving: Serving,
+    /// `volumes.volume_memory`.
+    pub volume_memory: String,
     pub shutdown_timeout: String,
     pub timezone: String,
     /// The files sink's `format`: `raw` or `json`.
@@ -74,7 +96,8 @@ impl Default for Setup {
             max_record_bytes: "256KiB".into(),
             partial_flush: "1s".into(),
             flush_interval: "200ms".into(),
-            writeback_cache: true,
+            serving: Serving::Passthrough,
+            volume_memory: "256MiB".into(),
             shutdown_timeout: "10s".into(),
             timezone: "UTC".into(),
             files_format: "raw".into(),
@@ -119,13 +142,23 @@ impl Setup {
         };
         format!(
             "shutdown_timeout = \"{}\"\n\
-             [volumes]\nmount = \"{}\"\nwriteback_cache = {}\nmax_record_bytes = \"{}\"\npartial_flush = \"{}\"\n\
+             [volumes]\nmount = \"{}\"\n{}writeback_cache = {}\nmax_record_bytes = \"{}\"\npartial_flush = \"{}\"\n\
              flush_interval = \"{}\"\nplugin_socket = \"{}\"\n\
              [ring]\ncapacity = \"{}\"\npolicy = \"{}\"\nblock_timeout = \"{}\"\n\
              [control]\nsocket = \"{}\"\n{sink}{}",
             self.shutdown_timeout,
             dir.join("volumes").display(),
-            self.writeback_cache,
+            // A previous build (benchmarks) may not know these keys; it had no passthrough.
+            if self.bin.is_some() {
+                String::new()
+            } else {
+                format!(
+                    "passthrough = {}\nvolume_memory = \"{}\"\n",
+                    self.serving == Serving::Passthrough,
+                    self.volume_memory
+                )
+            },
+            self.serving == Serving::Writeback,
             self.max_record_bytes,
             self.partial_flush,
             self.flush_interval,
@@ -161,6 +194,10 @@ impl Agent {
             rt,
         };
         agent.wait_ready();
+        if setup.bin.is_none() {
+            let serving = agent.stats()["volume_serving"]["mode"].clone();
+            assert_eq!(serving, setup.serving.name(), "the volumes serve files as asked");
+        }
         agent
     }
 
@@ -425,4 +462,21 @@ pub fn assert_lines(got: &[String], want: &[String], what: &str) {
             want.get(i)
         );
     }
+}
+
+/// Line `i` of [`log_lines`]: `len` bytes with its newline, numbered, the rest padding.
+pub fn log_line(i: u64, len: usize, out: &mut Vec<u8>) {
+    let start = out.len();
+    let _ = std::io::Write::write_fmt(out, format_args!("{i:010} "));
+    out.resize(start + len.max(12) - 1, b'a' + (i % 26) as u8);
+    out.push(b'\n');
+}
+
+/// What `line-writer` writes: lines `from..to` of `len` bytes.
+pub fn log_lines(from: u64, to: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity((to - from) as usize * len);
+    for i in from..to {
+        log_line(i, len, &mut out);
+    }
+    out
 }

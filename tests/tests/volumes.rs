@@ -1,22 +1,29 @@
 //! Real loggers and shell tools writing into real logtap volumes; what arrives in the sink.
+//!
+//! Every test runs in each way the volumes can serve files (the `passthrough`, `requests` and
+//! `writeback` modules at the end): passthrough by default, and the fallbacks the agent uses
+//! where the kernel refuses passthrough.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use logtap_e2e::{as_strings, numbered, read_json_lines, Agent, Setup, Sink};
+use logtap_e2e::{as_strings, log_lines, numbered, read_json_lines, Agent, Serving, Setup, Sink};
 
 const WAIT: Duration = Duration::from_secs(60);
+const LINE_WRITER: &str = env!("CARGO_BIN_EXE_line-writer");
+
+fn agent(serving: Serving) -> Agent {
+    Agent::start(Setup { serving, ..Setup::default() })
+}
 
 fn append(path: &std::path::Path) -> std::fs::File {
     OpenOptions::new().create(true).append(true).open(path).expect("open for append")
 }
 
-#[test]
-#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
-fn python_rotating_file_handler_every_line_once_in_order() {
-    let agent = Agent::start(Setup::default());
+fn python_rotating_file_handler_every_line_once_in_order(serving: Serving) {
+    let agent = agent(serving);
     let vol = agent.volume("py");
     let n = 200_000;
     let script = r#"
@@ -49,10 +56,8 @@ h.close()
     assert_eq!(v["dropped_records_total"], 0);
 }
 
-#[test]
-#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
-fn a_line_every_100ms_is_captured_within_a_second() {
-    let mut agent = Agent::start(Setup { sink: Sink::Stdout, ..Setup::default() });
+fn a_line_every_100ms_is_captured_within_a_second(serving: Serving) {
+    let mut agent = Agent::start(Setup { sink: Sink::Stdout, serving, ..Setup::default() });
     let out = read_json_lines(agent.take_stdout());
     let vol = agent.volume("slow");
     let mut f = append(&vol.join("app.log"));
@@ -77,10 +82,8 @@ fn a_line_every_100ms_is_captured_within_a_second() {
     }
 }
 
-#[test]
-#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
-fn echo_appends_and_dd_blocks() {
-    let agent = Agent::start(Setup::default());
+fn echo_appends_and_dd_blocks(serving: Serving) {
+    let agent = agent(serving);
     let vol = agent.volume("sh");
     for i in 0..50 {
         let status = Command::new("sh")
@@ -117,10 +120,8 @@ fn echo_appends_and_dd_blocks() {
     );
 }
 
-#[test]
-#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
-fn copytruncate_restarts_capture_from_zero() {
-    let agent = Agent::start(Setup::default());
+fn copytruncate_restarts_capture_from_zero(serving: Serving) {
+    let agent = agent(serving);
     let vol = agent.volume("ct");
     let path = vol.join("app.log");
     let lines = numbered("ct ", 3000, 50);
@@ -142,10 +143,8 @@ fn copytruncate_restarts_capture_from_zero() {
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 999 * 51);
 }
 
-#[test]
-#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
-fn rename_and_unlink_while_open() {
-    let agent = Agent::start(Setup::default());
+fn rename_and_unlink_while_open(serving: Serving) {
+    let agent = agent(serving);
     let vol = agent.volume("rot");
     let lines = numbered("r ", 2000, 40);
     let mut f = append(&vol.join("app.log"));
@@ -159,7 +158,10 @@ fn rename_and_unlink_while_open() {
     drop(f);
     let got = agent.wait_lines("rot", "app", lines.len(), WAIT);
     assert!(as_strings(&got) == lines);
-    assert!(agent.volume_stats("rot")["files"]["app.log.1"]["captured_records_total"] == 2000);
+    // Records written before the rename carry the old name, the rest the new one.
+    let files = &agent.volume_stats("rot")["files"];
+    let by_name = |n: &str| files[n]["captured_records_total"].as_u64().unwrap_or(0);
+    assert_eq!(by_name("app.log") + by_name("app.log.1"), 2000, "{files}");
 
     let mut g = append(&vol.join("gone.log"));
     writeln!(g, "before unlink").unwrap();
@@ -170,10 +172,8 @@ fn rename_and_unlink_while_open() {
     assert_eq!(as_strings(&got), vec!["before unlink", "after unlink"]);
 }
 
-#[test]
-#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
-fn two_processes_appending_to_one_file() {
-    let agent = Agent::start(Setup::default());
+fn two_processes_appending_to_one_file(serving: Serving) {
+    let agent = agent(serving);
     let vol = agent.volume("two");
     let path = vol.join("app.log");
     let script = r#"
@@ -203,10 +203,8 @@ os.close(fd)
     }
 }
 
-#[test]
-#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
-fn unterminated_lines_end_at_close_and_after_partial_flush() {
-    let agent = Agent::start(Setup { partial_flush: "500ms".into(), ..Setup::default() });
+fn unterminated_lines_end_at_close_and_after_partial_flush(serving: Serving) {
+    let agent = Agent::start(Setup { partial_flush: "500ms".into(), serving, ..Setup::default() });
     let vol = agent.volume("part");
     std::fs::write(vol.join("closed.log"), "a\nb\nlast without newline").unwrap();
     let got = agent.wait_lines("part", "closed", 3, WAIT);
@@ -222,10 +220,8 @@ fn unterminated_lines_end_at_close_and_after_partial_flush() {
     drop(f);
 }
 
-#[test]
-#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
-fn a_10mb_line_is_split_and_counted_and_binary_passes_unchanged() {
-    let agent = Agent::start(Setup::default());
+fn a_10mb_line_is_split_and_counted_and_binary_passes_unchanged(serving: Serving) {
+    let agent = agent(serving);
     let vol = agent.volume("big");
     let line: Vec<u8> = (0..10_000_000u32).map(|i| b'a' + (i % 26) as u8).collect();
     let mut data = line.clone();
@@ -251,10 +247,8 @@ fn a_10mb_line_is_split_and_counted_and_binary_passes_unchanged() {
     assert!(rebuilt == bin, "binary bytes pass unchanged");
 }
 
-#[test]
-#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
-fn filesystem_behaves_like_a_log_directory() {
-    let agent = Agent::start(Setup::default());
+fn filesystem_behaves_like_a_log_directory(serving: Serving) {
+    let agent = agent(serving);
     let vol = agent.volume("fs");
     // Nested directories, stat, readdir, chmod, rmdir, O_EXCL, long and tricky names.
     std::fs::create_dir_all(vol.join("a/b")).unwrap();
@@ -296,10 +290,8 @@ fn filesystem_behaves_like_a_log_directory() {
     assert!(agent.dir.path().join("volumes").read_dir().is_ok());
 }
 
-#[test]
-#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
-fn without_the_writeback_cache_every_write_is_captured_the_same() {
-    let agent = Agent::start(Setup { writeback_cache: false, ..Setup::default() });
+fn lines_split_across_writes_arrive_whole(serving: Serving) {
+    let agent = agent(serving);
     let vol = agent.volume("wt");
     let lines = numbered("wt ", 20_000, 70);
     let mut f = append(&vol.join("app.log"));
@@ -313,32 +305,332 @@ fn without_the_writeback_cache_every_write_is_captured_the_same() {
     drop(f);
     let got = agent.wait_lines("wt", "app", lines.len(), WAIT);
     assert!(as_strings(&got) == lines);
-    // Offsets are exact without the cache: nothing is sent twice.
+    // Nothing captured was written again (writeback page re-sends carry the same bytes).
     assert_eq!(agent.volume_stats("wt")["overwritten_bytes_total"], 0);
 }
 
 /// `cat`, `tail` and logrotate's copy open and close a file while its writer is in the middle of
 /// a line: the reader's close must not cut the writer's line in two.
-#[test]
-#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
-fn a_reader_in_the_middle_of_a_writers_line_does_not_split_it() {
-    for writeback_cache in [true, false] {
-        let agent = Agent::start(Setup { writeback_cache, ..Setup::default() });
-        let vol = agent.volume("rd");
-        let path = vol.join("app.log");
-        let mut f = append(&path);
-        let rounds = 50;
-        for i in 0..rounds {
-            write!(f, "line {i} first half ").unwrap();
-            let cat = Command::new("cat").arg(&path).output().unwrap();
-            assert!(cat.status.success() && cat.stdout.ends_with(b"first half "));
-            writeln!(f, "second half").unwrap();
+fn a_reader_in_the_middle_of_a_writers_line_does_not_split_it(serving: Serving) {
+    let agent = agent(serving);
+    let vol = agent.volume("rd");
+    let path = vol.join("app.log");
+    let mut f = append(&path);
+    let rounds = 50;
+    for i in 0..rounds {
+        write!(f, "line {i} first half ").unwrap();
+        let cat = Command::new("cat").arg(&path).output().unwrap();
+        assert!(cat.status.success() && cat.stdout.ends_with(b"first half "));
+        writeln!(f, "second half").unwrap();
+    }
+    let got = agent.wait_lines("rd", "app", rounds, WAIT);
+    drop(f);
+    let expected: Vec<String> = (0..rounds).map(|i| format!("line {i} first half second half")).collect();
+    assert_eq!(as_strings(&got), expected);
+    agent.wait_idle(Duration::from_secs(5));
+    assert_eq!(agent.sink_lines("rd", "app").len(), rounds, "no extra record at the writer's close");
+}
+
+/// The writer's output file `path` in the files sink (raw format) must be exactly `want`.
+fn assert_delivered_exactly(agent: &Agent, volume: &str, module: &str, want: &[u8], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let read = || {
+        let lines = agent.sink_lines(volume, module);
+        let mut got = lines.join(&b'\n');
+        if !lines.is_empty() {
+            got.push(b'\n');
         }
-        let got = agent.wait_lines("rd", "app", rounds, WAIT);
-        drop(f);
-        let expected: Vec<String> = (0..rounds).map(|i| format!("line {i} first half second half")).collect();
-        assert_eq!(as_strings(&got), expected, "writeback_cache = {writeback_cache}");
-        agent.wait_idle(Duration::from_secs(5));
-        assert_eq!(agent.sink_lines("rd", "app").len(), rounds, "no extra record at the writer's close");
+        got
+    };
+    let mut got = read();
+    while got.len() < want.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        got = read();
+    }
+    agent.wait_idle(Duration::from_secs(30));
+    got = read();
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+        let show = |b: &[u8]| String::from_utf8_lossy(&b[at.saturating_sub(40)..(at + 60).min(b.len())]).into_owned();
+        panic!(
+            "{what}: {} bytes delivered, {} written; first difference at {at}: {:?} vs {:?}",
+            got.len(),
+            want.len(),
+            show(&got),
+            show(want)
+        );
     }
 }
+
+fn line_writer(args: &[&str]) -> String {
+    let out = Command::new(LINE_WRITER).args(args).output().expect("line-writer");
+    assert!(out.status.success(), "line-writer {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// 2M lines of 100 bytes, one write() each, at full speed, again and again: every byte arrives,
+/// in every run (a loss that shows once in five runs is a loss).
+fn full_speed_lines_arrive_exactly_in_every_run(serving: Serving) {
+    let agent = agent(serving);
+    let vol = agent.volume("fast");
+    // Every write() is a request to the agent without passthrough: fewer runs, same check.
+    let runs = if serving == Serving::Passthrough { 20 } else { 3 };
+    let (n, len) = (2_000_000u64, 100);
+    let want = log_lines(0, n, len);
+    for run in 0..runs {
+        let module = format!("run{run}x");
+        let path = vol.join(format!("{module}.log"));
+        line_writer(&["lines", path.to_str().unwrap(), &n.to_string(), &len.to_string()]);
+        assert_delivered_exactly(&agent, "fast", &module, &want, &format!("run {run}"));
+    }
+    let v = agent.volume_stats("fast");
+    assert_eq!(v["dropped_bytes_total"], 0);
+    assert_eq!(v["captured_records_total"], runs * n);
+}
+
+/// 1 GB written in 1 MiB write() calls (lines split across calls): all lines, exact. The
+/// volume's budget is set above the gigabyte: this checks the capture of large writes, not the
+/// budget (that is `a_volume_over_its_memory_budget_...`).
+fn a_gigabyte_of_megabyte_writes_arrives_exactly(serving: Serving) {
+    let agent = Agent::start(Setup { serving, volume_memory: "2GiB".into(), ..Setup::default() });
+    let vol = agent.volume("big");
+    let (total, block, len) = (1_000_000_000usize, 1 << 20, 100);
+    let out = line_writer(&[
+        "blocks",
+        vol.join("mb.log").to_str().unwrap(),
+        &total.to_string(),
+        &block.to_string(),
+        &len.to_string(),
+    ]);
+    let lines: u64 = out.trim().trim_start_matches("ok ").parse().unwrap();
+    let mut want = log_lines(0, lines, len);
+    want.truncate(total);
+    // The last line is cut at the gigabyte: it arrives as a record ended by the close.
+    want.push(b'\n');
+    assert_delivered_exactly(&agent, "big", "mb", &want, "1 GB of 1 MiB writes");
+}
+
+/// A logrotate config for `path`: `copytruncate`, or rename-and-create with `kill -USR1` to the
+/// writer so that it reopens (nginx's way).
+fn logrotate_conf(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    copytruncate: bool,
+    writer: u32,
+) -> std::path::PathBuf {
+    let conf = dir.join(if copytruncate { "copytruncate.conf" } else { "create.conf" });
+    let how = if copytruncate {
+        "copytruncate".to_string()
+    } else {
+        format!("create\n  postrotate\n    kill -USR1 {writer}\n  endscript")
+    };
+    std::fs::write(&conf, format!("{} {{\n  rotate 1000\n  missingok\n  {how}\n}}\n", path.display())).unwrap();
+    conf
+}
+
+/// logrotate rotating a fast writer's file again and again, by copytruncate and by rename:
+/// every line arrives once, whole, none is a NUL byte, and the copies are counted as copies.
+fn logrotate_rotations_under_a_fast_writer_lose_and_repeat_nothing(serving: Serving) {
+    let agent = agent(serving);
+    let vol = agent.volume("rot");
+    let path = vol.join("app.log");
+    let (n, len) = (1_000_000u64, 100);
+    let mut writer = Command::new(LINE_WRITER)
+        .args(["reopening", path.to_str().unwrap(), &n.to_string(), &len.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let confs = [true, false].map(|ct| logrotate_conf(agent.dir.path(), &path, ct, writer.id()));
+    let state = agent.dir.path().join("logrotate.state");
+    let mut rotations = 0;
+    while writer.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(50));
+        if !path.exists() {
+            continue;
+        }
+        let conf = &confs[rotations % 2];
+        let out = Command::new("logrotate").arg("-f").arg("-s").arg(&state).arg(conf).output().unwrap();
+        assert!(out.status.success(), "logrotate: {}", String::from_utf8_lossy(&out.stderr));
+        rotations += 1;
+    }
+    assert!(writer.wait().unwrap().success());
+    assert!(rotations >= 4, "only {rotations} rotations happened while the writer wrote");
+
+    let mut got = agent.wait_lines("rot", "app", n as usize, WAIT);
+    agent.wait_idle(Duration::from_secs(30));
+    got = if got.len() < n as usize { got } else { agent.sink_lines("rot", "app") };
+    assert!(!got.iter().any(|l| l.contains(&0)), "no NUL byte is delivered");
+    let mut seen = vec![0u32; n as usize];
+    for (at, l) in got.iter().enumerate() {
+        let number = l.get(..10).and_then(|n| std::str::from_utf8(n).ok()).and_then(|n| n.parse().ok());
+        let i: usize = number.unwrap_or_else(|| {
+            let around: Vec<_> =
+                got[at.saturating_sub(2)..(at + 3).min(got.len())].iter().map(|l| String::from_utf8_lossy(l)).collect();
+            panic!("not a numbered line, line {at} of {}: {around:#?}", got.len())
+        });
+        let mut want = log_lines(i as u64, i as u64 + 1, len);
+        want.pop();
+        assert_eq!(l, &want, "line {i} whole");
+        seen[i] += 1;
+    }
+    let missing = seen.iter().filter(|&&c| c == 0).count();
+    let repeated = seen.iter().filter(|&&c| c > 1).count();
+    assert_eq!((missing, repeated), (0, 0), "{} lines delivered for {n} written, {rotations} rotations", got.len());
+    assert!(agent.volume_stats("rot")["copied_bytes_total"].as_u64().unwrap() > 0, "copies are counted");
+}
+
+/// `cp` of a captured file inside the volume is recognised as a copy: not delivered again.
+fn a_copy_inside_the_volume_is_not_delivered_again(serving: Serving) {
+    let agent = agent(serving);
+    let vol = agent.volume("cp");
+    let want = log_lines(0, 50_000, 80);
+    std::fs::write(vol.join("app.log"), &want).unwrap();
+    assert_delivered_exactly(&agent, "cp", "app", &want, "before the copy");
+    assert!(Command::new("cp").arg(vol.join("app.log")).arg(vol.join("app.log.1")).status().unwrap().success());
+    std::fs::remove_file(vol.join("app.log")).unwrap();
+    agent.wait_idle(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_delivered_exactly(&agent, "cp", "app", &want, "after the copy");
+    assert_eq!(agent.volume_stats("cp")["copied_bytes_total"], want.len() as u64);
+}
+
+/// SIGTERM while a writer writes a line every 10 ms: every write that returned success is
+/// delivered, and the writes after it fail with an errno (none vanishes).
+fn sigterm_delivers_every_write_that_succeeded(serving: Serving) {
+    let mut agent = agent(serving);
+    let vol = agent.volume("term");
+    let path = vol.join("app.log");
+    let writer = Command::new(LINE_WRITER)
+        .args(["paced", path.to_str().unwrap(), "1000", "60", "10"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(agent.stop().success());
+    let out = writer.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    let ok: u64 = out.lines().find_map(|l| l.strip_prefix("ok ")).and_then(|n| n.parse().ok()).expect("ok N");
+    assert!(out.contains("error "), "the writer got an error after the agent stopped: {out}");
+    assert!(ok > 50, "{out}");
+    let got = agent.sink_lines("term", "app");
+    let mut bytes = got.join(&b'\n');
+    bytes.push(b'\n');
+    assert_eq!(got.len() as u64, ok, "delivered = writes that returned success ({out})");
+    assert!(bytes == log_lines(0, ok, 60));
+}
+
+/// O_TRUNC reopens (the same lines written again after each) and a sparse write: every line of
+/// each round arrives, and the hole is no NUL bytes.
+fn o_trunc_reopens_and_sparse_writes(serving: Serving) {
+    let agent = agent(serving);
+    let vol = agent.volume("tr");
+    let round = log_lines(0, 1000, 50);
+    for _ in 0..3 {
+        std::fs::write(vol.join("app.log"), &round).unwrap();
+    }
+    let want = [&round[..], &round[..], &round[..]].concat();
+    assert_delivered_exactly(&agent, "tr", "app", &want, "three O_TRUNC rounds of the same lines");
+
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new().create(true).write(true).truncate(true).open(vol.join("sparse.log")).unwrap();
+    f.write_all_at(b"start\n", 0).unwrap();
+    f.write_all_at(b"far away\n", 1 << 20).unwrap();
+    drop(f);
+    assert_eq!(std::fs::metadata(vol.join("sparse.log")).unwrap().len(), (1 << 20) + 9);
+    assert_delivered_exactly(&agent, "tr", "sparse", b"start\nfar away\n", "a sparse file");
+}
+
+/// A sink that is down (Kafka with no broker) and a writer that does not stop: the ring fills,
+/// the bytes wait in the volume's memory up to its budget, and beyond it the oldest are dropped
+/// and counted. The volume's memory stays within the budget (plus what one writer adds between
+/// two checks).
+fn a_volume_over_its_memory_budget_drops_its_oldest_lines_and_counts_them(serving: Serving) {
+    let budget = 16u64 << 20;
+    let agent = Agent::start(Setup {
+        serving,
+        sink: Sink::Kafka { brokers: "127.0.0.1:9".into(), settings: "topic = \"t\"\n".into() },
+        ring_capacity: "1MiB".into(),
+        volume_memory: "16MiB".into(),
+        shutdown_timeout: "1s".into(),
+        ..Setup::default()
+    });
+    let vol = agent.volume("flood");
+    let (n, len) = (1_000_000u64, 100);
+    let mut writer = Command::new(LINE_WRITER)
+        .args(["lines", vol.join("app.log").to_str().unwrap(), &n.to_string(), &len.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut peak = 0;
+    loop {
+        let done = writer.try_wait().unwrap().is_some();
+        peak = peak.max(agent.volume_stats("flood")["memory_bytes"].as_u64().unwrap_or(0));
+        if done {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let v = agent.volume_stats("flood");
+    let dropped = v["dropped_bytes_total"].as_u64().unwrap();
+    let captured = v["captured_bytes_total"].as_u64().unwrap() + v["captured_records_total"].as_u64().unwrap();
+    assert!(dropped > 0, "{v}");
+    assert!(peak <= budget + (8 << 20), "memory {peak} over the {budget} budget");
+    assert!(v["memory_bytes"].as_u64().unwrap() <= budget, "{v}");
+    // Every byte is captured (framed: delivered, waiting, or dropped by the ring and counted
+    // there too) or dropped from the file; some may still wait in the file.
+    assert!(captured + dropped + budget >= n * len as u64, "{v}");
+}
+
+macro_rules! in_every_mode {
+    ($($test:ident),* $(,)?) => {
+        mod passthrough {
+            $(
+                #[test]
+                #[ignore = "privileged: mounts FUSE as root (cargo xtask test runs it)"]
+                fn $test() {
+                    super::$test(logtap_e2e::Serving::Passthrough)
+                }
+            )*
+        }
+        mod requests {
+            $(
+                #[test]
+                #[ignore = "privileged: mounts FUSE as root (cargo xtask test runs it)"]
+                fn $test() {
+                    super::$test(logtap_e2e::Serving::Requests)
+                }
+            )*
+        }
+        mod writeback {
+            $(
+                #[test]
+                #[ignore = "privileged: mounts FUSE as root (cargo xtask test runs it)"]
+                fn $test() {
+                    super::$test(logtap_e2e::Serving::Writeback)
+                }
+            )*
+        }
+    };
+}
+
+in_every_mode!(
+    python_rotating_file_handler_every_line_once_in_order,
+    a_line_every_100ms_is_captured_within_a_second,
+    echo_appends_and_dd_blocks,
+    copytruncate_restarts_capture_from_zero,
+    rename_and_unlink_while_open,
+    two_processes_appending_to_one_file,
+    unterminated_lines_end_at_close_and_after_partial_flush,
+    a_10mb_line_is_split_and_counted_and_binary_passes_unchanged,
+    filesystem_behaves_like_a_log_directory,
+    lines_split_across_writes_arrive_whole,
+    a_reader_in_the_middle_of_a_writers_line_does_not_split_it,
+    full_speed_lines_arrive_exactly_in_every_run,
+    a_gigabyte_of_megabyte_writes_arrives_exactly,
+    logrotate_rotations_under_a_fast_writer_lose_and_repeat_nothing,
+    a_copy_inside_the_volume_is_not_delivered_again,
+    sigterm_delivers_every_write_that_succeeded,
+    o_trunc_reopens_and_sparse_writes,
+    a_volume_over_its_memory_budget_drops_its_oldest_lines_and_counts_them,
+);

@@ -22,6 +22,15 @@ pub struct Container {
     pub labels: BTreeMap<String, String>,
 }
 
+/// How the volume mount serves files: `passthrough` (apps write the in-memory files directly),
+/// `requests` or `writeback` (every write goes through the agent), and why not passthrough.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServingSnapshot {
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeSnapshot {
     pub name: String,
@@ -41,6 +50,9 @@ pub struct Snapshot {
     pub version: String,
     pub uptime_seconds: f64,
     pub ring: RingSnapshot,
+    /// How the volume mount serves files.
+    #[serde(default)]
+    pub volume_serving: ServingSnapshot,
     pub volumes: Vec<VolumeSnapshot>,
     pub pipes: PipesSnapshot,
     /// The container runtime followed, and its containers (absent when discovery is off).

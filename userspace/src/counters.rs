@@ -19,8 +19,11 @@ pub struct Counters {
     pub dropped_records: AtomicU64,
     pub dropped_bytes: AtomicU64,
     pub split_records: AtomicU64,
+    pub copied_bytes: AtomicU64,
     pub overwritten_bytes: AtomicU64,
     pub refused_bytes: AtomicU64,
+    /// Gauge: memory the stream's content holds (a volume file's).
+    pub memory_bytes: AtomicU64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -30,8 +33,13 @@ pub struct CountersSnapshot {
     pub dropped_records_total: u64,
     pub dropped_bytes_total: u64,
     pub split_records_total: u64,
+    #[serde(default)]
+    pub copied_bytes_total: u64,
     pub overwritten_bytes_total: u64,
     pub refused_bytes_total: u64,
+    /// Gauge: memory the content holds (volume files), bytes.
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 impl CountersSnapshot {
@@ -42,8 +50,10 @@ impl CountersSnapshot {
         self.dropped_records_total += o.dropped_records_total;
         self.dropped_bytes_total += o.dropped_bytes_total;
         self.split_records_total += o.split_records_total;
+        self.copied_bytes_total += o.copied_bytes_total;
         self.overwritten_bytes_total += o.overwritten_bytes_total;
         self.refused_bytes_total += o.refused_bytes_total;
+        self.memory_bytes += o.memory_bytes;
     }
 }
 
@@ -55,8 +65,10 @@ impl Counters {
             dropped_records_total: self.dropped_records.load(Relaxed),
             dropped_bytes_total: self.dropped_bytes.load(Relaxed),
             split_records_total: self.split_records.load(Relaxed),
+            copied_bytes_total: self.copied_bytes.load(Relaxed),
             overwritten_bytes_total: self.overwritten_bytes.load(Relaxed),
             refused_bytes_total: self.refused_bytes.load(Relaxed),
+            memory_bytes: self.memory_bytes.load(Relaxed),
         }
     }
 }
@@ -91,6 +103,17 @@ impl StreamCounters {
     pub fn dropped(&self, records: u64, bytes: u64) {
         self.add(|c| &c.dropped_records, records);
         self.add(|c| &c.dropped_bytes, bytes);
+    }
+
+    /// The stream's content went from `was` to `now` bytes of memory.
+    pub fn held(&self, was: u64, now: u64) {
+        for c in [&self.stream, &self.total] {
+            c.memory_bytes.fetch_add(now.wrapping_sub(was), Relaxed);
+        }
+    }
+
+    pub fn copied(&self, bytes: u64) {
+        self.add(|c| &c.copied_bytes, bytes);
     }
 
     pub fn overwritten(&self, bytes: u64) {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use logtap_fusefs::{Model, MountOptions, Options, Owner};
+use logtap_fusefs::{Model, MountOptions, Options, Owner, Settings};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -34,8 +34,21 @@ fn keep_large_buffers_mmapped() {
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) };
 }
 
+/// Every volume file's memory is a file descriptor: the soft limit goes up to the hard one.
+fn raise_open_files_limit() {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
 pub fn run(config: Config) -> anyhow::Result<()> {
     keep_large_buffers_mmapped();
+    raise_open_files_limit();
     let host = if config.host.is_empty() { crate::host::hostname() } else { config.host.clone() };
     let v = &config.volumes;
     let ring = Arc::new(Ring::new(
@@ -91,16 +104,16 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         Arc::new(Report::new(host.clone(), ring.clone(), sinks.counters, source.clone(), pipes.clone(), discovery));
     // SAFETY: geteuid/getegid cannot fail.
     let me = unsafe { Owner { uid: libc::geteuid(), gid: libc::getegid() } };
-    let model = Model::new(
-        VolumeCapture(source.clone()),
-        Options { tail_bytes: usize_of(v.tail_bytes.0, "volumes.tail_bytes")? },
-        me,
-    );
+    let settings = Settings { tail: v.tail_bytes.0, holes_may_fill: v.writeback_cache };
+    let model = Model::new(VolumeCapture(source.clone()), Options { settings, max_files: v.max_files }, me)
+        .context("cannot start the volumes (memfd, inotify)")?;
     let options = MountOptions {
+        passthrough: v.passthrough,
         writeback_cache: v.writeback_cache,
         max_write: u32::try_from(v.max_write.0).context("volumes.max_write")?,
         allow_other: v.allow_other,
         flush_interval: v.flush_interval.0,
+        volume_budget: v.volume_memory.0,
     };
     let mut fs = logtap_fusefs::mount(model, &v.mount, options).with_context(|| {
         format!("cannot mount the volumes at {} (root and /dev/fuse are needed)", v.mount.display())
@@ -166,7 +179,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let deadline = Instant::now() + config.shutdown_timeout.0;
     let left_until = |cap: Duration| deadline.saturating_duration_since(Instant::now()).min(cap);
     ring.stop_waiting_at(deadline);
-    // Stop taking writes: dirty pages are pushed out, partial lines end, later writes are refused.
+    // Stop taking writes: every volume file is sealed (later writes fail with EPERM), what was
+    // written before is captured, partial lines end.
     fs.close();
     rt.block_on(async {
         if tokio::time::timeout(left_until(Duration::from_secs(2)), pipes.close()).await.is_err() {

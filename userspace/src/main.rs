@@ -440,35 +440,28 @@ fn bytes(n: u64) -> String {
 }
 
 fn render_volumes(volumes: &[VolumeSnapshot]) -> String {
+    let row = |name: &str, service: &str, c: &logtap::counters::CountersSnapshot| {
+        format!(
+            "{:<24} {:<16} {:>12} {:>11} {:>10} {:>8} {:>10} {:>12} {:>10}\n",
+            name,
+            service,
+            c.captured_records_total,
+            bytes(c.captured_bytes_total),
+            bytes(c.dropped_bytes_total),
+            c.split_records_total,
+            bytes(c.copied_bytes_total),
+            bytes(c.overwritten_bytes_total),
+            bytes(c.refused_bytes_total)
+        )
+    };
     let mut out = format!(
-        "{:<24} {:<16} {:>12} {:>11} {:>10} {:>8} {:>12} {:>10}\n",
-        "VOLUME / FILE", "SERVICE", "RECORDS", "BYTES", "DROPPED", "SPLIT", "OVERWRITTEN", "REFUSED"
+        "{:<24} {:<16} {:>12} {:>11} {:>10} {:>8} {:>10} {:>12} {:>10}\n",
+        "VOLUME / FILE", "SERVICE", "RECORDS", "BYTES", "DROPPED", "SPLIT", "COPIED", "OVERWRITTEN", "REFUSED"
     );
     for v in volumes {
-        let t = &v.totals;
-        out += &format!(
-            "{:<24} {:<16} {:>12} {:>11} {:>10} {:>8} {:>12} {:>10}\n",
-            v.name,
-            v.service,
-            t.captured_records_total,
-            bytes(t.captured_bytes_total),
-            t.dropped_records_total,
-            t.split_records_total,
-            bytes(t.overwritten_bytes_total),
-            bytes(t.refused_bytes_total)
-        );
+        out += &row(&v.name, &v.service, &v.totals);
         for (path, c) in &v.files {
-            out += &format!(
-                "  {:<22} {:<16} {:>12} {:>11} {:>10} {:>8} {:>12} {:>10}\n",
-                path,
-                "",
-                c.captured_records_total,
-                bytes(c.captured_bytes_total),
-                c.dropped_records_total,
-                c.split_records_total,
-                bytes(c.overwritten_bytes_total),
-                bytes(c.refused_bytes_total)
-            );
+            out += &row(&format!("  {path}"), "", c);
         }
     }
     out
@@ -588,6 +581,11 @@ fn render_stats(s: &Snapshot) -> String {
         r.dropped_records_total,
         bytes(r.dropped_bytes_total)
     );
+    out += &format!("volumes: {}", s.volume_serving.mode);
+    if let Some(reason) = &s.volume_serving.reason {
+        out += &format!(" ({reason})");
+    }
+    out += "\n";
     out += &render_volumes(&s.volumes);
     out += &render_pipes(&s.pipes);
     if let Some(d) = &s.discovery {

@@ -58,6 +58,7 @@ impl Report {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             ring: self.ring.snapshot(),
+            volume_serving: self.volumes.serving(),
             discovery: self.discovery.as_ref().map(|d| containers(d, &pipes, &volumes)),
             volumes,
             pipes,
@@ -132,17 +133,29 @@ fn labels(pairs: &[(&str, &str)]) -> String {
 /// Prometheus text exposition (version 0.0.4) of a snapshot.
 pub fn prometheus(s: &Snapshot) -> String {
     let mut out = Exposition(String::new());
-    let counters: [Field<CountersSnapshot>; 7] = [
+    let counters: [Field<CountersSnapshot>; 9] = [
         ("captured_records_total", "counter", "Records captured.", |c| c.captured_records_total),
         ("captured_bytes_total", "counter", "Bytes captured.", |c| c.captured_bytes_total),
         ("dropped_records_total", "counter", "Records dropped by the ring.", |c| c.dropped_records_total),
         ("dropped_bytes_total", "counter", "Bytes dropped by the ring.", |c| c.dropped_bytes_total),
         ("split_records_total", "counter", "Records that are pieces of over-long lines.", |c| c.split_records_total),
-        ("overwritten_bytes_total", "counter", "Bytes written again below the captured high-water mark.", |c| {
-            c.overwritten_bytes_total
-        }),
+        (
+            "copied_bytes_total",
+            "counter",
+            "Bytes of copies of captured files (copytruncate, cp), not captured again.",
+            |c| c.copied_bytes_total,
+        ),
+        (
+            "overwritten_bytes_total",
+            "counter",
+            "Bytes written again below what was captured (not captured again).",
+            |c| c.overwritten_bytes_total,
+        ),
         ("refused_bytes_total", "counter", "Bytes refused because the agent was shutting down.", |c| {
             c.refused_bytes_total
+        }),
+        ("memory_bytes", "gauge", "Memory the files' contents hold (captured tails and what waits).", |c| {
+            c.memory_bytes
         }),
     ];
     let volumes: Vec<(String, &CountersSnapshot)> =

@@ -255,6 +255,38 @@ impl Ring {
         self.readable.notify_waiters();
     }
 
+    /// Pushes records from the front of `batch` while they fit without taking anything from
+    /// a required reader; the rest stays in `batch`. For a source that has its own place for
+    /// what waits (a volume file's memory): it waits rather than make the ring drop.
+    pub fn push_fitting(&self, batch: &mut VecDeque<Record>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut s = self.lock();
+        while let Some(record) = batch.front() {
+            let c = cost(record);
+            if s.used + c > self.capacity && !s.records.is_empty() {
+                if s.head < s.required_floor() {
+                    s.evict_front();
+                    continue;
+                }
+                break;
+            }
+            if let Some(record) = batch.pop_front() {
+                s.used += c;
+                s.pushed_records += 1;
+                s.records.push_back(record);
+            }
+        }
+        drop(s);
+        self.readable.notify_waiters();
+    }
+
+    /// Bytes free now.
+    pub fn free(&self) -> usize {
+        self.capacity.saturating_sub(self.lock().used)
+    }
+
     /// Up to `max_records` records (and about `max_bytes`) for `reader`, without waiting.
     pub fn try_read(&self, reader: ReaderId, max_records: usize, max_bytes: usize) -> Option<Batch> {
         let mut s = self.lock();

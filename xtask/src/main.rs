@@ -154,7 +154,7 @@ fn setup() -> anyhow::Result<()> {
     // python3: the rotating-logger test; dd, truncate: coreutils; podman (with runc, the
     // runtime that works with this kind of machine's cgroups) and busybox-static: the container
     // tests and benchmarks; nginx and wrk: a real web server logging to /dev/stdout in a
-    // container, under load.
+    // container, under load; logrotate: rotations of volume files under a fast writer.
     apt_install(&[
         ("python3", "python3"),
         ("coreutils", "truncate"),
@@ -164,6 +164,7 @@ fn setup() -> anyhow::Result<()> {
         ("tar", "tar"),
         ("nginx", "nginx"),
         ("wrk", "wrk"),
+        ("logrotate", "logrotate"),
     ])?;
     rustup_components(&["rustfmt", "clippy"])?;
     ebpf_toolchain()?;

@@ -1,8 +1,13 @@
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use proptest::prelude::*;
 
 use super::*;
+use crate::capture::Serving;
+use crate::reader::enforce_budget;
+use crate::tap::Drain;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Event {
@@ -10,6 +15,8 @@ enum Event {
     VolumeGone(String),
     Stream(String, String),
     Append(String, Vec<u8>),
+    Copied(String, u64),
+    Dropped(String, u64),
     Overwritten(String, u64),
     Refused(String, u64),
     End(String),
@@ -17,16 +24,23 @@ enum Event {
 }
 
 #[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<Event>>>);
+struct Recorder {
+    log: Arc<Mutex<Vec<Event>>>,
+    /// Streams say they are not ready while this is set (a full ring).
+    full: Arc<AtomicBool>,
+}
 
 struct RecStream {
     path: String,
-    log: Arc<Mutex<Vec<Event>>>,
+    rec: Recorder,
 }
 
 impl Recorder {
     fn events(&self) -> Vec<Event> {
-        self.0.lock().unwrap().clone()
+        self.log.lock().unwrap().clone()
+    }
+    fn push(&self, e: Event) {
+        self.log.lock().unwrap().push(e);
     }
     fn appended(&self, path: &str) -> Vec<u8> {
         self.events()
@@ -38,72 +52,103 @@ impl Recorder {
             .flatten()
             .collect()
     }
+    fn sum(&self, pick: impl Fn(&Event) -> Option<u64>) -> u64 {
+        self.events().iter().filter_map(pick).sum()
+    }
 }
 
 impl Capture for Recorder {
     type Stream = RecStream;
     fn volume_created(&self, volume: &str) {
-        self.0.lock().unwrap().push(Event::Volume(volume.into()));
+        self.push(Event::Volume(volume.into()));
     }
     fn volume_removed(&self, volume: &str) {
-        self.0.lock().unwrap().push(Event::VolumeGone(volume.into()));
+        self.push(Event::VolumeGone(volume.into()));
     }
     fn stream(&self, volume: &str, path: &str, _creator: u32) -> RecStream {
-        self.0.lock().unwrap().push(Event::Stream(volume.into(), path.into()));
-        RecStream { path: path.into(), log: self.0.clone() }
+        self.push(Event::Stream(volume.into(), path.into()));
+        RecStream { path: path.into(), rec: self.clone() }
     }
+    fn serving(&self, _how: &Serving) {}
 }
 
 impl Stream for RecStream {
+    fn ready(&mut self) -> bool {
+        !self.rec.full.load(Relaxed)
+    }
     fn append(&mut self, data: &[u8]) {
-        self.log.lock().unwrap().push(Event::Append(self.path.clone(), data.to_vec()));
+        self.rec.push(Event::Append(self.path.clone(), data.to_vec()));
+    }
+    fn flush(&mut self) {}
+    fn copied(&mut self, bytes: u64) {
+        self.rec.push(Event::Copied(self.path.clone(), bytes));
+    }
+    fn dropped(&mut self, bytes: u64) {
+        self.rec.push(Event::Dropped(self.path.clone(), bytes));
     }
     fn overwritten(&mut self, bytes: u64) {
-        self.log.lock().unwrap().push(Event::Overwritten(self.path.clone(), bytes));
+        self.rec.push(Event::Overwritten(self.path.clone(), bytes));
     }
     fn refused(&mut self, bytes: u64) {
-        self.log.lock().unwrap().push(Event::Refused(self.path.clone(), bytes));
+        self.rec.push(Event::Refused(self.path.clone(), bytes));
     }
     fn end_record(&mut self) {
-        self.log.lock().unwrap().push(Event::End(self.path.clone()));
+        self.rec.push(Event::End(self.path.clone()));
     }
     fn moved(&mut self, path: &str) {
-        self.log.lock().unwrap().push(Event::Moved(self.path.clone(), path.into()));
+        self.rec.push(Event::Moved(self.path.clone(), path.into()));
         self.path = path.into();
     }
+    fn held(&mut self, _bytes: u64) {}
     fn idle(&mut self, _now: Instant) {}
 }
 
 const ME: Owner = Owner { uid: 0, gid: 0 };
+/// A process that copies.
+const COPIER: u32 = 4242;
 
-fn model(tail: usize) -> (Model<Recorder>, Recorder) {
+fn model_with(tail: u64, holes_may_fill: bool) -> (Model<Recorder>, Recorder) {
     let rec = Recorder::default();
-    (Model::new(rec.clone(), Options { tail_bytes: tail }, ME), rec)
+    let options = Options { settings: Settings { tail, holes_may_fill }, max_files: 8 };
+    (Model::new(rec.clone(), options, ME).unwrap(), rec)
+}
+
+fn model() -> (Model<Recorder>, Recorder) {
+    model_with(4096, false)
 }
 
 fn os(s: &str) -> &OsStr {
     OsStr::new(s)
 }
 
-/// A model with volume `v` and a file `v/app.log` open for writing; returns (model, recorder,
-/// file ino).
-fn with_file() -> (Model<Recorder>, Recorder, u64) {
-    let (m, rec, file, _fh) = with_open_file();
-    (m, rec, file)
-}
-
-/// [`with_file`] with the writer's handle.
-fn with_open_file() -> (Model<Recorder>, Recorder, u64, u64) {
-    let (mut m, rec) = model(4096);
+/// A model with volume `v` and a file `v/app.log` open for writing: (model, recorder, volume,
+/// file, the writer's handle).
+fn with_open_file() -> (Model<Recorder>, Recorder, u64, u64, u64) {
+    let (mut m, rec) = model();
     let vol = m.mkdir(ROOT, os("v"), 0o755, ME).unwrap().ino;
     let file = m.create(vol, os("app.log"), 0o644, ME, 0).unwrap().ino;
-    let fh = m.open(file, true).unwrap();
-    (m, rec, file, fh)
+    let fh = m.open(file, false, true, 1).unwrap();
+    (m, rec, vol, file, fh)
+}
+
+/// A write through passthrough: straight into the file's memory, at the end (O_APPEND).
+fn append(m: &Model<Recorder>, ino: u64, data: &[u8]) {
+    let t = m.tap(ino).unwrap();
+    t.backing().write_at(data, t.size()).unwrap();
+}
+
+/// What the capture reader does when woken.
+fn drain(m: &Model<Recorder>, ino: u64) {
+    m.tap(ino).unwrap().drain(Drain::Ready).unwrap();
+}
+
+fn lines(from: usize, n: usize) -> Vec<u8> {
+    (from..from + n).flat_map(|i| format!("line {i:06} of the log\n").into_bytes()).collect()
 }
 
 #[test]
 fn volumes_are_validated_and_announced() {
-    let (mut m, rec) = model(4096);
+    let (mut m, rec) = model();
     assert_eq!(m.mkdir(ROOT, os(".hidden"), 0o755, ME).unwrap_err(), libc::EINVAL);
     assert_eq!(m.mkdir(ROOT, os("a b"), 0o755, ME).unwrap_err(), libc::EINVAL);
     assert_eq!(m.mkdir(ROOT, os(&"x".repeat(300)), 0o755, ME).unwrap_err(), libc::ENAMETOOLONG);
@@ -116,76 +161,141 @@ fn volumes_are_validated_and_announced() {
 }
 
 #[test]
-fn appends_are_captured_once_and_resends_counted() {
-    let (mut m, rec, f) = with_file();
-    m.write(f, 0, b"hello\n").unwrap();
-    // The writeback cache re-sends the page from its start with more bytes.
-    m.write(f, 0, b"hello\nworld\n").unwrap();
-    assert_eq!(rec.appended("app.log"), b"hello\nworld\n");
-    assert!(rec.events().contains(&Event::Overwritten("app.log".into(), 6)));
-    assert_eq!(m.getattr(f).unwrap().size, 12);
-    assert_eq!(m.read(f, 0, 100).unwrap(), b"hello\nworld\n");
+fn passthrough_and_request_writes_are_captured_once_in_order() {
+    let (mut m, rec, _vol, f, _fh) = with_open_file();
+    append(&m, f, b"one\ntw");
+    drain(&m, f);
+    drain(&m, f);
+    append(&m, f, b"o\n");
+    m.write(f, 8, b"three\n").unwrap();
+    assert_eq!(rec.appended("app.log"), b"one\ntwo\nthree\n");
+    assert_eq!(m.getattr(f).unwrap().size, 14);
+    assert_eq!(m.read(f, 4, 100).unwrap(), b"two\nthree\n");
+    // A request that writes captured bytes again: counted only if they change.
+    m.write(f, 0, b"one\n").unwrap();
+    m.write(f, 0, b"ONE\n").unwrap();
+    assert_eq!(rec.sum(|e| matches!(e, Event::Overwritten(..)).then_some(4)), 4);
+    assert_eq!(rec.appended("app.log"), b"one\ntwo\nthree\n");
 }
 
 #[test]
-fn pages_written_back_out_of_order_are_captured_in_order() {
-    let (mut m, rec, f) = with_file();
-    m.write(f, 0, b"line one\npart").unwrap();
-    // The next page arrives before the rest of the first one (seen with the writeback cache).
-    m.write(f, 19, b"line three\n").unwrap();
-    assert_eq!(rec.appended("app.log"), b"line one\npart");
-    m.write(f, 0, b"line one\npart two\n\0").unwrap();
-    assert_eq!(rec.appended("app.log"), b"line one\npart two\n\0line three\n");
-    assert_eq!(m.getattr(f).unwrap().size, 30);
+fn a_full_stream_leaves_the_bytes_in_the_file_until_it_is_ready() {
+    let (m, rec, _vol, f, _fh) = with_open_file();
+    rec.full.store(true, Relaxed);
+    append(&m, f, b"waits\n");
+    assert_eq!(m.tap(f).unwrap().drain(Drain::Ready).unwrap(), crate::tap::Progress::Waiting);
+    assert!(rec.appended("app.log").is_empty());
+    rec.full.store(false, Relaxed);
+    drain(&m, f);
+    assert_eq!(rec.appended("app.log"), b"waits\n");
 }
 
 #[test]
-fn a_gap_that_never_fills_is_a_hole_after_the_hold() {
-    let (mut m, rec, f) = with_file();
+fn a_hole_is_never_delivered() {
+    let (mut m, rec, _vol, f, fh) = with_open_file();
     m.write(f, 0, b"a\n").unwrap();
-    m.write(f, 100, b"b\n").unwrap();
-    m.tick(Instant::now());
-    assert_eq!(rec.appended("app.log"), b"a\n", "held within GAP_HOLD");
-    m.tick(Instant::now() + GAP_HOLD);
-    assert_eq!(rec.appended("app.log"), b"a\nb\n");
+    m.write(f, 100_000, b"b\n").unwrap();
+    append(&m, f, b"c\n");
+    m.release(fh).unwrap();
+    assert_eq!(rec.appended("app.log"), b"a\nb\nc\n");
 }
 
 #[test]
-fn truncate_restarts_capture_and_ends_the_record() {
-    let (mut m, rec, f) = with_file();
-    m.write(f, 0, b"one\ntw").unwrap();
+fn with_the_writeback_cache_a_hole_waits_for_its_page() {
+    let (mut m, rec) = model_with(4096, true);
+    let vol = m.mkdir(ROOT, os("v"), 0o755, ME).unwrap().ino;
+    let f = m.create(vol, os("app.log"), 0o644, ME, 0).unwrap().ino;
+    let fh = m.open(f, false, true, 1).unwrap();
+    // The kernel sends the second page before the first.
+    let first = vec![b'x'; 4096];
+    m.write(f, 4096, b"second page\n").unwrap();
+    assert!(rec.appended("app.log").is_empty(), "waits for the first page");
+    m.write(f, 0, &first).unwrap();
+    let mut expected = first.clone();
+    expected.extend_from_slice(b"second page\n");
+    assert_eq!(rec.appended("app.log"), expected);
+    // A hole still there at the last close is a hole.
+    m.write(f, 3 * 4096, b"after a real hole\n").unwrap();
+    m.release(fh).unwrap();
+    expected.extend_from_slice(b"after a real hole\n");
+    assert_eq!(rec.appended("app.log"), expected);
+}
+
+#[test]
+fn truncate_captures_what_is_left_then_restarts() {
+    let (mut m, rec, _vol, f, _fh) = with_open_file();
+    append(&m, f, b"before\n");
+    // Not drained by the reader yet: the truncate captures it first.
     m.setattr(f, SetAttr { size: Some(0), ..Default::default() }).unwrap();
-    m.write(f, 0, b"three\n").unwrap();
-    assert_eq!(rec.appended("app.log"), b"one\ntwthree\n");
-    let events = rec.events();
-    let end = events.iter().position(|e| *e == Event::End("app.log".into())).unwrap();
-    let three = events.iter().position(|e| *e == Event::Append("app.log".into(), b"three\n".to_vec())).unwrap();
-    assert!(end < three, "the record ends at the truncate: {events:?}");
-    assert_eq!(m.read(f, 0, 100).unwrap(), b"three\n");
+    append(&m, f, b"after\n");
+    drain(&m, f);
+    assert_eq!(rec.appended("app.log"), b"before\nafter\n");
+    assert_eq!(m.getattr(f).unwrap().size, 6);
+    let ends = rec.events().iter().filter(|e| **e == Event::End("app.log".into())).count();
+    assert_eq!(ends, 1, "the truncate ends the record");
 }
 
+/// logrotate's copytruncate: read the file, write a copy, truncate the original. The copy's
+/// bytes were captured from the original already, also those whose memory was given back
+/// (they read as zeros in both files).
 #[test]
-fn a_hole_is_not_emitted() {
-    let (mut m, rec, f) = with_file();
-    m.write(f, 0, b"abc\n").unwrap();
+fn a_copy_of_a_captured_file_is_not_captured_again() {
+    let (mut m, rec) = model_with(4096, false);
+    let vol = m.mkdir(ROOT, os("v"), 0o755, ME).unwrap().ino;
+    let f = m.create(vol, os("app.log"), 0o644, ME, 0).unwrap().ino;
+    m.open(f, false, true, 1).unwrap();
+    let content = lines(0, 200_000);
+    append(&m, f, &content);
+    while m.tap(f).unwrap().drain(Drain::Ready).unwrap() != crate::tap::Progress::Caught {}
+    assert!(m.tap(f).unwrap().held() < content.len() as u64 / 2, "captured bytes were given back");
+
+    let reading = m.open(f, true, false, COPIER).unwrap();
+    let copy = m.create(vol, os("app.log.1"), 0o644, ME, COPIER).unwrap().ino;
+    let cfh = m.open(copy, false, true, COPIER).unwrap();
+    let mut seen = vec![0; m.getattr(f).unwrap().size as usize];
+    m.tap(f).unwrap().backing().read_full(&mut seen, 0).unwrap();
+    assert!(seen[..4096].iter().all(|&b| b == 0), "the copier reads zeros where memory was given back");
+    m.tap(copy).unwrap().backing().write_at(&seen, 0).unwrap();
+    m.release(cfh).unwrap();
+    m.release(reading).unwrap();
+    // The writer goes on after the truncate.
     m.setattr(f, SetAttr { size: Some(0), ..Default::default() }).unwrap();
-    // A writer without O_APPEND keeps its offset after copytruncate: the gap may still fill
-    // (writeback reorders pages), so the data waits until the gap proves to be a hole.
-    m.write(f, 4, b"def\n").unwrap();
-    assert_eq!(rec.appended("app.log"), b"abc\n");
-    m.fsync(f).unwrap();
-    assert_eq!(rec.appended("app.log"), b"abc\ndef\n");
-    assert_eq!(m.read(f, 0, 8).unwrap(), b"\0\0\0\0def\n");
+    append(&m, f, b"new\n");
+    drain(&m, f);
+
+    assert!(rec.appended("app.log.1").is_empty(), "nothing of the copy is delivered");
+    assert_eq!(rec.sum(|e| if let Event::Copied(_, n) = e { Some(*n) } else { None }), content.len() as u64);
+    let mut expected = content.clone();
+    expected.extend_from_slice(b"new\n");
+    assert!(rec.appended("app.log") == expected);
 }
 
 #[test]
-fn rename_keeps_the_stream_and_tells_the_new_path() {
-    let (mut m, rec, f) = with_file();
-    let vol = m.lookup(ROOT, os("v")).unwrap().ino;
-    m.write(f, 0, b"a\n").unwrap();
+fn a_copy_that_goes_its_own_way_is_captured_from_there() {
+    let (mut m, rec, vol, f, _fh) = with_open_file();
+    append(&m, f, b"shared\n");
+    drain(&m, f);
+    m.open(f, true, false, COPIER).unwrap();
+    let copy = m.create(vol, os("edited.log"), 0o644, ME, COPIER).unwrap().ino;
+    append(&m, copy, b"shared\nmine\n");
+    drain(&m, copy);
+    assert_eq!(rec.appended("edited.log"), b"mine\n");
+    // The same bytes written by a process that reads nothing are its own.
+    let other = m.create(vol, os("other.log"), 0o644, ME, 7).unwrap().ino;
+    append(&m, other, b"shared\n");
+    drain(&m, other);
+    assert_eq!(rec.appended("other.log"), b"shared\n");
+}
+
+#[test]
+fn rename_captures_under_the_old_path_first() {
+    let (mut m, rec, vol, f, _fh) = with_open_file();
+    append(&m, f, b"a\n");
     m.rename(vol, os("app.log"), vol, os("app.log.1"), false).unwrap();
-    m.write(f, 2, b"b\n").unwrap();
+    append(&m, f, b"b\n");
+    drain(&m, f);
     assert!(rec.events().contains(&Event::Moved("app.log".into(), "app.log.1".into())));
+    assert_eq!(rec.appended("app.log"), b"a\n");
     assert_eq!(rec.appended("app.log.1"), b"b\n");
     assert_eq!(m.lookup(vol, os("app.log")).unwrap_err(), libc::ENOENT);
     assert_eq!(m.lookup(vol, os("app.log.1")).unwrap().ino, f);
@@ -193,8 +303,7 @@ fn rename_keeps_the_stream_and_tells_the_new_path() {
 
 #[test]
 fn rename_over_an_existing_file_unlinks_it() {
-    let (mut m, rec, f) = with_file();
-    let vol = m.lookup(ROOT, os("v")).unwrap().ino;
+    let (mut m, rec, vol, f, _fh) = with_open_file();
     let g = m.create(vol, os("new.log"), 0o644, ME, 0).unwrap().ino;
     m.write(g, 0, b"partial").unwrap();
     m.rename(vol, os("app.log"), vol, os("new.log"), false).unwrap();
@@ -205,8 +314,7 @@ fn rename_over_an_existing_file_unlinks_it() {
 
 #[test]
 fn rename_rules() {
-    let (mut m, _rec, _f) = with_file();
-    let v = m.lookup(ROOT, os("v")).unwrap().ino;
+    let (mut m, _rec, v, _f, _fh) = with_open_file();
     let w = m.mkdir(ROOT, os("w"), 0o755, ME).unwrap().ino;
     let d = m.mkdir(v, os("d"), 0o755, ME).unwrap().ino;
     let sub = m.mkdir(d, os("sub"), 0o755, ME).unwrap().ino;
@@ -223,7 +331,7 @@ fn rename_rules() {
 
 #[test]
 fn nested_paths_follow_directory_renames() {
-    let (mut m, rec) = model(4096);
+    let (mut m, rec) = model();
     let v = m.mkdir(ROOT, os("v"), 0o755, ME).unwrap().ino;
     let d = m.mkdir(v, os("d"), 0o755, ME).unwrap().ino;
     m.create(d, os("x.log"), 0o644, ME, 0).unwrap();
@@ -234,47 +342,38 @@ fn nested_paths_follow_directory_renames() {
 }
 
 #[test]
-fn unlinked_open_file_lives_until_released_and_forgotten() {
-    let (mut m, rec, f, fh) = with_open_file();
-    let vol = m.lookup(ROOT, os("v")).unwrap().ino;
-    m.write(f, 0, b"tail without newline").unwrap();
+fn an_unlinked_open_file_is_captured_until_released_and_forgotten() {
+    let (mut m, rec, vol, f, fh) = with_open_file();
+    append(&m, f, b"before unlink\n");
     m.unlink(vol, os("app.log")).unwrap();
-    assert!(rec.events().contains(&Event::End("app.log".into())));
-    // Still writable through the open handle.
-    m.write(f, 20, b"!\n").unwrap();
+    append(&m, f, b"after unlink\n");
     assert_eq!(m.getattr(f).unwrap().nlink, 0);
     m.release(fh).unwrap();
     assert!(m.getattr(f).is_ok(), "the kernel still holds a lookup");
     m.forget(f, 1);
     assert_eq!(m.getattr(f).unwrap_err(), libc::ENOENT);
+    assert_eq!(rec.appended("app.log"), b"before unlink\nafter unlink\n");
 }
 
 #[test]
 fn a_readers_close_does_not_end_the_writers_line() {
-    let (mut m, rec, f, writer) = with_open_file();
-    m.write(f, 0, b"first half ").unwrap();
-    let reader = m.open(f, false).unwrap();
-    assert_eq!(m.read(f, 0, 100).unwrap(), b"first half ");
+    let (mut m, rec, _vol, f, writer) = with_open_file();
+    append(&m, f, b"first half ");
+    let reader = m.open(f, true, false, 9).unwrap();
     m.release(reader).unwrap();
     assert!(!rec.events().contains(&Event::End("app.log".into())), "{:?}", rec.events());
-    // A gap held for an out-of-order page stays held too: the reader's close proves nothing.
-    m.write(f, 4096, b"later page").unwrap();
-    let reader = m.open(f, false).unwrap();
-    m.release(reader).unwrap();
-    assert_eq!(rec.appended("app.log"), b"first half ");
-    m.write(f, 11, b"second half\n").unwrap();
-    assert_eq!(rec.appended("app.log"), b"first half second half\n");
-    // The last writer's close ends what is left; a handle is released once.
+    append(&m, f, b"second half\n");
     m.release(writer).unwrap();
+    assert_eq!(rec.appended("app.log"), b"first half second half\n");
     assert_eq!(rec.events().last(), Some(&Event::End("app.log".into())));
     assert_eq!(m.release(writer), Err(libc::EBADF));
 }
 
 #[test]
 fn records_end_when_the_last_of_several_writers_closes() {
-    let (mut m, rec, f, first) = with_open_file();
-    let second = m.open(f, true).unwrap();
-    m.write(f, 0, b"partial").unwrap();
+    let (mut m, rec, _vol, f, first) = with_open_file();
+    let second = m.open(f, false, true, 2).unwrap();
+    append(&m, f, b"partial");
     m.release(first).unwrap();
     assert!(!rec.events().contains(&Event::End("app.log".into())));
     m.release(second).unwrap();
@@ -282,104 +381,126 @@ fn records_end_when_the_last_of_several_writers_closes() {
 }
 
 #[test]
-fn closing_refuses_writes_and_counts_them() {
-    let (mut m, rec, f) = with_file();
-    m.write(f, 0, b"partial").unwrap();
+fn closing_seals_every_file_and_captures_what_came_before() {
+    let (mut m, rec, vol, f, _fh) = with_open_file();
+    append(&m, f, b"partial");
     m.close();
+    assert_eq!(rec.appended("app.log"), b"partial");
     assert!(rec.events().contains(&Event::End("app.log".into())));
+    let t = m.tap(f).unwrap();
+    assert_eq!(t.backing().write_at(b"late", 7).unwrap_err().raw_os_error(), Some(libc::EPERM));
     assert_eq!(m.write(f, 7, b"more\n"), Err(libc::ESHUTDOWN));
     assert!(rec.events().contains(&Event::Refused("app.log".into(), 5)));
-    let vol = m.lookup(ROOT, os("v")).unwrap().ino;
     assert_eq!(m.create(vol, os("n"), 0o644, ME, 0).unwrap_err(), libc::ESHUTDOWN);
-    assert_eq!(m.open(f, true), Err(libc::ESHUTDOWN));
-    assert!(m.open(f, false).is_ok());
+    assert_eq!(m.open(f, false, true, 1), Err(libc::ESHUTDOWN));
+    assert!(m.open(f, true, false, 1).is_ok());
+}
+
+#[test]
+fn a_volume_over_its_budget_drops_the_oldest_uncaptured_lines_and_counts_them() {
+    let (mut m, rec, vol, f, _fh) = with_open_file();
+    let quiet = m.create(vol, os("quiet.log"), 0o644, ME, 0).unwrap().ino;
+    append(&m, quiet, b"quiet\n");
+    drain(&m, quiet);
+    rec.full.store(true, Relaxed);
+    let content = lines(0, 100_000);
+    append(&m, f, &content);
+    m.tap(f).unwrap().drain(Drain::Ready).unwrap();
+    let budget = 1 << 20;
+    enforce_budget(&m.taps().all(), budget);
+    assert!(m.held_bytes() <= budget, "{} held", m.held_bytes());
+    rec.full.store(false, Relaxed);
+    while m.tap(f).unwrap().drain(Drain::Ready).unwrap() != crate::tap::Progress::Caught {}
+    let dropped = rec.sum(|e| if let Event::Dropped(_, n) = e { Some(*n) } else { None });
+    let got = rec.appended("app.log");
+    assert_eq!(got.len() as u64 + dropped, content.len() as u64, "every byte delivered or counted");
+    assert!(content.ends_with(&got), "the newest lines stay, whole");
+    assert!(got.starts_with(b"line "));
+    assert_eq!(rec.appended("quiet.log"), b"quiet\n");
+}
+
+#[test]
+fn a_volume_holds_a_bounded_number_of_files() {
+    let (mut m, _rec) = model();
+    let v = m.mkdir(ROOT, os("v"), 0o755, ME).unwrap().ino;
+    for i in 0..8 {
+        m.create(v, os(&format!("{i}.log")), 0o644, ME, 0).unwrap();
+    }
+    assert_eq!(m.create(v, os("one-too-many"), 0o644, ME, 0).unwrap_err(), libc::ENOSPC);
+    let zero = m.lookup(v, os("0.log")).unwrap().ino;
+    m.unlink(v, os("0.log")).unwrap();
+    assert_eq!(m.create(v, os("still-too-many"), 0o644, ME, 0).unwrap_err(), libc::ENOSPC, "still referenced");
+    m.forget(zero, 2);
+    m.create(v, os("room-again"), 0o644, ME, 0).unwrap();
 }
 
 #[test]
 fn errors_not_panics() {
-    let (mut m, _rec, f) = with_file();
+    let (mut m, _rec, vol, f, _fh) = with_open_file();
     assert_eq!(m.read(ROOT, 0, 10).unwrap_err(), libc::EISDIR);
     assert_eq!(m.write(ROOT, 0, b"x").unwrap_err(), libc::EISDIR);
     assert_eq!(m.readdir(f).unwrap_err(), libc::ENOTDIR);
     assert_eq!(m.lookup(f, os("x")).unwrap_err(), libc::ENOTDIR);
     assert_eq!(m.getattr(9999).unwrap_err(), libc::ENOENT);
     assert_eq!(m.write(f, u64::MAX - 1, b"xyz").unwrap_err(), libc::EFBIG);
-    let vol = m.lookup(ROOT, os("v")).unwrap().ino;
     assert_eq!(m.create(vol, os("a/b"), 0o644, ME, 0).unwrap_err(), libc::EINVAL);
     assert_eq!(m.unlink(vol, os("missing")).unwrap_err(), libc::ENOENT);
 }
 
 #[derive(Debug, Clone)]
 enum Op {
-    /// Append `n` bytes of the true content.
+    /// Append `n` bytes through passthrough.
     Append(usize),
-    /// Append `n` bytes as two writes, the second half first (writeback reordering pages).
-    Reordered(usize),
-    /// Re-send from `back` bytes below the end of what was written (writeback page re-send).
-    Resend(usize),
+    /// Append `n` bytes with a write request.
+    Request(usize),
+    /// The capture reader wakes.
+    Drain,
+    /// The ring fills up or empties.
+    Full(bool),
     /// copytruncate: truncate to 0 (an O_APPEND writer continues at 0).
     Truncate,
+    /// `cat` opens and closes the file.
+    Reader,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        5 => (1usize..300).prop_map(Op::Append),
-        2 => (2usize..300).prop_map(Op::Reordered),
-        3 => (1usize..300).prop_map(Op::Resend),
+        5 => (1usize..9000).prop_map(Op::Append),
+        2 => (1usize..300).prop_map(Op::Request),
+        3 => Just(Op::Drain),
+        1 => any::<bool>().prop_map(Op::Full),
         1 => Just(Op::Truncate),
+        1 => Just(Op::Reader),
     ]
 }
 
 proptest! {
-    /// However writes arrive (appends, page re-sends that overlap what was captured,
-    /// truncates), every byte written reaches the stream exactly once, in order.
+    /// However writes, drains, a full ring and truncates interleave, every byte written reaches
+    /// the stream exactly once, in order, and the given-back memory never shows as content.
     #[test]
     fn every_byte_captured_once(ops in proptest::collection::vec(op(), 1..60), seed in any::<u8>()) {
-        let (mut m, rec, f) = with_file();
-        let byte = |i: usize| (i as u8).wrapping_mul(31).wrapping_add(seed);
+        let (mut m, rec, _vol, f, fh) = with_open_file();
+        let byte = |i: usize| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1;
         let mut expected = Vec::new();
-        // Content of the file since the last truncate.
-        let mut content: Vec<u8> = Vec::new();
-        let mut overwritten = 0u64;
+        let mut next = 0usize;
+        let mut data = |n: usize| -> Vec<u8> { let d: Vec<u8> = (next..next + n).map(byte).collect(); next += n; d };
         for op in ops {
             match op {
-                Op::Append(n) => {
-                    let start = content.len();
-                    let data: Vec<u8> = (0..n).map(|i| byte(expected.len() + i)).collect();
-                    m.write(f, start as u64, &data).unwrap();
-                    content.extend_from_slice(&data);
-                    expected.extend_from_slice(&data);
+                Op::Append(n) => { let d = data(n); append(&m, f, &d); expected.extend(d); }
+                Op::Request(n) => {
+                    let d = data(n);
+                    let at = m.getattr(f).unwrap().size;
+                    m.write(f, at, &d).unwrap();
+                    expected.extend(d);
                 }
-                Op::Reordered(n) => {
-                    let start = content.len();
-                    let data: Vec<u8> = (0..n).map(|i| byte(expected.len() + i)).collect();
-                    let half = n / 2;
-                    m.write(f, (start + half) as u64, &data[half..]).unwrap();
-                    m.write(f, start as u64, &data[..half]).unwrap();
-                    content.extend_from_slice(&data);
-                    expected.extend_from_slice(&data);
-                }
-                Op::Resend(back) => {
-                    let from = content.len().saturating_sub(back);
-                    let extra: Vec<u8> = (0..back / 2).map(|i| byte(expected.len() + i)).collect();
-                    let mut data = content[from..].to_vec();
-                    data.extend_from_slice(&extra);
-                    m.write(f, from as u64, &data).unwrap();
-                    overwritten += (content.len() - from) as u64;
-                    content.extend_from_slice(&extra);
-                    expected.extend_from_slice(&extra);
-                }
-                Op::Truncate => {
-                    m.setattr(f, SetAttr { size: Some(0), ..Default::default() }).unwrap();
-                    content.clear();
-                }
+                Op::Drain => drain(&m, f),
+                Op::Full(full) => rec.full.store(full, Relaxed),
+                Op::Truncate => { m.setattr(f, SetAttr { size: Some(0), ..Default::default() }).unwrap(); }
+                Op::Reader => { let r = m.open(f, true, false, 3).unwrap(); m.release(r).unwrap(); }
             }
-            prop_assert_eq!(m.getattr(f).unwrap().size, content.len() as u64);
         }
-        prop_assert_eq!(rec.appended("app.log"), expected);
-        let counted: u64 = rec.events().iter().map(|e| match e { Event::Overwritten(_, n) => *n, _ => 0 }).sum();
-        prop_assert_eq!(counted, overwritten);
-        let tail_from = content.len().saturating_sub(4096);
-        prop_assert_eq!(m.read(f, tail_from as u64, 8192).unwrap(), content[tail_from..].to_vec());
+        rec.full.store(false, Relaxed);
+        m.release(fh).unwrap();
+        prop_assert!(rec.appended("app.log") == expected);
     }
 }

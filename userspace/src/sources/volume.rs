@@ -1,25 +1,27 @@
 //! The volume source: files written into logtap's FUSE volumes become records.
 //!
-//! The filesystem model (crate `logtap-fusefs`) hands each file's new bytes to a
-//! [`FileStream`]; the stream frames them into lines and pushes the records into the ring,
-//! right in the FUSE request, so that the `block` policy holds the writer back.
+//! The filesystem (crate `logtap-fusefs`) keeps each file's content in memory and hands its new
+//! bytes to a [`FileStream`]; the stream frames them into lines and pushes the records into the
+//! ring. When the ring has no room, the stream says it is not ready and the bytes wait in the
+//! file (up to the volume's memory budget) rather than make the ring drop anything: writers
+//! never wait for the agent.
 //!
 //! A volume's records carry the identity of the container that mounts it (discovery links
 //! them). A file made by a container's process before discovery has linked the volume gets its
 //! creator's identity; if the runtime has not named that container yet, the file's records wait
 //! for it (up to `discovery.hold_timeout`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use logtap_fusefs::{Capture, Stream};
+use logtap_fusefs::{Capture, Serving, Stream};
 
 use super::hold::{Holding, Wait};
 use super::{reorigin_all, LineStream, Stamp};
-use crate::api::{Container, SpecError, VolumeSnapshot, VolumeSpec};
+use crate::api::{Container, ServingSnapshot, SpecError, VolumeSnapshot, VolumeSpec};
 use crate::counters::GroupCounters;
 use crate::discovery::identity::Identity;
 use crate::discovery::Lookup;
@@ -45,12 +47,21 @@ pub struct Volume {
 pub struct VolumesConfig {
     pub mount: PathBuf,
     pub allow_other: bool,
+    /// FUSE passthrough to the files' memory where the kernel allows it.
+    pub passthrough: bool,
+    /// Without passthrough: the kernel's writeback cache (fewer, larger requests; lines wait
+    /// in the kernel up to `flush_interval`).
     pub writeback_cache: bool,
     pub max_write: ByteSize,
     pub flush_interval: Dur,
     pub partial_flush: Dur,
     pub max_record_bytes: ByteSize,
+    /// Captured bytes kept readable at the end of each file.
     pub tail_bytes: ByteSize,
+    /// Memory one volume's files may hold: what capture has not read yet plus the kept tails.
+    pub volume_memory: ByteSize,
+    /// Regular files one volume may hold.
+    pub max_files: usize,
     /// Docker volume plugin socket (VolumeDriver protocol); empty: no plugin.
     pub plugin_socket: PathBuf,
 }
@@ -60,12 +71,15 @@ impl Default for VolumesConfig {
         Self {
             mount: "/run/logtap/volumes".into(),
             allow_other: true,
-            writeback_cache: true,
+            passthrough: true,
+            writeback_cache: false,
             max_write: ByteSize(1 << 20),
             flush_interval: Dur(Duration::from_millis(200)),
             partial_flush: Dur(Duration::from_secs(1)),
             max_record_bytes: ByteSize(256 << 10),
             tail_bytes: ByteSize(64 << 10),
+            volume_memory: ByteSize(256 << 20),
+            max_files: 1024,
             plugin_socket: "/run/docker/plugins/logtap.sock".into(),
         }
     }
@@ -80,10 +94,16 @@ impl VolumesConfig {
             return Err(format!("volumes.max_write must be between 4KiB and 1MiB, not {}", self.max_write));
         }
         if self.tail_bytes.0 < 4096 {
+            return Err(format!("volumes.tail_bytes must be at least 4KiB (one page), not {}", self.tail_bytes));
+        }
+        if self.volume_memory.0 < 4 * self.tail_bytes.0.max(1 << 20) {
             return Err(format!(
-                "volumes.tail_bytes must be at least 4KiB (the kernel reads partly written pages back), not {}",
-                self.tail_bytes
+                "volumes.volume_memory must be at least 4 times tail_bytes and at least 4MiB, not {}",
+                self.volume_memory
             ));
+        }
+        if self.max_files == 0 {
+            return Err("volumes.max_files must be at least 1".into());
         }
         if self.max_record_bytes.0 == 0 {
             return Err("volumes.max_record_bytes must be at least 1 byte".into());
@@ -120,6 +140,8 @@ pub struct VolumeSource {
     generation: AtomicU64,
     /// Who containers are, and where their records wait to be named, with discovery on.
     holding: Option<Arc<Holding>>,
+    /// How the mount serves files (passthrough or requests, and why).
+    serving: Mutex<ServingSnapshot>,
 }
 
 impl VolumeSource {
@@ -132,7 +154,12 @@ impl VolumeSource {
             links: Mutex::default(),
             generation: AtomicU64::new(0),
             holding,
+            serving: Mutex::new(ServingSnapshot { mode: "unmounted".into(), reason: None }),
         })
+    }
+
+    pub fn serving(&self) -> ServingSnapshot {
+        lock(&self.serving).clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Volume>>> {
@@ -318,6 +345,11 @@ impl Capture for VolumeCapture {
         tracing::info!(volume, "volume removed");
     }
 
+    fn serving(&self, how: &Serving) {
+        let reason = Some(how.why()).filter(|w| !w.is_empty()).map(String::from);
+        *lock(&self.0.serving) = ServingSnapshot { mode: how.name().into(), reason };
+    }
+
     fn stream(&self, volume: &str, path: &str, creator: u32) -> FileStream {
         let v = self.0.volume(volume);
         let counters = v.counters.stream(path);
@@ -333,6 +365,8 @@ impl Capture for VolumeCapture {
             volume: v,
             creator,
             waiting,
+            pending: VecDeque::new(),
+            held: 0,
         }
     }
 }
@@ -355,7 +389,15 @@ pub struct FileStream {
     /// The container of the process that made the file (used while the volume is unlinked).
     creator: Option<Arc<Identity>>,
     waiting: Option<Waiting>,
+    /// Records framed but not in the ring yet (it had no room): they go first.
+    pending: VecDeque<Record>,
+    /// Memory the file's content holds, as last told.
+    held: u64,
 }
+
+/// A file's bytes are read only while the ring has this share of its capacity free, so that
+/// what one read frames (64 KiB at most) fits.
+const ROOM_SHARE: usize = 8;
 
 impl FileStream {
     /// Takes the volume's identity again if a container was linked or unlinked since.
@@ -383,7 +425,10 @@ impl FileStream {
                 w.bytes += bytes;
                 w.records.append(&mut batch);
             }
-            _ => self.source.ring.push(batch),
+            _ => {
+                self.pending.extend(batch);
+                self.source.ring.push_fitting(&mut self.pending);
+            }
         }
         self.settle(false);
     }
@@ -414,12 +459,37 @@ impl FileStream {
 }
 
 impl Stream for FileStream {
+    fn ready(&mut self) -> bool {
+        let ring = &self.source.ring;
+        ring.push_fitting(&mut self.pending);
+        self.pending.is_empty() && ring.free() >= ring.capacity() / ROOM_SHARE
+    }
+
     fn append(&mut self, data: &[u8]) {
         self.emit(|lines, out| lines.push(data, Stamp::now(), out));
     }
 
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            self.source.ring.push(self.pending.drain(..).collect());
+        }
+    }
+
+    fn copied(&mut self, bytes: u64) {
+        self.lines.origin.counters.copied(bytes);
+    }
+
+    fn dropped(&mut self, bytes: u64) {
+        self.lines.origin.counters.dropped(0, bytes);
+    }
+
     fn overwritten(&mut self, bytes: u64) {
         self.lines.origin.counters.overwritten(bytes);
+    }
+
+    fn held(&mut self, bytes: u64) {
+        self.lines.origin.counters.held(self.held, bytes);
+        self.held = bytes;
     }
 
     fn refused(&mut self, bytes: u64) {
@@ -446,6 +516,8 @@ impl Drop for FileStream {
     fn drop(&mut self) {
         self.emit(|lines, out| lines.end_record(Stamp::now(), out));
         self.settle(true);
+        self.flush();
+        self.held(0);
         self.volume.counters.stream_gone(&self.lines.origin.path, &self.lines.origin.counters.stream);
     }
 }
