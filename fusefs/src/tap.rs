@@ -87,6 +87,11 @@ struct State<S> {
     copy_of: Option<Arc<Tap<S>>>,
     /// Since when a hole at `captured` has waited to fill.
     hole_since: Option<Instant>,
+    /// Known data (no hole) from `captured` up to here, and whether a hole follows (else the
+    /// end of the file was there): finding holes scans the file's pages, so it is done once per
+    /// stretch of data, not once per read.
+    data_until: u64,
+    hole_after: bool,
 }
 
 pub struct Tap<S> {
@@ -125,6 +130,8 @@ impl<S: Stream> Tap<S> {
                 released: 0,
                 copy_of: None,
                 hole_since: None,
+                data_until: 0,
+                hole_after: false,
             }),
             held: AtomicU64::new(0),
             behind: AtomicU64::new(0),
@@ -193,27 +200,34 @@ impl<S: Stream> Tap<S> {
                 st.hole_since = None;
                 return Ok(Progress::Caught);
             }
-            // Reads stop at the next mark, so that it is told between the right bytes.
-            let size = st.marks.front().map_or(size, |(at, _)| size.min(*at));
             if how != Drain::All && st.captured >= turn_ends {
                 return Ok(Progress::More);
             }
-            let (from, to, hole_next) = match self.backing.data_from(st.captured)? {
-                Some(e) if e.start <= st.captured => (st.captured, e.end.min(size), e.end < size),
-                hole => {
-                    // Nothing was written between here and the next data (or the end).
-                    if how == Drain::Ready && self.settings.holes_may_fill {
-                        let since = *st.hole_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() < HOLE_WAIT {
-                            return Ok(Progress::Caught);
-                        }
+            if st.captured >= st.data_until {
+                match self.backing.data_from(st.captured)? {
+                    Some(e) if e.start <= st.captured => {
+                        st.data_until = e.end.min(size);
+                        st.hole_after = e.end < size;
                     }
-                    st.hole_since = None;
-                    st.captured = hole.map_or(size, |e| e.start.min(size));
-                    after_hole = true;
-                    continue;
+                    next => {
+                        // Nothing was written between here and the next data (or the end).
+                        if how == Drain::Ready && self.settings.holes_may_fill {
+                            let since = *st.hole_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() < HOLE_WAIT {
+                                return Ok(Progress::Caught);
+                            }
+                        }
+                        st.hole_since = None;
+                        st.captured = next.map_or(size, |e| e.start.min(size));
+                        after_hole = true;
+                        continue;
+                    }
                 }
-            };
+            }
+            // Reads stop at the next mark, so that it is told between the right bytes.
+            let from = st.captured;
+            let to = st.marks.front().map_or(st.data_until, |(at, _)| st.data_until.min(*at));
+            let hole_next = st.hole_after && to == st.data_until;
             st.hole_since = None;
             let len = ((to - from) as usize).min(CHUNK);
             buf.resize(len, 0);
@@ -388,6 +402,7 @@ impl<S: Stream> Tap<S> {
         Self::apply_marks(&mut st);
         st.stream.flush();
         self.backing.set_len(size)?;
+        st.data_until = 0;
         if size < st.captured {
             // copytruncate and O_TRUNC: what came before is complete, capture restarts.
             st.stream.end_record();

@@ -250,19 +250,39 @@ impl Agent {
 
     /// Lines the files sink wrote for `service`/`module`, over all days, in order.
     pub fn sink_lines(&self, service: &str, module: &str) -> Vec<Vec<u8>> {
+        let data = self.sink_bytes(service, module);
+        let mut lines: Vec<Vec<u8>> = data.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+        lines.pop(); // after the last newline
+        lines
+    }
+
+    /// The bytes the files sink wrote for `service`/`module` (raw format: each record and a
+    /// newline), over all days, in order.
+    pub fn sink_bytes(&self, service: &str, module: &str) -> Vec<u8> {
+        self.sink_files(service, module).iter().flat_map(|f| std::fs::read(f).unwrap_or_default()).collect()
+    }
+
+    fn sink_files(&self, service: &str, module: &str) -> Vec<PathBuf> {
         let dir = self.out.join(service);
         let mut files: Vec<PathBuf> =
             std::fs::read_dir(&dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
         files.retain(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{module}."))));
         files.sort();
-        let mut lines = Vec::new();
-        for f in files {
-            let data = std::fs::read(&f).unwrap_or_default();
-            let mut parts: Vec<Vec<u8>> = data.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
-            parts.pop(); // after the last newline
-            lines.extend(parts);
+        files
+    }
+
+    /// Waits until the files sink wrote at least `len` bytes for `service`/`module` and the
+    /// agent is idle (or the timeout); returns them.
+    pub fn wait_sink_bytes(&self, service: &str, module: &str, len: u64, timeout: Duration) -> Vec<u8> {
+        let deadline = Instant::now() + timeout;
+        let size = || -> u64 {
+            self.sink_files(service, module).iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum()
+        };
+        while size() < len && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
         }
-        lines
+        self.wait_idle(Duration::from_secs(30));
+        self.sink_bytes(service, module)
     }
 
     /// The files sink's lines for `service`/`module` as JSON (`files_format = "json"`).

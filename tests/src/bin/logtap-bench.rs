@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use logtap_e2e::{read_json_lines, Agent, Setup, Sink};
+use logtap_e2e::{read_json_lines, Agent, Serving, Setup, Sink};
 
 struct Args {
     lines: usize,
@@ -675,18 +675,17 @@ fn pipes(a: &Args) {
     }
 }
 
-fn volumes(a: &Args) {
-    let work = tempfile::Builder::new().prefix("logtap-bench-").tempdir().expect("tempdir");
-    let tmpfs = Tmpfs::new(&work.path().join("tmpfs"));
-    let agent = Agent::start(Setup::default());
+/// One way of serving volume files, measured against tmpfs: the writers' speed, the time until
+/// captured, the agent's CPU per GB and memory, write()-to-capture latency.
+fn volume_mode(a: &Args, tmpfs: &Tmpfs, name: &str, setup: Setup, rows: &mut Vec<String>, figures: &mut Vec<String>) {
+    let agent = Agent::start(setup.clone());
     let vol = agent.volume("bench");
     let pid = agent.pid();
-    let mut rows: Vec<String> = Vec::new();
     let cpu0 = cpu_seconds(pid);
-
-    // 1. 100-byte lines, one write() each.
-    let (mut base, mut ours, mut ours_captured) = (Vec::new(), Vec::new(), Vec::new());
     let mut expected = captured_records(&agent);
+
+    // 100-byte lines, one write() each; tmpfs and the volume alternate.
+    let (mut base, mut ours, mut captured) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..a.rounds {
         let t = write_lines(&tmpfs.0.join(format!("lines{round}.log")), a.lines);
         base.push(a.lines as f64 / t.as_secs_f64());
@@ -696,22 +695,20 @@ fn volumes(a: &Args) {
         ours.push(a.lines as f64 / t.as_secs_f64());
         expected += a.lines as u64;
         wait_captured(&agent, expected);
-        ours_captured.push(a.lines as f64 / start.elapsed().as_secs_f64());
+        captured.push(a.lines as f64 / start.elapsed().as_secs_f64());
         std::fs::remove_file(vol.join(format!("lines{round}.log"))).ok();
     }
-    let (b, o, c) = (median(base), median(ours), median(ours_captured));
+    let (b, o, c) = (median(base), median(ours), median(captured));
     rows.push(format!(
-        "| 100-byte lines, 1 write() each ({} lines) | {:.0} lines/s | {:.0} lines/s ({:.0} captured/s) | {:.0} % |",
+        "| {name} | 100-byte lines, 1 write() each ({}) | {b:.0} lines/s | {o:.0} lines/s ({:.0} %) | {c:.0} lines/s ({:.0} %) |",
         a.lines,
-        b,
-        o,
-        c,
-        100.0 * o / b
+        100.0 * o / b,
+        100.0 * c / b
     ));
 
-    // 2. dd with 4 KiB, 64 KiB and 1 MiB blocks, from a source in memory.
+    // dd with 4 KiB, 64 KiB and 1 MiB blocks from a source in memory.
     let src = tmpfs.0.join("src.txt");
-    {
+    if !src.exists() {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&src).expect("src"));
         let line = [b'y'; 99];
         for _ in 0..(a.dd_mib << 20) / 100 {
@@ -721,98 +718,64 @@ fn volumes(a: &Args) {
     let src_lines = ((a.dd_mib << 20) / 100) as u64;
     let mib = (src_lines * 100) as f64 / (1 << 20) as f64;
     for bs in ["4k", "64k", "1M"] {
-        let (mut base, mut ours) = (Vec::new(), Vec::new());
+        let (mut base, mut ours, mut captured) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..a.rounds {
             let dst = tmpfs.0.join(format!("dd{round}"));
             base.push(mib / dd(&src, &dst, bs).as_secs_f64());
             std::fs::remove_file(dst).ok();
             let dst = vol.join(format!("dd{bs}{round}.log"));
             let start = Instant::now();
-            dd(&src, &dst, bs);
+            ours.push(mib / dd(&src, &dst, bs).as_secs_f64());
             expected += src_lines;
             wait_captured(&agent, expected);
-            ours.push(mib / start.elapsed().as_secs_f64());
+            captured.push(mib / start.elapsed().as_secs_f64());
             std::fs::remove_file(dst).ok();
         }
-        let (b, o) = (median(base), median(ours));
+        let (b, o, c) = (median(base), median(ours), median(captured));
         rows.push(format!(
-            "| dd bs={bs} ({mib:.0} MiB), until captured | {b:.0} MiB/s | {o:.0} MiB/s | {:.0} % |",
-            100.0 * o / b
+            "| {name} | dd bs={bs} ({mib:.0} MiB) | {b:.0} MiB/s | {o:.0} MiB/s ({:.0} %) | {c:.0} MiB/s ({:.0} %) |",
+            100.0 * o / b,
+            100.0 * c / b
         ));
     }
-
     let cpu = cpu_seconds(pid) - cpu0;
     agent.wait_idle(Duration::from_secs(120));
     let stats = agent.stats();
     let bytes: u64 = stats["volumes"]
         .as_array()
         .map_or(0, |v| v.iter().map(|v| v["captured_bytes_total"].as_u64().unwrap_or(0)).sum());
-    let dropped = stats["ring"]["dropped_records_total"].as_u64().unwrap_or(0);
+    let dropped: u64 = stats["volumes"]
+        .as_array()
+        .map_or(0, |v| v.iter().map(|v| v["dropped_bytes_total"].as_u64().unwrap_or(0)).sum());
     let rss = status_mib(pid, "VmHWM");
-    // File-backed pages: the binary and the BPF ring buffer, which the kernel maps twice and
-    // counts as resident from the start.
     let rss_file = status_mib(pid, "RssFile");
     let capacity_mib = stats["ring"]["capacity_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
     drop(agent);
-
-    // 3. The block policy: writers wait for the files sink, nothing is dropped.
-    let block = Agent::start(Setup { policy: "block".into(), ..Setup::default() });
-    let bvol = block.volume("block");
-    let (mut base, mut ours) = (Vec::new(), Vec::new());
-    let mut delivered_before = 0;
-    for round in 0..a.rounds {
-        let t = write_lines(&tmpfs.0.join(format!("lines{round}.log")), a.lines);
-        base.push(a.lines as f64 / t.as_secs_f64());
-        std::fs::remove_file(tmpfs.0.join(format!("lines{round}.log"))).ok();
-        let start = Instant::now();
-        write_lines(&bvol.join(format!("lines{round}.log")), a.lines);
-        block.wait_idle(Duration::from_secs(300));
-        let delivered_at = |b: &Agent| b.stats()["sinks"][0]["delivered_records_total"].as_u64().unwrap_or(0);
-        let mut delivered = delivered_at(&block);
-        if delivered - delivered_before < a.lines as u64 {
-            // Records that arrive after close() returned and the ring went idle are late, not
-            // lost: say so and by how much, and fail only if they never come.
-            let idle = Instant::now();
-            while delivered - delivered_before < a.lines as u64 && idle.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(10));
-                delivered = delivered_at(&block);
-            }
-            eprintln!(
-                "logtap-bench: {} records arrived {:?} after close() returned and the ring was idle",
-                a.lines as u64 - (delivered_at(&block).min(delivered) - delivered_before).min(a.lines as u64),
-                idle.elapsed()
-            );
-        }
-        assert_eq!(
-            delivered - delivered_before,
-            a.lines as u64,
-            "block policy lost records: {}",
-            block.stats()["ring"]
-        );
-        delivered_before = delivered;
-        ours.push(a.lines as f64 / start.elapsed().as_secs_f64());
-        std::fs::remove_file(bvol.join(format!("lines{round}.log"))).ok();
-    }
-    let block_dropped = block.stats()["ring"]["dropped_records_total"].as_u64().unwrap_or(0);
-    drop(block);
-    let (b, o) = (median(base), median(ours));
-    rows.push(format!(
-        "| 100-byte lines, policy block, until delivered to the files sink | {b:.0} lines/s | {o:.0} lines/s, {block_dropped} dropped | {:.0} % |",
-        100.0 * o / b
+    let lat = latency(&Setup { sink: Sink::Stdout, ..setup });
+    figures.push(format!(
+        "| {name} | {:.2} s/GB ({:.2} GB) | {dropped} | {:.0} MiB (ring {capacity_mib:.0} MiB) | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
+        cpu / (bytes as f64 / 1e9),
+        bytes as f64 / 1e9,
+        rss - rss_file,
+        lat.0 * 1e3,
+        lat.1 * 1e3,
+        lat.2 * 1e3
     ));
+}
 
-    // 4. write()-to-capture latency, one line every 10 ms into a file that stays open.
-    let mut lat_agent = Agent::start(Setup { sink: Sink::Stdout, ..Setup::default() });
-    let out = read_json_lines(lat_agent.take_stdout());
-    let lvol = lat_agent.volume("lat");
-    let mut f = OpenOptions::new().create(true).append(true).open(lvol.join("app.log")).expect("open");
+/// write()-to-capture latency, one line every 10 ms into a file that stays open: p50, p99, max.
+fn latency(setup: &Setup) -> (f64, f64, f64) {
+    let mut agent = Agent::start(setup.clone());
+    let out = read_json_lines(agent.take_stdout());
+    let vol = agent.volume("lat");
+    let mut f = OpenOptions::new().create(true).append(true).open(vol.join("app.log")).expect("open");
     for i in 0..500 {
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
         writeln!(f, "{i} {now}").expect("write");
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_secs(2));
-    lat_agent.stop();
+    agent.stop();
     drop(f);
     let mut lat: Vec<f64> = out
         .join()
@@ -825,30 +788,30 @@ fn volumes(a: &Args) {
             Some(captured - written)
         })
         .collect();
+    assert_eq!(lat.len(), 500, "every latency line captured");
     lat.sort_by(|a, b| a.total_cmp(b));
-    let q = |p: f64| quantile(&lat, p);
+    (quantile(&lat, 0.5), quantile(&lat, 0.99), lat.last().copied().unwrap_or(f64::NAN))
+}
 
-    table("| workload | tmpfs | logtap volume | logtap / tmpfs |", &rows);
-    println!("| agent figure | value |");
-    println!("|---|---|");
-    println!(
-        "| CPU per GB captured (user+sys, whole run, files sink included) | {:.2} s/GB |",
-        cpu / (bytes as f64 / 1e9)
-    );
-    println!("| bytes captured in the run | {:.2} GB |", bytes as f64 / 1e9);
-    println!("| records dropped by the ring (drop_oldest: capture outran the files sink on 2 cores) | {dropped} |");
-    println!(
-        "| peak RSS (VmHWM) | {rss:.1} MiB in all; {rss_file:.1} MiB of it file-backed (the binary, and the 16 MiB BPF ring buffer that the kernel maps twice); {:.1} MiB the rest, against ring capacity {capacity_mib:.0} MiB + 32 MiB = {:.0} MiB |",
-        rss - rss_file,
-        capacity_mib + 32.0
-    );
-    println!(
-        "| write()-to-capture latency, 1 line / 10 ms, {} lines | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms |",
-        lat.len(),
-        q(0.5) * 1e3,
-        q(0.99) * 1e3,
-        lat.last().copied().unwrap_or(f64::NAN) * 1e3
-    );
+/// Volumes against tmpfs, for each way of serving files, and a previous build (writeback, its
+/// default) when `LOGTAP_BASELINE_BIN` is set.
+fn volumes(a: &Args) {
+    let work = tempfile::Builder::new().prefix("logtap-bench-").tempdir().expect("tempdir");
+    let tmpfs = Tmpfs::new(&work.path().join("tmpfs"));
+    let (mut rows, mut figures) = (Vec::new(), Vec::new());
+    let mut modes: Vec<(String, Setup)> = [Serving::Passthrough, Serving::Requests, Serving::Writeback]
+        .into_iter()
+        .map(|serving| (format!("{} (this build)", serving.name()), Setup { serving, ..Setup::default() }))
+        .collect();
+    if let Some(bin) = std::env::var_os("LOGTAP_BASELINE_BIN") {
+        let setup = Setup { serving: Serving::Writeback, bin: Some(bin.into()), ..Setup::default() };
+        modes.insert(0, ("writeback (previous build)".into(), setup));
+    }
+    for (name, setup) in modes {
+        volume_mode(a, &tmpfs, &name, setup, &mut rows, &mut figures);
+    }
+    table("| agent | workload | tmpfs | writer into the volume | until captured |", &rows);
+    table("| agent | CPU per GB captured (user+sys, files sink included) | bytes dropped | peak RSS, anonymous | write()-to-capture, 1 line / 10 ms |", &figures);
 }
 
 /// CPU seconds the whole machine has spent busy (user, nice, system, irq, softirq, steal).
