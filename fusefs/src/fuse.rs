@@ -45,8 +45,6 @@ pub struct MountOptions {
     /// How often files are scanned for bytes inotify did not report, partial records checked
     /// for timeouts, and (writeback cache) dirty pages pushed out.
     pub flush_interval: Duration,
-    /// Memory each volume's files may hold.
-    pub volume_budget: u64,
 }
 
 type Shared<C> = Arc<Mutex<Model<C>>>;
@@ -546,7 +544,7 @@ pub fn mount<C: Capture>(model: Model<C>, mountpoint: &Path, options: MountOptio
         }
         Ok(_) => {}
     }
-    let taps = model.taps();
+    let (taps, budget) = (model.taps(), model.budget());
     let model = Arc::new(Mutex::new(model));
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -566,7 +564,7 @@ pub fn mount<C: Capture>(model: Model<C>, mountpoint: &Path, options: MountOptio
     info!(mountpoint = %mountpoint.display(), "volumes mounted");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let settings = ReaderSettings { interval: options.flush_interval, budget: options.volume_budget };
+    let settings = ReaderSettings { interval: options.flush_interval, budget };
     let mut threads = vec![reader::spawn(taps, settings, stop.clone())?];
     if options.writeback_cache {
         let stop = stop.clone();

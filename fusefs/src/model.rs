@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use crate::capture::{Capture, Stream};
 use crate::name::Name;
-use crate::reader::Taps;
+use crate::reader::{enforce_budget, Taps};
 use crate::tap::{Mark, Settings, Tap};
 
 pub const ROOT: u64 = 1;
@@ -71,6 +71,8 @@ pub struct Options {
     pub settings: Settings,
     /// Most regular files one volume may hold (each costs a file descriptor of the agent).
     pub max_files: usize,
+    /// Memory one volume's files may hold.
+    pub budget: u64,
 }
 
 struct Node<S> {
@@ -179,6 +181,10 @@ impl<C: Capture> Model<C> {
             taps: Taps::new()?,
             closing: false,
         })
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.options.budget
     }
 
     /// Every file's capture, for the capture reader.
@@ -471,19 +477,23 @@ impl<C: Capture> Model<C> {
 
     /// A write request (no passthrough): into the file's memory, then captured.
     pub fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let closing = self.closing;
-        let node = self.node_mut(ino)?;
-        let Body::File(t) = &node.body else {
-            return Err(libc::EISDIR);
-        };
+        let t = self.tap(ino)?;
         let len = u32::try_from(data.len()).map_err(|_| libc::EFBIG)?;
         offset.checked_add(data.len() as u64).ok_or(libc::EFBIG)?;
-        if closing {
+        if self.closing {
             t.with_stream(|s| s.refused(data.len() as u64));
             return Err(libc::ESHUTDOWN);
         }
         t.write(offset, data).map_err(io_errno)?;
+        let budget = self.options.budget;
+        if t.behind() > budget / 4 {
+            // Requests can come faster than the capture reader looks: a file this far behind
+            // holds its volume to the budget here too.
+            let group: Vec<_> = self.taps.all().into_iter().filter(|o| o.volume == t.volume).collect();
+            enforce_budget(&group, budget);
+        }
         let now = SystemTime::now();
+        let node = self.node_mut(ino)?;
         node.mtime = now;
         node.ctime = now;
         Ok(len)

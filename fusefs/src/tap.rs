@@ -5,7 +5,7 @@
 //! already captured are released (their memory given back) except a recent tail that readers
 //! such as `tail` want; they then read as zeros, as a hole would.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
@@ -92,6 +92,46 @@ struct State<S> {
     /// stretch of data, not once per read.
     data_until: u64,
     hole_after: bool,
+    /// For a file written by requests (no passthrough): the byte ranges written at or above
+    /// `captured` (start -> end, apart). Memory comes in pages, so a page the writeback cache
+    /// sent before the one below it would read as zeros there; these ranges say exactly what
+    /// was written.
+    written: Option<BTreeMap<u64, u64>>,
+}
+
+/// Where capture may read from `at`: (end of the written stretch there, a gap follows), or the
+/// next written byte when `at` is in a gap.
+enum Written {
+    Until(u64, bool),
+    Gap(Option<u64>),
+}
+
+fn written_at(ranges: &BTreeMap<u64, u64>, at: u64) -> Written {
+    match ranges.range(..=at).next_back() {
+        Some((_, &end)) if end > at => Written::Until(end, ranges.range(end..).next().is_some()),
+        _ => Written::Gap(ranges.range(at..).next().map(|(&start, _)| start)),
+    }
+}
+
+/// Adds `[from, to)` to `ranges`, joining what touches it; drops what lies below `floor`.
+fn add_written(ranges: &mut BTreeMap<u64, u64>, from: u64, to: u64, floor: u64) {
+    let (mut from, mut to) = (from.max(floor), to);
+    if from >= to {
+        return;
+    }
+    let touching: Vec<(u64, u64)> = ranges.range(..=to).filter(|(_, &e)| e >= from).map(|(&s, &e)| (s, e)).collect();
+    for (s, e) in touching {
+        ranges.remove(&s);
+        from = from.min(s);
+        to = to.max(e);
+    }
+    ranges.insert(from, to);
+    while let Some((&s, &e)) = ranges.first_key_value() {
+        if e > floor {
+            break;
+        }
+        ranges.remove(&s);
+    }
 }
 
 pub struct Tap<S> {
@@ -132,6 +172,7 @@ impl<S: Stream> Tap<S> {
                 hole_since: None,
                 data_until: 0,
                 hole_after: false,
+                written: None,
             }),
             held: AtomicU64::new(0),
             behind: AtomicU64::new(0),
@@ -203,7 +244,25 @@ impl<S: Stream> Tap<S> {
             if how != Drain::All && st.captured >= turn_ends {
                 return Ok(Progress::More);
             }
-            if st.captured >= st.data_until {
+            if let Some(ranges) = &st.written {
+                match written_at(ranges, st.captured) {
+                    Written::Until(end, gap) => {
+                        st.data_until = end.min(size);
+                        st.hole_after = gap;
+                    }
+                    Written::Gap(next) => {
+                        if how == Drain::Ready && self.settings.holes_may_fill {
+                            let since = *st.hole_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() < HOLE_WAIT {
+                                return Ok(Progress::Caught);
+                            }
+                        }
+                        st.hole_since = None;
+                        st.captured = next.map_or(size, |n| n.min(size));
+                        continue;
+                    }
+                }
+            } else if st.captured >= st.data_until {
                 match self.backing.data_from(st.captured)? {
                     Some(e) if e.start <= st.captured => {
                         st.data_until = e.end.min(size);
@@ -238,13 +297,14 @@ impl<S: Stream> Tap<S> {
             // Memory comes in pages: the rest of a page next to a hole reads as zeros that
             // nobody wrote. They are the hole's, not content.
             let mut start = 0;
-            if after_hole {
+            let exact = st.written.is_some();
+            if after_hole && !exact {
                 let in_page = (PAGE - from % PAGE) as usize;
                 start = buf[..n.min(in_page)].iter().take_while(|&&b| b == 0).count();
                 after_hole = false;
             }
             let mut end = n;
-            if hole_next && from + n as u64 == to {
+            if hole_next && !exact && from + n as u64 == to {
                 let in_page = (to - (to - 1) / PAGE * PAGE) as usize;
                 end -= buf[start..n].iter().rev().take(in_page).take_while(|&&b| b == 0).count();
             }
@@ -388,7 +448,20 @@ impl<S: Stream> Tap<S> {
                     st.stream.overwritten(to - from);
                 }
             }
+            if st.written.is_none() {
+                // Whatever is there already (passthrough writes before a fallback) was written.
+                let before = self.backing.size()?;
+                let mut ranges = BTreeMap::new();
+                if before > st.captured {
+                    ranges.insert(st.captured, before);
+                }
+                st.written = Some(ranges);
+            }
             self.backing.write_at(data, offset)?;
+            let floor = st.captured;
+            if let Some(ranges) = &mut st.written {
+                add_written(ranges, offset, end, floor);
+            }
         }
         self.drain(Drain::Ready).map(|_| ())
     }
@@ -403,6 +476,13 @@ impl<S: Stream> Tap<S> {
         st.stream.flush();
         self.backing.set_len(size)?;
         st.data_until = 0;
+        if let Some(ranges) = &mut st.written {
+            // Nothing at or past the new size is written any more.
+            ranges.retain(|&s, _| s < size);
+            for e in ranges.values_mut() {
+                *e = (*e).min(size);
+            }
+        }
         if size < st.captured {
             // copytruncate and O_TRUNC: what came before is complete, capture restarts.
             st.stream.end_record();

@@ -105,15 +105,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // SAFETY: geteuid/getegid cannot fail.
     let me = unsafe { Owner { uid: libc::geteuid(), gid: libc::getegid() } };
     let settings = Settings { tail: v.tail_bytes.0, holes_may_fill: v.writeback_cache };
-    let model = Model::new(VolumeCapture(source.clone()), Options { settings, max_files: v.max_files }, me)
-        .context("cannot start the volumes (memfd, inotify)")?;
+    let model = Model::new(
+        VolumeCapture(source.clone()),
+        Options { settings, max_files: v.max_files, budget: v.volume_memory.0 },
+        me,
+    )
+    .context("cannot start the volumes (memfd, inotify)")?;
     let options = MountOptions {
         passthrough: v.passthrough,
         writeback_cache: v.writeback_cache,
         max_write: u32::try_from(v.max_write.0).context("volumes.max_write")?,
         allow_other: v.allow_other,
         flush_interval: v.flush_interval.0,
-        volume_budget: v.volume_memory.0,
     };
     let mut fs = logtap_fusefs::mount(model, &v.mount, options).with_context(|| {
         format!("cannot mount the volumes at {} (root and /dev/fuse are needed)", v.mount.display())
