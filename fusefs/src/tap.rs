@@ -19,7 +19,7 @@ use crate::capture::Stream;
 /// much at a time.
 const CHUNK: usize = 64 << 10;
 /// Released bytes are given back in steps of at least this, not one page at a time.
-const RELEASE_STEP: u64 = 1 << 20;
+const RELEASE_STEP: u64 = 256 << 10;
 /// How long a hole at the capture point may wait to be filled when the kernel's writeback cache
 /// writes pages out of order (a sparse write, from passthrough or plain requests, is final).
 pub const HOLE_WAIT: Duration = Duration::from_secs(1);

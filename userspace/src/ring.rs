@@ -282,9 +282,14 @@ impl Ring {
         self.readable.notify_waiters();
     }
 
-    /// Bytes free now.
-    pub fn free(&self) -> usize {
-        self.capacity.saturating_sub(self.lock().used)
+    /// Whether `bytes` fit now without taking anything from a required reader (records that
+    /// only optional readers still hold make room, as a push would).
+    pub fn has_room(&self, bytes: usize) -> bool {
+        let mut s = self.lock();
+        while s.used + bytes > self.capacity && s.head < s.required_floor() {
+            s.evict_front();
+        }
+        s.used + bytes <= self.capacity
     }
 
     /// Up to `max_records` records (and about `max_bytes`) for `reader`, without waiting.

@@ -462,7 +462,7 @@ impl Stream for FileStream {
     fn ready(&mut self) -> bool {
         let ring = &self.source.ring;
         ring.push_fitting(&mut self.pending);
-        self.pending.is_empty() && ring.free() >= ring.capacity() / ROOM_SHARE
+        self.pending.is_empty() && ring.has_room(ring.capacity() / ROOM_SHARE)
     }
 
     fn append(&mut self, data: &[u8]) {
