@@ -205,7 +205,9 @@ pub fn spawn<S: Stream>(
                     }
                     Err(e) => tracing::warn!("cannot read a volume file: {e}"),
                 }
-                if scan {
+                // A partial line times out only if nothing of the file waits to be read: else its
+                // end is likely in what waits.
+                if scan && tap.behind() == 0 {
                     tap.with_stream(|s| s.idle(now));
                 }
             }
