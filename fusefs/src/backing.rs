@@ -57,6 +57,14 @@ impl Backing {
         Ok(self.file.metadata()?.blocks() * 512)
     }
 
+    /// Whether every page from `from` to the end holds memory: then there is no hole there,
+    /// known without seeking, which takes the file's lock and so holds up its writers.
+    pub fn whole_from(&self, from: u64) -> io::Result<(bool, u64)> {
+        let m = self.file.metadata()?;
+        let pages = m.len().div_ceil(PAGE).saturating_sub(from / PAGE);
+        Ok((m.blocks() * 512 >= pages * PAGE, m.len()))
+    }
+
     pub fn read_at(&self, out: &mut [u8], offset: u64) -> io::Result<usize> {
         self.file.read_at(out, offset)
     }

@@ -17,6 +17,9 @@ use crate::tap::{Drain, Progress, Tap};
 
 /// How soon capture tries again while the stream is not ready (the ring is full).
 const RETRY: Duration = Duration::from_millis(5);
+/// After a wake-up, writes gather this long before they are read: inotify merges the events
+/// of a file meanwhile, so a busy writer does not pay a wake-up of this thread per write.
+const GATHER: Duration = Duration::from_millis(2);
 
 /// Every file capture reads, by inode, with its inotify watch.
 pub struct Taps<S> {
@@ -181,6 +184,7 @@ pub fn spawn<S: Stream>(
             };
             if todo.is_empty() || waiting {
                 taps.wait(timeout);
+                std::thread::sleep(GATHER);
             }
             let overflow = taps.woken(&mut todo);
             let now = Instant::now();

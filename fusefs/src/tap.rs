@@ -263,6 +263,13 @@ impl<S: Stream> Tap<S> {
                     }
                 }
             } else if st.captured >= st.data_until {
+                // Memory below `released` was given back: the pages from there on tell.
+                let (whole, end) = self.backing.whole_from(st.released)?;
+                if whole && end > st.captured {
+                    st.data_until = end.min(size);
+                    st.hole_after = false;
+                    continue;
+                }
                 match self.backing.data_from(st.captured)? {
                     Some(e) if e.start <= st.captured => {
                         st.data_until = e.end.min(size);

@@ -591,8 +591,8 @@ macro_rules! suite {
     };
 }
 
-// Passthrough, and the fallback where the kernel refuses it: the whole suite.
-suite!(passthrough: Passthrough, requests: Requests; [
+// Passthrough, the fallback where the kernel refuses it, and the writeback cache.
+suite!(passthrough: Passthrough, requests: Requests, writeback: Writeback; [
     python_rotating_file_handler_every_line_once_in_order,
     a_line_every_100ms_is_captured_within_a_second,
     echo_appends_and_dd_blocks,
@@ -606,31 +606,16 @@ suite!(passthrough: Passthrough, requests: Requests; [
     a_reader_in_the_middle_of_a_writers_line_does_not_split_it,
     full_speed_lines_arrive_exactly_in_every_run,
     a_gigabyte_of_megabyte_writes_arrives_exactly,
-    logrotate_rotations_under_a_fast_writer_lose_and_repeat_nothing,
     a_copy_inside_the_volume_is_not_delivered_again,
-    sigterm_delivers_every_write_that_succeeded,
-    o_trunc_reopens_and_sparse_writes,
     a_volume_over_its_memory_budget_drops_its_oldest_lines_and_counts_them,
 ]);
 
-// The writeback cache (opt-in, without passthrough): the kernel holds written bytes where the
-// agent cannot see them, so a truncate discards what it held (copytruncate under a writer),
-// writes after the last flush at shutdown are refused (counted, not delivered), and a sparse
-// page is sent with its zeros. The README says so; these are what it does keep.
-suite!(writeback: Writeback; [
-    python_rotating_file_handler_every_line_once_in_order,
-    a_line_every_100ms_is_captured_within_a_second,
-    echo_appends_and_dd_blocks,
-    copytruncate_restarts_capture_from_zero,
-    rename_and_unlink_while_open,
-    two_processes_appending_to_one_file,
-    unterminated_lines_end_at_close_and_after_partial_flush,
-    a_10mb_line_is_split_and_counted_and_binary_passes_unchanged,
-    filesystem_behaves_like_a_log_directory,
-    lines_split_across_writes_arrive_whole,
-    a_reader_in_the_middle_of_a_writers_line_does_not_split_it,
-    full_speed_lines_arrive_exactly_in_every_run,
-    a_gigabyte_of_megabyte_writes_arrives_exactly,
-    a_copy_inside_the_volume_is_not_delivered_again,
-    a_volume_over_its_memory_budget_drops_its_oldest_lines_and_counts_them,
+// What only passthrough and the request fallback keep: the writeback cache (opt-in) holds
+// written bytes where the agent cannot see them, so a truncate discards what it held
+// (copytruncate under a writer), writes after its last flush at shutdown are refused (counted,
+// not delivered), and a sparse page is sent with its zeros. The README says so.
+suite!(passthrough_exact: Passthrough, requests_exact: Requests; [
+    logrotate_rotations_under_a_fast_writer_lose_and_repeat_nothing,
+    sigterm_delivers_every_write_that_succeeded,
+    o_trunc_reopens_and_sparse_writes,
 ]);
