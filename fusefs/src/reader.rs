@@ -1,7 +1,9 @@
 //! The capture reader: one thread that reads every volume file's new bytes, woken by inotify
 //! on the in-memory contents (passthrough writes fire IN_MODIFY there), with a periodic scan as
-//! the bound for anything inotify did not tell (its queue overflowed). It also holds each
-//! volume to its memory budget.
+//! the bound for anything inotify did not tell (its queue overflowed). A file being written is
+//! "hot": its watch is taken off (an inotify event costs every write(): measured, a third of a
+//! small-line writer's speed) and it is polled every few milliseconds instead, until it has
+//! been quiet for a while. The reader also holds each volume to its memory budget.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -17,9 +19,10 @@ use crate::tap::{Drain, Progress, Tap};
 
 /// How soon capture tries again while the stream is not ready (the ring is full).
 const RETRY: Duration = Duration::from_millis(5);
-/// After a wake-up, writes gather this long before they are read: inotify merges the events
-/// of a file meanwhile, so a busy writer does not pay a wake-up of this thread per write.
-const GATHER: Duration = Duration::from_millis(2);
+/// How often a file being written is polled.
+const HOT_POLL: Duration = Duration::from_millis(5);
+/// Polls without new bytes after which a file is watched by inotify again.
+const QUIET_POLLS: u32 = 20;
 
 /// Every file capture reads, by inode, with its inotify watch.
 pub struct Taps<S> {
@@ -52,6 +55,13 @@ impl<S: Stream> Taps<S> {
 
     /// Starts reading `tap`. Without a watch (the inotify limit reached) the scan still finds it.
     pub fn add(&self, ino: u64, tap: Arc<Tap<S>>) {
+        let wd = self.watch(&tap);
+        let mut inner = lock(&self.inner);
+        inner.by_watch.insert(wd, ino);
+        inner.by_ino.insert(ino, (tap, wd));
+    }
+
+    fn watch(&self, tap: &Tap<S>) -> i32 {
         let path = format!("/proc/self/fd/{}", tap.backing().file().as_raw_fd());
         let wd = CString::new(path).map_or(-1, |p| {
             // SAFETY: valid fd and C string.
@@ -63,9 +73,28 @@ impl<S: Stream> Taps<S> {
                 io::Error::last_os_error()
             );
         }
+        wd
+    }
+
+    /// Puts the file's watch back (`true`) or takes it off (`false`).
+    fn set_watched(&self, ino: u64, on: bool) {
         let mut inner = lock(&self.inner);
-        inner.by_watch.insert(wd, ino);
-        inner.by_ino.insert(ino, (tap, wd));
+        let Some((tap, wd)) = inner.by_ino.get(&ino).map(|(t, w)| (t.clone(), *w)) else { return };
+        if on && wd < 0 {
+            let wd = self.watch(&tap);
+            inner.by_watch.insert(wd, ino);
+            inner.by_ino.insert(ino, (tap, wd));
+        } else if !on && wd >= 0 {
+            self.unwatch(&mut inner, wd);
+            inner.by_ino.insert(ino, (tap, -1));
+        }
+    }
+
+    fn unwatch(&self, inner: &mut Inner<S>, wd: i32) {
+        inner.by_watch.remove(&wd);
+        // The watch would otherwise keep the memory alive.
+        // SAFETY: valid fd and watch.
+        unsafe { libc::inotify_rm_watch(self.inotify.as_raw_fd(), wd) };
     }
 
     /// Stops reading the file (it is gone).
@@ -73,10 +102,7 @@ impl<S: Stream> Taps<S> {
         let mut inner = lock(&self.inner);
         if let Some((_, wd)) = inner.by_ino.remove(&ino) {
             if wd >= 0 {
-                inner.by_watch.remove(&wd);
-                // The watch would otherwise keep the memory alive.
-                // SAFETY: valid fd and watch.
-                unsafe { libc::inotify_rm_watch(self.inotify.as_raw_fd(), wd) };
+                self.unwatch(&mut inner, wd);
             }
         }
     }
@@ -174,19 +200,24 @@ pub fn spawn<S: Stream>(
 ) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("volume-capture".into()).spawn(move || {
         let mut todo: HashSet<u64> = HashSet::new();
+        // Files being written, polled instead of watched: polls without new bytes.
+        let mut hot: HashMap<u64, u32> = HashMap::new();
         let mut next_scan = Instant::now() + settings.interval;
         let mut waiting = false;
         while !stop.load(Ordering::Relaxed) {
+            let until_scan = next_scan.saturating_duration_since(Instant::now());
             let timeout = if waiting || !todo.is_empty() {
-                RETRY.min(next_scan.saturating_duration_since(Instant::now()))
+                RETRY.min(until_scan)
+            } else if !hot.is_empty() {
+                HOT_POLL.min(until_scan)
             } else {
-                next_scan.saturating_duration_since(Instant::now())
+                until_scan
             };
             if todo.is_empty() || waiting {
                 taps.wait(timeout);
-                std::thread::sleep(GATHER);
             }
             let overflow = taps.woken(&mut todo);
+            todo.extend(hot.keys());
             let now = Instant::now();
             let scan = overflow || now >= next_scan;
             let files: Vec<(u64, Arc<Tap<S>>)> = if scan {
@@ -198,6 +229,7 @@ pub fn spawn<S: Stream>(
             todo.clear();
             waiting = false;
             for (ino, tap) in &files {
+                let before = tap.position();
                 match tap.drain(Drain::Ready) {
                     Ok(Progress::Caught) => {}
                     Ok(Progress::More) => {
@@ -209,12 +241,26 @@ pub fn spawn<S: Stream>(
                     }
                     Err(e) => tracing::warn!("cannot read a volume file: {e}"),
                 }
+                if tap.position() != before {
+                    if hot.insert(*ino, 0).is_none() {
+                        taps.set_watched(*ino, false);
+                    }
+                } else if let Some(quiet) = hot.get_mut(ino) {
+                    *quiet += 1;
+                    if *quiet >= QUIET_POLLS {
+                        hot.remove(ino);
+                        taps.set_watched(*ino, true);
+                        // A write between the last poll and the watch: read now.
+                        todo.insert(*ino);
+                    }
+                }
                 // A partial line times out only if nothing of the file waits to be read: else its
                 // end is likely in what waits.
                 if scan && tap.behind() == 0 {
                     tap.with_stream(|s| s.idle(now));
                 }
             }
+            hot.retain(|ino, _| taps.get(*ino).is_some());
             let touched: HashSet<u64> = files.iter().map(|(_, t)| t.volume).collect();
             for (volume, group) in by_volume(taps.all()) {
                 if scan || touched.contains(&volume) {

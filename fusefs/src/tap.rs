@@ -188,6 +188,11 @@ impl<S: Stream> Tap<S> {
         self.backing.size().unwrap_or(0)
     }
 
+    /// How far the file was captured.
+    pub fn position(&self) -> u64 {
+        lock(&self.state).captured
+    }
+
     pub fn held(&self) -> u64 {
         self.held.load(Relaxed)
     }
