@@ -427,7 +427,8 @@ fn logrotate_rotations_under_a_fast_writer_lose_and_repeat_nothing(serving: Serv
     let path = vol.join("app.log");
     let (n, len) = (1_000_000u64, 100);
     let mut writer = Command::new(LINE_WRITER)
-        .args(["reopening", path.to_str().unwrap(), &n.to_string(), &len.to_string()])
+        // A pause of 1 ms every 1000 lines: the writer lasts a second or more however fast.
+        .args(["reopening", path.to_str().unwrap(), &n.to_string(), &len.to_string(), "1000"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

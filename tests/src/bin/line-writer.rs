@@ -6,8 +6,9 @@
 //!   split across calls), BYTES in all.
 //! - `paced PATH N LEN MS`: a line every MS milliseconds until N were written or a write
 //!   fails; prints the writes that succeeded and the error (`ok N`, `error ERRNO`).
-//! - `reopening PATH N LEN`: as `lines`, reopening PATH on SIGUSR1 (nginx after a rotation
-//!   by rename); prints `ok N` at the end.
+//! - `reopening PATH N LEN [EVERY]`: as `lines`, reopening PATH on SIGUSR1 (nginx after a
+//!   rotation by rename), and pausing 1 ms after every EVERY lines (so that a test can rotate
+//!   the file many times while it writes, however fast the machine); prints `ok N` at the end.
 //!
 //! Files are opened with O_APPEND (created if missing), as loggers open them.
 
@@ -63,6 +64,7 @@ fn main() {
     match mode {
         "lines" | "reopening" => {
             let (n, len): (u64, usize) = (arg(&args, 2), arg(&args, 3));
+            let every: u64 = if args.len() > 4 { arg(&args, 4) } else { 0 };
             if mode == "reopening" {
                 // SAFETY: installing a handler that only stores an atomic.
                 unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
@@ -79,6 +81,9 @@ fn main() {
                 if let Err(e) = write(fd, &line) {
                     eprintln!("line-writer: write {i}: errno {e}");
                     std::process::exit(1);
+                }
+                if every > 0 && i % every == every - 1 {
+                    std::thread::sleep(Duration::from_millis(1));
                 }
             }
             println!("ok {n}");
