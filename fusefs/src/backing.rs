@@ -52,9 +52,10 @@ impl Backing {
         Ok(self.file.metadata()?.len())
     }
 
-    /// Bytes of memory the content holds (holes and released pages hold none).
-    pub fn allocated(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.blocks() * 512)
+    /// The size, and the bytes of memory the content holds (holes and released pages hold none).
+    pub fn usage(&self) -> io::Result<(u64, u64)> {
+        let m = self.file.metadata()?;
+        Ok((m.len(), m.blocks() * 512))
     }
 
     /// Whether every page from `from` to the end holds memory: then there is no hole there,
@@ -163,7 +164,7 @@ mod tests {
         assert_eq!(b.read_full(&mut out, 0).unwrap(), out.len());
         assert!(out[..PAGE as usize].iter().all(|&c| c == b'x'), "a partial page is kept");
         assert!(out[PAGE as usize..3 * PAGE as usize].iter().all(|&c| c == 0));
-        assert!(b.allocated().unwrap() <= 2 * PAGE + PAGE);
+        assert!(b.usage().unwrap().1 <= 2 * PAGE + PAGE);
 
         b.seal().unwrap();
         assert_eq!(b.write_at(b"late", 0).unwrap_err().raw_os_error(), Some(libc::EPERM));

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::capture::{Capture, Serving};
 use crate::model::{Attr, FsResult, Kind, Model, Owner, SetAttr};
 use crate::reader::{self, ReaderSettings};
+use crate::sync::lock;
 
 /// How long the kernel may trust attributes and names it was given.
 const TTL: Duration = Duration::from_secs(1);
@@ -48,11 +49,6 @@ pub struct MountOptions {
 }
 
 type Shared<C> = Arc<Mutex<Model<C>>>;
-
-fn lock<C: Capture>(model: &Shared<C>) -> MutexGuard<'_, Model<C>> {
-    // A panic in one request must not take the whole filesystem down with a poisoned lock.
-    model.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Passthrough registrations of the files' memory with the kernel, one per open inode (every
 /// open of an inode must share it), dropped with the inode's last open.
@@ -136,7 +132,7 @@ impl<C: Capture> Adapter<C> {
     /// The backing registration for an open of `ino`, made with `register` on its first open;
     /// `None` without passthrough (never granted, or refused now: from then on, requests).
     fn backing(&self, ino: u64, register: impl FnOnce() -> io::Result<BackingId>) -> Option<Arc<BackingId>> {
-        let mut p = self.passthrough.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = lock(&self.passthrough);
         if let Some((id, opens)) = p.by_ino.get_mut(&ino) {
             *opens += 1;
             return Some(id.clone());
@@ -161,7 +157,7 @@ impl<C: Capture> Adapter<C> {
     }
 
     fn released(&self, ino: u64) {
-        let mut p = self.passthrough.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = lock(&self.passthrough);
         if let Some((_, opens)) = p.by_ino.get_mut(&ino) {
             *opens -= 1;
             if *opens == 0 {

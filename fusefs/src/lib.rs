@@ -9,6 +9,7 @@ pub mod fuse;
 pub mod model;
 mod name;
 pub mod reader;
+mod sync;
 pub mod tap;
 
 pub use capture::{Capture, Serving, Stream};

@@ -10,11 +10,12 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::capture::Stream;
+use crate::sync::lock;
 use crate::tap::{Drain, Progress, Tap};
 
 /// How soon capture tries again while the stream is not ready (the ring is full).
@@ -33,10 +34,6 @@ pub struct Taps<S> {
 struct Inner<S> {
     by_ino: HashMap<u64, (Arc<Tap<S>>, i32)>,
     by_watch: HashMap<i32, u64>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<S: Stream> Taps<S> {

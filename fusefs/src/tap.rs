@@ -9,11 +9,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::backing::{Backing, PAGE};
 use crate::capture::Stream;
+use crate::sync::lock;
 
 /// Most bytes read from a file at once: the records they make wait for the ring at most this
 /// much at a time.
@@ -60,7 +61,8 @@ pub enum Drain {
     /// are final.
     Landed,
     /// Everything up to the end, holes final, waiting for room as the stream's policy says:
-    /// the file is about to change (truncate, rename) or end (last close, shutdown).
+    /// the file is about to change under capture (a truncate of it or of a copy's source) or go
+    /// (its last reference, shutdown).
     All,
 }
 
@@ -146,10 +148,6 @@ pub struct Tap<S> {
     behind: AtomicU64,
     /// `released`, for copies being compared with this file.
     released: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Length of the common prefix.
@@ -401,7 +399,7 @@ impl<S: Stream> Tap<S> {
     }
 
     fn look(&self, st: &mut State<S>) {
-        let (held, size) = (self.backing.allocated().unwrap_or(0), self.size());
+        let (size, held) = self.backing.usage().unwrap_or((0, 0));
         if self.held.swap(held, Relaxed) != held {
             st.stream.held(held);
         }

@@ -22,7 +22,7 @@ const LOGTAP: &[&str] = &[
     "control",
     "daemon",
 ];
-const FUSEFS: &[&str] = &["name", "backing", "capture", "tap", "reader", "model", "fuse"];
+const FUSEFS: &[&str] = &["sync", "name", "backing", "capture", "tap", "reader", "model", "fuse"];
 
 fn sources(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
