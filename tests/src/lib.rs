@@ -63,9 +63,12 @@ impl Serving {
 #[derive(Debug, Clone)]
 pub struct Setup {
     pub sink: Sink,
+    /// `ring.capacity` and `ring.policy`; empty: the agent's defaults.
     pub ring_capacity: String,
     pub policy: String,
     pub block_timeout: String,
+    /// More keys of `[ring]` (rates).
+    pub ring: String,
     pub max_record_bytes: String,
     pub partial_flush: String,
     pub flush_interval: String,
@@ -90,9 +93,10 @@ impl Default for Setup {
     fn default() -> Self {
         Self {
             sink: Sink::Files,
-            ring_capacity: "64MiB".into(),
-            policy: "drop_oldest".into(),
+            ring_capacity: String::new(),
+            policy: String::new(),
             block_timeout: "5s".into(),
+            ring: String::new(),
             max_record_bytes: "256KiB".into(),
             partial_flush: "1s".into(),
             flush_interval: "200ms".into(),
@@ -122,6 +126,15 @@ pub struct Agent {
     rt: tokio::runtime::Runtime,
 }
 
+/// `key = "value"` on a line, or nothing for an empty value (the agent's default).
+fn setting(key: &str, value: &str) -> String {
+    if value.is_empty() {
+        String::new()
+    } else {
+        format!("{key} = \"{value}\"\n")
+    }
+}
+
 impl Setup {
     fn out(&self, dir: &Path) -> PathBuf {
         self.out.clone().unwrap_or_else(|| dir.join("out"))
@@ -144,7 +157,7 @@ impl Setup {
             "shutdown_timeout = \"{}\"\n\
              [volumes]\nmount = \"{}\"\n{}writeback_cache = {}\nmax_record_bytes = \"{}\"\npartial_flush = \"{}\"\n\
              flush_interval = \"{}\"\nplugin_socket = \"{}\"\n\
-             [ring]\ncapacity = \"{}\"\npolicy = \"{}\"\nblock_timeout = \"{}\"\n\
+             [ring]\n{}{}block_timeout = \"{}\"\n{}\
              [control]\nsocket = \"{}\"\n{sink}{}",
             self.shutdown_timeout,
             dir.join("volumes").display(),
@@ -163,9 +176,10 @@ impl Setup {
             self.partial_flush,
             self.flush_interval,
             dir.join("plugin.sock").display(),
-            self.ring_capacity,
-            self.policy,
+            setting("capacity", &self.ring_capacity),
+            setting("policy", &self.policy),
             self.block_timeout,
+            self.ring,
             dir.join("logtap.sock").display(),
             self.extra,
         )

@@ -318,6 +318,46 @@ fn twenty_containers_at_once_each_line_to_its_own_container() {
     }
 }
 
+/// 20 containers each print 50,000 short numbered lines and 1,000 to stderr at once (1.02M
+/// lines): with the default config every line arrives, in its container's stream.
+#[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
+fn a_burst_from_twenty_containers_arrives_whole_with_the_default_config() {
+    let Scene { _turn, agent, podman } = scene("", "");
+    let (out, err) = (50_000, 1_000);
+    let names: Vec<String> = (0..20).map(|i| format!("lt-burst{i:02}")).collect();
+    // Each container waits for a file to appear, so that all start printing at once.
+    let gate = tempfile::tempdir().unwrap();
+    let go = gate.path().join("go");
+    std::thread::scope(|s| {
+        for name in &names {
+            let podman = &podman;
+            let gate = &gate;
+            s.spawn(move || {
+                let body = format!(
+                    "while [ ! -e /go/go ]; do sleep 0.01; done; \
+                     i=0; while [ $i -lt {out} ]; do echo $i; i=$((i+1)); done; \
+                     i=0; while [ $i -lt {err} ]; do echo e$i >&2; i=$((i+1)); done"
+                );
+                let mount = format!("{}:/go", gate.path().display());
+                podman.run(&["-d", "--name", name, "-v", &mount, IMAGE, "sh", "-c", &body]);
+            });
+        }
+    });
+    std::fs::write(&go, "").unwrap();
+    for name in &names {
+        assert_eq!(podman.wait(name), 0);
+    }
+    for name in &names {
+        let got = records(&agent, name, "stdout", out);
+        assert_eq!(messages(&got), (0..out).map(|i| i.to_string()).collect::<Vec<_>>(), "{name} stdout");
+        let got = records(&agent, name, "stderr", err);
+        assert_eq!(messages(&got), (0..err).map(|i| format!("e{i}")).collect::<Vec<_>>(), "{name} stderr");
+    }
+    let stats = agent.stats();
+    assert_eq!(stats["ring"]["dropped_records_total"], 0, "{}", stats["ring"]);
+}
+
 #[test]
 #[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
 fn the_runtime_api_going_away_and_coming_back() {

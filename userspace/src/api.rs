@@ -110,14 +110,47 @@ impl VolumeSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RingSnapshot {
     pub capacity_bytes: u64,
+    /// Gauge: bytes the records take (headers included).
     pub used_bytes: u64,
+    /// Gauge: memory the ring's region holds now (pages touched and not given back).
+    #[serde(default)]
+    pub memory_bytes: u64,
     pub records: u64,
     pub policy: String,
     pub pushed_records_total: u64,
     pub dropped_records_total: u64,
     pub dropped_bytes_total: u64,
+    #[serde(default)]
+    pub throttled_records_total: u64,
+    #[serde(default)]
+    pub throttled_bytes_total: u64,
     pub blocked_pushes_total: u64,
     pub readers: Vec<ReaderSnapshot>,
+    /// Every tenant seen (the empty name: records of no tenant).
+    #[serde(default)]
+    pub tenants: Vec<TenantSnapshot>,
+    /// The sources holding records now, most first.
+    #[serde(default)]
+    pub sources: Vec<SourceSnapshot>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TenantSnapshot {
+    pub tenant: String,
+    /// Gauge: ring bytes its records take.
+    pub held_bytes: u64,
+    pub dropped_records_total: u64,
+    pub dropped_bytes_total: u64,
+    pub throttled_records_total: u64,
+    pub throttled_bytes_total: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceSnapshot {
+    /// `container ID`, `volume NAME` or `service NAME`.
+    pub source: String,
+    pub tenant: String,
+    pub held_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -291,7 +324,7 @@ pub struct ContainerSnapshot {
     pub pipe: CountersSnapshot,
     /// Counted in the kernel: bytes written to its stdout/stderr pipes.
     pub written_bytes_total: u64,
-    /// Every byte of its output that will not be delivered: the sum of the four below.
+    /// Every byte of its output that will not be delivered: the sum of the five below.
     pub lost_bytes_total: u64,
     /// stdout/stderr bytes the BPF ring buffer had no room for (counted in the kernel).
     pub kernel_lost_bytes_total: u64,
@@ -299,6 +332,10 @@ pub struct ContainerSnapshot {
     pub truncated_bytes_total: u64,
     /// Bytes of its records (stdout/stderr and its volumes' files) the ring dropped.
     pub dropped_bytes_total: u64,
+    /// Bytes of its records beyond its source's or tenant's rate (`ring.source_rate`,
+    /// `ring.tenant_rate`).
+    #[serde(default)]
+    pub throttled_bytes_total: u64,
     /// stdout/stderr bytes moved by splice(), tee() or sendfile(), which carry no user buffer.
     pub spliced_bytes_total: u64,
     /// Bytes its processes wrote to pipes that are not its stdout/stderr (not its output).

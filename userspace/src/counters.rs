@@ -18,6 +18,10 @@ pub struct Counters {
     pub captured_bytes: AtomicU64,
     pub dropped_records: AtomicU64,
     pub dropped_bytes: AtomicU64,
+    /// Beyond a configured rate (`ring.source_rate`, `ring.tenant_rate`): dropped, or delayed
+    /// and then dropped, by the ring's policy.
+    pub throttled_records: AtomicU64,
+    pub throttled_bytes: AtomicU64,
     pub split_records: AtomicU64,
     pub copied_bytes: AtomicU64,
     pub overwritten_bytes: AtomicU64,
@@ -32,6 +36,10 @@ pub struct CountersSnapshot {
     pub captured_bytes_total: u64,
     pub dropped_records_total: u64,
     pub dropped_bytes_total: u64,
+    #[serde(default)]
+    pub throttled_records_total: u64,
+    #[serde(default)]
+    pub throttled_bytes_total: u64,
     pub split_records_total: u64,
     #[serde(default)]
     pub copied_bytes_total: u64,
@@ -49,6 +57,8 @@ impl CountersSnapshot {
         self.captured_bytes_total += o.captured_bytes_total;
         self.dropped_records_total += o.dropped_records_total;
         self.dropped_bytes_total += o.dropped_bytes_total;
+        self.throttled_records_total += o.throttled_records_total;
+        self.throttled_bytes_total += o.throttled_bytes_total;
         self.split_records_total += o.split_records_total;
         self.copied_bytes_total += o.copied_bytes_total;
         self.overwritten_bytes_total += o.overwritten_bytes_total;
@@ -64,6 +74,8 @@ impl Counters {
             captured_bytes_total: self.captured_bytes.load(Relaxed),
             dropped_records_total: self.dropped_records.load(Relaxed),
             dropped_bytes_total: self.dropped_bytes.load(Relaxed),
+            throttled_records_total: self.throttled_records.load(Relaxed),
+            throttled_bytes_total: self.throttled_bytes.load(Relaxed),
             split_records_total: self.split_records.load(Relaxed),
             copied_bytes_total: self.copied_bytes.load(Relaxed),
             overwritten_bytes_total: self.overwritten_bytes.load(Relaxed),
@@ -103,6 +115,11 @@ impl StreamCounters {
     pub fn dropped(&self, records: u64, bytes: u64) {
         self.add(|c| &c.dropped_records, records);
         self.add(|c| &c.dropped_bytes, bytes);
+    }
+
+    pub fn throttled(&self, records: u64, bytes: u64) {
+        self.add(|c| &c.throttled_records, records);
+        self.add(|c| &c.throttled_bytes, bytes);
     }
 
     /// The stream's content went from `was` to `now` bytes of memory.

@@ -51,11 +51,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     raise_open_files_limit();
     let host = if config.host.is_empty() { crate::host::hostname() } else { config.host.clone() };
     let v = &config.volumes;
-    let ring = Arc::new(Ring::new(
-        usize_of(config.ring.capacity.0, "ring.capacity")?,
-        config.ring.policy,
-        config.ring.block_timeout.0,
-    ));
+    let ring = Arc::new(
+        Ring::new(
+            usize_of(config.ring.capacity.0, "ring.capacity")?,
+            config.ring.policy,
+            config.ring.block_timeout.0,
+            config.ring.rates(),
+        )
+        .with_context(|| format!("cannot make the ring ({} of memory)", config.ring.capacity))?,
+    );
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

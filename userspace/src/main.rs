@@ -442,12 +442,13 @@ fn bytes(n: u64) -> String {
 fn render_volumes(volumes: &[VolumeSnapshot]) -> String {
     let row = |name: &str, service: &str, c: &logtap::counters::CountersSnapshot| {
         format!(
-            "{:<24} {:<16} {:>12} {:>11} {:>10} {:>8} {:>10} {:>12} {:>10}\n",
+            "{:<24} {:<16} {:>12} {:>11} {:>10} {:>10} {:>8} {:>10} {:>12} {:>10}\n",
             name,
             service,
             c.captured_records_total,
             bytes(c.captured_bytes_total),
             bytes(c.dropped_bytes_total),
+            bytes(c.throttled_bytes_total),
             c.split_records_total,
             bytes(c.copied_bytes_total),
             bytes(c.overwritten_bytes_total),
@@ -455,8 +456,17 @@ fn render_volumes(volumes: &[VolumeSnapshot]) -> String {
         )
     };
     let mut out = format!(
-        "{:<24} {:<16} {:>12} {:>11} {:>10} {:>8} {:>10} {:>12} {:>10}\n",
-        "VOLUME / FILE", "SERVICE", "RECORDS", "BYTES", "DROPPED", "SPLIT", "COPIED", "OVERWRITTEN", "REFUSED"
+        "{:<24} {:<16} {:>12} {:>11} {:>10} {:>10} {:>8} {:>10} {:>12} {:>10}\n",
+        "VOLUME / FILE",
+        "SERVICE",
+        "RECORDS",
+        "BYTES",
+        "DROPPED",
+        "THROTTLED",
+        "SPLIT",
+        "COPIED",
+        "OVERWRITTEN",
+        "REFUSED"
     );
     for v in volumes {
         out += &row(&v.name, &v.service, &v.totals);
@@ -489,8 +499,8 @@ fn render_pipes(p: &logtap::api::PipesSnapshot) -> String {
         return out;
     }
     out += &format!(
-        "{:<16} {:<28} {:<16} {:>10} {:>11} {:>12} {:>10} {:>10} {:>8}\n",
-        "TARGET", "WATCHING", "SERVICE", "WRITES", "BYTES", "RECORDS", "TRUNCATED", "LOST", "DROPPED"
+        "{:<16} {:<28} {:<16} {:>10} {:>11} {:>12} {:>10} {:>10} {:>8} {:>10}\n",
+        "TARGET", "WATCHING", "SERVICE", "WRITES", "BYTES", "RECORDS", "TRUNCATED", "LOST", "DROPPED", "THROTTLED"
     );
     for t in &p.targets {
         let what = match (&t.spec.pid, &t.spec.cgroup, &t.container_identity) {
@@ -502,7 +512,7 @@ fn render_pipes(p: &logtap::api::PipesSnapshot) -> String {
         };
         let what = if t.ended { format!("{what} (ended)") } else { what };
         out += &format!(
-            "{:<16} {:<28} {:<16} {:>10} {:>11} {:>12} {:>10} {:>10} {:>8}\n",
+            "{:<16} {:<28} {:<16} {:>10} {:>11} {:>12} {:>10} {:>10} {:>8} {:>10}\n",
             t.id,
             what,
             t.service_name,
@@ -511,7 +521,8 @@ fn render_pipes(p: &logtap::api::PipesSnapshot) -> String {
             t.totals.captured_records_total,
             bytes(t.truncated_bytes_total),
             bytes(t.lost_bytes_total),
-            t.totals.dropped_records_total
+            t.totals.dropped_records_total,
+            t.totals.throttled_records_total
         );
     }
     out
@@ -569,18 +580,55 @@ fn render_discovery(d: &DiscoverySnapshot) -> String {
     out
 }
 
+/// The tenants with records or losses, and the sources holding most of the ring.
+fn render_tenants(r: &logtap::api::RingSnapshot) -> String {
+    let mut out = String::new();
+    let shown: Vec<_> = r
+        .tenants
+        .iter()
+        .filter(|t| !t.tenant.is_empty() || t.dropped_records_total + t.throttled_records_total > 0)
+        .collect();
+    if !shown.is_empty() {
+        out +=
+            &format!("{:<24} {:>11} {:>12} {:>11} {:>12} {:>11}\n", "TENANT", "HELD", "DROPPED", "", "THROTTLED", "");
+        for t in shown {
+            let name = if t.tenant.is_empty() { "(none)" } else { &t.tenant };
+            out += &format!(
+                "{:<24} {:>11} {:>12} {:>11} {:>12} {:>11}\n",
+                name,
+                bytes(t.held_bytes),
+                t.dropped_records_total,
+                bytes(t.dropped_bytes_total),
+                t.throttled_records_total,
+                bytes(t.throttled_bytes_total)
+            );
+        }
+    }
+    let top: Vec<String> = r.sources.iter().take(3).map(|s| format!("{} {}", s.source, bytes(s.held_bytes))).collect();
+    if !top.is_empty() {
+        out += &format!("holding most: {}\n", top.join(", "));
+    }
+    out
+}
+
 fn render_stats(s: &Snapshot) -> String {
     let r = &s.ring;
     let mut out = format!("logtap {} on {}, up {:.0}s\n\n", s.version, s.host, s.uptime_seconds);
     out += &format!(
-        "ring: {} of {} used, {} records, policy {}; dropped {} records ({})\n\n",
+        "ring: {} of {} used ({} of memory), {} records, policy {}; dropped {} records ({}), throttled {} \
+         records ({})\n",
         bytes(r.used_bytes),
         bytes(r.capacity_bytes),
+        bytes(r.memory_bytes),
         r.records,
         r.policy,
         r.dropped_records_total,
-        bytes(r.dropped_bytes_total)
+        bytes(r.dropped_bytes_total),
+        r.throttled_records_total,
+        bytes(r.throttled_bytes_total)
     );
+    out += &render_tenants(r);
+    out += "\n";
     out += &format!("volumes: {}", s.volume_serving.mode);
     if let Some(reason) = &s.volume_serving.reason {
         out += &format!(" ({reason})");

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::api::{
     ContainerSnapshot, ContainersSnapshot, DiscoverySnapshot, PipesSnapshot, ReaderSnapshot, RingSnapshot, Snapshot,
-    TargetSnapshot, VolumeSnapshot,
+    TargetSnapshot, TenantSnapshot, VolumeSnapshot,
 };
 use crate::counters::{CountersSnapshot, DeliveredSnapshot, SinkCounters, SinkSnapshot};
 use crate::discovery::Discovery;
@@ -84,15 +84,20 @@ fn containers(d: &Discovery, pipes: &PipesSnapshot, volumes: &[VolumeSnapshot]) 
                 spliced += t.spliced_bytes_total;
             }
             let mine = volumes.iter().filter(|v| v.container.as_ref().is_some_and(|c| c.id == info.id));
-            let dropped = pipe.dropped_bytes_total + mine.map(|v| v.totals.dropped_bytes_total).sum::<u64>();
+            let (mut dropped, mut throttled) = (pipe.dropped_bytes_total, pipe.throttled_bytes_total);
+            for v in mine {
+                dropped += v.totals.dropped_bytes_total;
+                throttled += v.totals.throttled_bytes_total;
+            }
             ContainerSnapshot {
                 info,
                 pipe,
                 written_bytes_total: written,
-                lost_bytes_total: kernel_lost + truncated + dropped + spliced,
+                lost_bytes_total: kernel_lost + truncated + dropped + throttled + spliced,
                 kernel_lost_bytes_total: kernel_lost,
                 truncated_bytes_total: truncated,
                 dropped_bytes_total: dropped,
+                throttled_bytes_total: throttled,
                 spliced_bytes_total: spliced,
                 other_pipe_bytes_total: other,
             }
@@ -133,11 +138,17 @@ fn labels(pairs: &[(&str, &str)]) -> String {
 /// Prometheus text exposition (version 0.0.4) of a snapshot.
 pub fn prometheus(s: &Snapshot) -> String {
     let mut out = Exposition(String::new());
-    let counters: [Field<CountersSnapshot>; 9] = [
+    let counters: [Field<CountersSnapshot>; 11] = [
         ("captured_records_total", "counter", "Records captured.", |c| c.captured_records_total),
         ("captured_bytes_total", "counter", "Bytes captured.", |c| c.captured_bytes_total),
         ("dropped_records_total", "counter", "Records dropped by the ring.", |c| c.dropped_records_total),
         ("dropped_bytes_total", "counter", "Bytes dropped by the ring.", |c| c.dropped_bytes_total),
+        ("throttled_records_total", "counter", "Records beyond the source's or tenant's rate.", |c| {
+            c.throttled_records_total
+        }),
+        ("throttled_bytes_total", "counter", "Bytes beyond the source's or tenant's rate.", |c| {
+            c.throttled_bytes_total
+        }),
         ("split_records_total", "counter", "Records that are pieces of over-long lines.", |c| c.split_records_total),
         (
             "copied_bytes_total",
@@ -168,7 +179,7 @@ pub fn prometheus(s: &Snapshot) -> String {
         .collect();
     out.table("file_", &counters, &files);
 
-    let target_fields: [Field<TargetSnapshot>; 12] = [
+    let target_fields: [Field<TargetSnapshot>; 14] = [
         ("writes_total", "counter", "write() calls to watched pipes.", |t| t.writes_total),
         ("written_bytes_total", "counter", "Bytes written to watched pipes.", |t| t.written_bytes_total),
         ("truncated_bytes_total", "counter", "Bytes past max_write_capture.", |t| t.truncated_bytes_total),
@@ -178,6 +189,12 @@ pub fn prometheus(s: &Snapshot) -> String {
         ("dropped_records_total", "counter", "Pipe records dropped by the ring.", |t| t.totals.dropped_records_total),
         ("captured_bytes_total", "counter", "Bytes captured from pipes.", |t| t.totals.captured_bytes_total),
         ("dropped_bytes_total", "counter", "Pipe bytes dropped by the ring.", |t| t.totals.dropped_bytes_total),
+        ("throttled_records_total", "counter", "Pipe records beyond the source's or tenant's rate.", |t| {
+            t.totals.throttled_records_total
+        }),
+        ("throttled_bytes_total", "counter", "Pipe bytes beyond the source's or tenant's rate.", |t| {
+            t.totals.throttled_bytes_total
+        }),
         ("split_records_total", "counter", "Pipe records that are pieces of over-long lines.", |t| {
             t.totals.split_records_total
         }),
@@ -231,7 +248,7 @@ pub fn prometheus(s: &Snapshot) -> String {
             ("reconnects_total", "counter", "Connections to the runtime lost.", |d| d.runtime.reconnects_total),
         ];
         out.table("discovery_", &runtime, &[(String::new(), d)]);
-        let fields: [Field<ContainerSnapshot>; 8] = [
+        let fields: [Field<ContainerSnapshot>; 9] = [
             ("pipe_captured_records_total", "counter", "stdout/stderr records per container.", |c| {
                 c.pipe.captured_records_total
             }),
@@ -251,6 +268,9 @@ pub fn prometheus(s: &Snapshot) -> String {
             ("dropped_bytes_total", "counter", "Bytes of a container's records the ring dropped.", |c| {
                 c.dropped_bytes_total
             }),
+            ("throttled_bytes_total", "counter", "Bytes of a container's records beyond a rate.", |c| {
+                c.throttled_bytes_total
+            }),
             ("spliced_bytes_total", "counter", "stdout/stderr bytes moved by splice/tee/sendfile (lost).", |c| {
                 c.spliced_bytes_total
             }),
@@ -264,13 +284,18 @@ pub fn prometheus(s: &Snapshot) -> String {
         out.table("container_", &fields, &live);
     }
 
-    let ring: [Field<RingSnapshot>; 7] = [
+    let ring: [Field<RingSnapshot>; 10] = [
         ("capacity_bytes", "gauge", "Ring capacity.", |r| r.capacity_bytes),
-        ("used_bytes", "gauge", "Ring bytes in use.", |r| r.used_bytes),
+        ("used_bytes", "gauge", "Ring bytes in use (records and their headers).", |r| r.used_bytes),
+        ("memory_bytes", "gauge", "Memory the ring holds (pages touched and not given back).", |r| r.memory_bytes),
         ("records", "gauge", "Records in the ring.", |r| r.records),
         ("pushed_records_total", "counter", "Records pushed into the ring.", |r| r.pushed_records_total),
         ("dropped_records_total", "counter", "Records dropped by the ring.", |r| r.dropped_records_total),
         ("dropped_bytes_total", "counter", "Bytes dropped by the ring.", |r| r.dropped_bytes_total),
+        ("throttled_records_total", "counter", "Records beyond a source's or tenant's rate.", |r| {
+            r.throttled_records_total
+        }),
+        ("throttled_bytes_total", "counter", "Bytes beyond a source's or tenant's rate.", |r| r.throttled_bytes_total),
         ("blocked_pushes_total", "counter", "Pushes that waited for room (block policy).", |r| r.blocked_pushes_total),
     ];
     out.table("ring_", &ring, &[(String::new(), &s.ring)]);
@@ -285,6 +310,16 @@ pub fn prometheus(s: &Snapshot) -> String {
     let rows: Vec<(String, &ReaderSnapshot)> =
         s.ring.readers.iter().map(|r| (labels(&[("sink", &r.name)]), r)).collect();
     out.table("ring_reader_", &readers, &rows);
+    let tenants: [Field<TenantSnapshot>; 5] = [
+        ("held_bytes", "gauge", "Ring bytes the tenant's records take.", |t| t.held_bytes),
+        ("dropped_records_total", "counter", "The tenant's records dropped by the ring.", |t| t.dropped_records_total),
+        ("dropped_bytes_total", "counter", "The tenant's bytes dropped by the ring.", |t| t.dropped_bytes_total),
+        ("throttled_records_total", "counter", "The tenant's records beyond a rate.", |t| t.throttled_records_total),
+        ("throttled_bytes_total", "counter", "The tenant's bytes beyond a rate.", |t| t.throttled_bytes_total),
+    ];
+    let rows: Vec<(String, &TenantSnapshot)> =
+        s.ring.tenants.iter().map(|t| (labels(&[("tenant", &t.tenant)]), t)).collect();
+    out.table("tenant_", &tenants, &rows);
 
     let sinks: [Field<SinkSnapshot>; 8] = [
         ("delivered_records_total", "counter", "Records delivered.", |k| k.delivered_records_total),
@@ -334,7 +369,9 @@ mod tests {
 
     #[test]
     fn prometheus_text_has_labels_escaped() {
-        let ring = Arc::new(Ring::new(1024, crate::ring::Policy::DropOldest, Duration::from_secs(1)));
+        let ring = Arc::new(
+            Ring::new(1024, crate::ring::Policy::DropOldest, Duration::from_secs(1), Default::default()).unwrap(),
+        );
         let framing = Framing { host: "h".into(), max_record_bytes: 100, partial_flush: Duration::from_secs(1) };
         let volumes = VolumeSource::new(framing.clone(), ring.clone(), None);
         let pipes = PipeSource::new(framing, ring.clone(), 100, "disabled", None);
@@ -350,7 +387,9 @@ mod tests {
     /// from the documents.
     #[test]
     fn every_json_counter_has_a_series() {
-        let ring = Arc::new(Ring::new(1024, crate::ring::Policy::DropOldest, Duration::from_secs(1)));
+        let ring = Arc::new(
+            Ring::new(1024, crate::ring::Policy::DropOldest, Duration::from_secs(1), Default::default()).unwrap(),
+        );
         let framing = Framing { host: "h".into(), max_record_bytes: 100, partial_flush: Duration::from_secs(1) };
         let volumes = VolumeSource::new(framing.clone(), ring.clone(), None);
         let pipes = PipeSource::new(framing, ring.clone(), 100, "disabled", None);

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::counters::SinkCounters;
 use crate::record::Record;
-use crate::ring::{Batch, ReaderId, Ring};
+use crate::ring::{Batch, Mark, ReaderId, Ring};
 use crate::values::lock;
 use files::FilesSinkConfig;
 use kafka::KafkaSinkConfig;
@@ -212,8 +212,8 @@ fn delivered<'a>(counters: &SinkCounters, records: impl Iterator<Item = &'a Reco
 
 /// A batch in delivery.
 struct InFlight {
-    /// Ring sequence after the batch: acknowledged when the batch is done.
-    end: u64,
+    /// The ring's mark after the batch: acknowledged when the batch is done.
+    end: Mark,
     records: Vec<Record>,
     bytes: usize,
     delivery: Delivery,
@@ -254,7 +254,7 @@ async fn run<S: Sink>(mut sink: S, ring: Arc<Ring>, reader: ReaderId, counters: 
         match event {
             Event::Read(None) => closed = true,
             Event::Read(Some(batch)) => {
-                let end = batch.end();
+                let end = batch.end;
                 let bytes = batch.records.iter().map(|r| r.bytes.len()).sum();
                 let delivery = sink.deliver(&batch.records);
                 bytes_in_flight += bytes;
@@ -317,7 +317,7 @@ mod tests {
 
     use super::*;
     use crate::record::tests::record;
-    use crate::ring::Policy;
+    use crate::ring::{Policy, Rates};
 
     /// Answers each delivery from a script; records what it was offered.
     struct Scripted {
@@ -339,7 +339,7 @@ mod tests {
     #[test]
     fn only_what_failed_is_offered_again_and_rejected_records_are_counted_not_retried() {
         use Outcome::*;
-        let ring = Arc::new(Ring::new(1 << 20, Policy::Block, Duration::from_secs(1)));
+        let ring = Arc::new(Ring::new(1 << 20, Policy::Block, Duration::from_secs(1), Rates::default()).unwrap());
         let reader = ring.add_reader("s", false);
         ring.push((1..=4).map(|b| record(&[b])).collect());
         ring.close();

@@ -462,7 +462,7 @@ impl Stream for FileStream {
     fn ready(&mut self) -> bool {
         let ring = &self.source.ring;
         ring.push_fitting(&mut self.pending);
-        self.pending.is_empty() && ring.has_room(ring.capacity() / ROOM_SHARE)
+        self.pending.is_empty() && ring.has_room(&self.lines.origin, ring.capacity() / ROOM_SHARE)
     }
 
     fn append(&mut self, data: &[u8]) {
@@ -547,7 +547,9 @@ mod tests {
 
     #[test]
     fn define_is_idempotent_and_detects_conflicts() {
-        let ring = Arc::new(Ring::new(1 << 20, crate::ring::Policy::DropOldest, Duration::from_secs(1)));
+        let ring = Arc::new(
+            Ring::new(1 << 20, crate::ring::Policy::DropOldest, Duration::from_secs(1), Default::default()).unwrap(),
+        );
         let src = VolumeSource::new(
             Framing { host: "h".into(), max_record_bytes: 100, partial_flush: Duration::from_secs(1) },
             ring,
