@@ -16,7 +16,11 @@
 //!   its own `k8s-file` log and against no logging: machine CPU per GB, time until delivered,
 //!   disk bytes written; 1 container on fd 1, on `/dev/stdout` opened again, 20 containers.
 //!
-//! Options: `--only volumes|pipes|kafka|containers|identity|stdout`, `--serving passthrough|requests|writeback`
+//! - ring: the bursts of issue 12 on each build's default config, throughput of short and
+//!   100-byte records into 1 and 3 sinks, memory per million records held; a previous build
+//!   (`LOGTAP_BASELINE_BIN`, if set) beside this one.
+//!
+//! Options: `--only volumes|pipes|kafka|containers|identity|stdout|ring`, `--serving passthrough|requests|writeback`
 //! (volumes: one way of serving files), `--lines N` (default 1000000), `--dd-mib N`
 //! (default 256), `--rounds N` (default 3), `--containers N` (default 20), `--rate-mb N` (total
 //! MB/s, default 20), `--seconds N` (default 10).
@@ -199,6 +203,9 @@ fn main() {
     }
     if run("stdout") {
         container_stdout(&a);
+    }
+    if run("ring") {
+        ring(&a);
     }
 }
 
@@ -1033,6 +1040,212 @@ fn container_stdout(a: &Args) {
             "| {} x 100-byte lines in all, as fast as they go, {} rounds (median) | logging | machine CPU, start to delivered | CPU per GB above no logging | until delivered | disk written | lines delivered (worst round) |",
             a.lines, a.rounds
         ),
+        &rows,
+    );
+}
+
+/// Waits until the files sink's line count for `service`/`module` reaches `n` or stops
+/// growing for 3 s (a build that dropped lines); returns the count.
+fn wait_sink_lines(out: &Path, service: &str, module: &str, n: usize) -> usize {
+    let (mut last, mut since) = (sink_line_count(out, service, module), Instant::now());
+    while last < n && since.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = sink_line_count(out, service, module);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    last
+}
+
+/// `logtap run --service SERVICE -- PROGRAM ARGS` with the build's own CLI, to its end.
+fn run_captured(agent: &Agent, bin: &Option<PathBuf>, service: &str, program: &str, args: &[&str]) {
+    let cli = bin.clone().unwrap_or_else(logtap_e2e::logtap_bin);
+    let ok = Command::new(cli)
+        .args(["run", "--service", service, "--socket"])
+        .arg(&agent.socket)
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("logtap run");
+    assert!(ok.success());
+}
+
+/// The ring, this build against a previous one (`LOGTAP_BASELINE_BIN`) in one run: the two
+/// bursts of the issue on each build's default config; throughput of 2-byte and 100-byte
+/// records through `logtap run` into 1 and 3 files sinks (one ring capacity for both builds,
+/// `block`, so nothing is dropped and the time is the pipeline's); memory per million
+/// 100-byte records held (a sink that does not read).
+fn ring(a: &Args) {
+    let builds = builds();
+    let mut rows = Vec::new();
+    let podman = logtap_e2e::podman::Podman::start(None);
+    for (name, bin) in &builds {
+        // `logtap run -- head -n 2000000 yes.txt`.
+        let agent = Agent::start(Setup { bin: bin.clone(), ..Setup::default() });
+        let n = 2_000_000usize;
+        let yes = agent.dir.path().join("yes.txt");
+        std::fs::write(&yes, "y\n".repeat(n)).expect("yes.txt");
+        let cpu0 = cpu_seconds(agent.pid());
+        let start = Instant::now();
+        run_captured(&agent, bin, "yes", "head", &["-n", &n.to_string(), yes.to_str().expect("path")]);
+        let got = wait_sink_lines(&agent.out, "yes", "stdout", n);
+        let took = start.elapsed().as_secs_f64();
+        let ring = agent.stats()["ring"].clone();
+        rows.push(format!(
+            "| {name} | `logtap run -- head -n 2000000` (2-byte lines) | {got} / {n} ({:.2} %) | {} | {took:.1} s | {:.2} s | {:.0} MiB |",
+            100.0 * got as f64 / n as f64,
+            ring["dropped_records_total"],
+            cpu_seconds(agent.pid()) - cpu0,
+            status_mib(agent.pid(), "VmHWM")
+        ));
+        drop(agent);
+
+        // 20 containers, 50,000 short lines to stdout and 1,000 to stderr each, at once.
+        let setup = Setup {
+            bin: bin.clone(),
+            extra: format!("[discovery]\ndocker_socket = \"{}\"\n", podman.socket.display()),
+            ..Setup::default()
+        };
+        let agent = Agent::start(setup);
+        let gate = tempfile::tempdir().expect("tempdir");
+        let (count, out, err) = (20usize, 50_000usize, 1_000usize);
+        let names: Vec<String> = (0..count).map(|i| format!("burst-{i:02}")).collect();
+        for name in &names {
+            let body = format!(
+                "while [ ! -e /gate/go ]; do sleep 0.01; done; \
+                 i=0; while [ $i -lt {out} ]; do echo $i; i=$((i+1)); done; \
+                 i=0; while [ $i -lt {err} ]; do echo e$i >&2; i=$((i+1)); done"
+            );
+            let mount = format!("{}:/gate", gate.path().display());
+            podman.run(&["-d", "--rm", "--name", name, "-v", &mount, logtap_e2e::podman::IMAGE, "sh", "-c", &body]);
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let cpu0 = cpu_seconds(agent.pid());
+        let start = Instant::now();
+        std::fs::write(gate.path().join("go"), "").expect("gate");
+        let mut wait = vec!["wait"];
+        wait.extend(names.iter().map(String::as_str));
+        let _ = podman.output(&wait);
+        let mut got = 0;
+        let mut short = 0;
+        for name in &names {
+            let c = wait_sink_lines(&agent.out, name, "stdout", out) + wait_sink_lines(&agent.out, name, "stderr", err);
+            got += c;
+            short += usize::from(c < out + err);
+        }
+        let took = start.elapsed().as_secs_f64();
+        let ring = agent.stats()["ring"].clone();
+        let written = count * (out + err);
+        rows.push(format!(
+            "| {name} | 20 containers x 51,000 short lines at once | {got} / {written} ({:.2} %), {short} containers short | {} | {took:.1} s | {:.2} s | {:.0} MiB |",
+            100.0 * got as f64 / written as f64,
+            ring["dropped_records_total"],
+            cpu_seconds(agent.pid()) - cpu0,
+            status_mib(agent.pid(), "VmHWM")
+        ));
+    }
+    drop(podman);
+    table(
+        "| build | burst (default config) | delivered / written | dropped by the ring | until delivered | agent CPU | agent peak RSS |",
+        &rows,
+    );
+
+    let mut rows = Vec::new();
+    for (len, n) in [(2usize, 2_000_000usize), (100, 1_000_000)] {
+        for sinks in [1usize, 3] {
+            let mut cells = Vec::new();
+            for (name, bin) in &builds {
+                let mut per_record = Vec::new();
+                let mut rate = Vec::new();
+                for _ in 0..a.rounds {
+                    let extra: String = (1..sinks)
+                        .map(|i| format!("[sinks.more{i}]\ntype = \"files\"\ndir = \"/tmp/logtap-bench-more{i}\"\n"))
+                        .collect();
+                    let agent = Agent::start(Setup {
+                        bin: bin.clone(),
+                        ring_capacity: "256MiB".into(),
+                        policy: "block".into(),
+                        block_timeout: "60s".into(),
+                        extra,
+                        ..Setup::default()
+                    });
+                    let file = agent.dir.path().join("lines.txt");
+                    let mut line = vec![b'x'; len - 1];
+                    line.push(b'\n');
+                    std::fs::write(&file, line.repeat(n)).expect("lines");
+                    let cpu0 = cpu_seconds(agent.pid());
+                    let start = Instant::now();
+                    run_captured(&agent, bin, "tp", "cat", &[file.to_str().expect("path")]);
+                    let got = wait_sink_lines(&agent.out, "tp", "stdout", n);
+                    agent.wait_idle(Duration::from_secs(120));
+                    let took = start.elapsed().as_secs_f64();
+                    assert_eq!(got, n, "{name}: every record through");
+                    per_record.push((cpu_seconds(agent.pid()) - cpu0) / n as f64 * 1e6);
+                    rate.push(n as f64 / took);
+                    drop(agent);
+                    for i in 1..sinks {
+                        let _ = std::fs::remove_dir_all(format!("/tmp/logtap-bench-more{i}"));
+                    }
+                }
+                cells.push((name, median(rate), median(per_record)));
+            }
+            let ratio = match (cells.first(), cells.last()) {
+                (Some(b), Some(t)) if cells.len() == 2 => format!("{:.2}x", t.1 / b.1),
+                _ => "-".into(),
+            };
+            let cells: Vec<String> =
+                cells.iter().map(|(name, r, c)| format!("{name}: {r:.0} records/s, {c:.2} us CPU/record")).collect();
+            rows.push(format!("| {len}-byte records x {n} | {sinks} | {} | {ratio} |", cells.join("; ")));
+        }
+    }
+    table(
+        &format!(
+            "| `logtap run -- cat FILE` into files sinks, {} rounds (median) | sinks | records/s until delivered and agent CPU per record | this / previous (records/s) |",
+            a.rounds
+        ),
+        &rows,
+    );
+
+    // Memory per million 100-byte records held: a stdout sink that is never read holds them.
+    let mut rows = Vec::new();
+    for (name, bin) in &builds {
+        let mut agent = Agent::start(Setup {
+            bin: bin.clone(),
+            sink: Sink::Stdout,
+            ring_capacity: "1GiB".into(),
+            policy: "block".into(),
+            block_timeout: "600s".into(),
+            ..Setup::default()
+        });
+        let _held = agent.take_stdout();
+        let n = 1_000_000usize;
+        let file = agent.dir.path().join("lines.txt");
+        let mut line = vec![b'x'; 99];
+        line.push(b'\n');
+        std::fs::write(&file, line.repeat(n)).expect("lines");
+        let before = status_mib(agent.pid(), "VmRSS");
+        run_captured(&agent, bin, "mem", "cat", &[file.to_str().expect("path")]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while agent.stats()["ring"]["pushed_records_total"].as_u64().unwrap_or(0) < n as u64
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let ring = agent.stats()["ring"].clone();
+        let held = ring["records"].as_u64().unwrap_or(0);
+        let rss = status_mib(agent.pid(), "VmRSS") - before;
+        rows.push(format!(
+            "| {name} | {held} | {rss:.0} MiB | {:.0} B | {:.0} MiB |",
+            rss * (1 << 20) as f64 / held.max(1) as f64 - 99.0,
+            ring["used_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+        ));
+    }
+    table(
+        "| build | 100-byte records held | agent RSS growth | beyond the bytes, per record | the ring's own count of bytes used |",
         &rows,
     );
 }

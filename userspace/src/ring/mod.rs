@@ -60,7 +60,6 @@ pub struct ReaderId(usize);
 /// Records handed to a reader: a copy, so they outlive their place in the ring.
 #[derive(Debug)]
 pub struct Batch {
-    pub first: Mark,
     /// The mark after the last record: what to acknowledge.
     pub end: Mark,
     pub records: Vec<Record>,
@@ -431,7 +430,8 @@ impl Ring {
                     }
                 }
                 Room::Copying => s = self.wait(s, Duration::from_millis(1)),
-                Room::Full if fitting => break,
+                // A source with its own place for what waits keeps it, unless the rate says drop.
+                Room::Full if fitting && (within || self.policy == Policy::Block) => break,
                 Room::Full if self.policy == Policy::DropOldest => {
                     s.lose(id, len, loss);
                     batch.pop_front();
@@ -497,7 +497,7 @@ impl Ring {
         let copy = Bytes::copy_from_slice(unsafe { self.region.slice(first.pos, span) });
         self.lock().readers[reader.0].copying = None;
         self.room.notify_all();
-        Some(Batch { first, end, records: records_of(&copy, &origins) })
+        Some(Batch { end, records: records_of(&copy, &origins) })
     }
 
     /// Waits for records for `reader`; `None` once the ring is closed and this reader has

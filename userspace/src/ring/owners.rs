@@ -247,11 +247,18 @@ impl Owners {
         (self.tenants[s.tenant as usize].held, source)
     }
 
-    /// Whether the stream's source and tenant would still hold at most `share` with `bytes`
-    /// more: such streams may use the reserve that the ring keeps from the ones holding most.
+    /// Whether the stream's source would still hold at most `share` with `bytes` more, and its
+    /// tenant too (or it is the only tenant with records): such streams may use the reserve
+    /// that the ring keeps from the ones holding most.
     pub fn small(&self, id: u32, bytes: u64, share: u64) -> bool {
-        let (tenant, source) = self.weight(id);
-        tenant + bytes <= share && source + bytes <= share
+        let s = self.entry(id);
+        let source = self.sources.get(s.source as usize).and_then(Option::as_ref).map_or(0, |src| src.held);
+        if source + bytes > share {
+            return false;
+        }
+        let tenant = s.tenant as usize;
+        self.tenants[tenant].held + bytes <= share
+            || self.tenants.iter().enumerate().all(|(i, t)| i == tenant || t.held == 0)
     }
 
     /// Whether the rate limits let `bytes` of the stream pass now.

@@ -206,9 +206,12 @@ impl Region {
             let mut padded = [0u8; 32];
             let n = name.len().min(32);
             padded[..n].copy_from_slice(&name.as_bytes()[..n]);
-            // SAFETY: the name is written once, before the slot is counted in `readers`, by
-            // the one ring that owns the region.
-            unsafe { std::ptr::write(std::ptr::addr_of!(slot.name).cast_mut(), padded) };
+            let at = std::mem::offset_of!(Shared, slots)
+                + index * std::mem::size_of::<Slot>()
+                + std::mem::offset_of!(Slot, name);
+            // SAFETY: the name is written once, through the mapping's own pointer, before the
+            // slot is counted in `readers`, by the one ring that owns the region.
+            unsafe { self.base.as_ptr().add(at).cast::<[u8; 32]>().write(padded) };
             s.readers.store(index as u64 + 1, Relaxed);
         }
         slot.next.store(next, Relaxed);

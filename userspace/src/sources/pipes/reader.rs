@@ -25,6 +25,8 @@ use crate::record::{Origin, Record};
 use crate::sources::{reorigin_all, LineStream, Stamp};
 use crate::values::lock;
 
+/// Records a drain of the BPF ring buffer gathers before it pushes them.
+const PUSH_EVERY: usize = 4096;
 /// How long a cgroup found gone is taken as gone without looking again.
 const UNRESOLVED_KEPT: Duration = Duration::from_secs(1);
 /// How often cgroups the kernel skips are checked for removal (their entries then go).
@@ -303,6 +305,10 @@ impl PipeSource {
     fn read_events(&self, events: &mut RingBuf<MapData>, asm: &mut Reassembly) {
         asm.stamp = Stamp::now();
         while let Some(item) = events.next() {
+            if asm.batch.len() >= PUSH_EVERY {
+                // A long drain goes out in pieces: the sinks start on it while it is read.
+                self.ring.push(std::mem::take(&mut asm.batch));
+            }
             let Some(header) = item.get(..HEADER_LEN) else { continue };
             // SAFETY: EventHeader is plain old data; read_unaligned copes with any alignment.
             let mut h: EventHeader = unsafe { std::ptr::read_unaligned(header.as_ptr().cast()) };
