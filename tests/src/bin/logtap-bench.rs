@@ -1058,6 +1058,100 @@ fn wait_sink_lines(out: &Path, service: &str, module: &str, n: usize) -> usize {
     last
 }
 
+/// The ring alone, in this process: one thread pushes batches of 4096 records (as a source
+/// does), 1 or 3 threads read and acknowledge them (as sinks do); records/s and CPU per record.
+fn ring_in_process(rows: &mut Vec<String>) {
+    for (len, n) in [(2usize, 8_000_000usize), (100, 4_000_000)] {
+        for readers in [1usize, 3] {
+            let (rate, cpu) = ring_alone::run(len, n, readers);
+            rows.push(format!(
+                "| {len}-byte records x {n} | {readers} | {rate:.0} records/s ({:.0} MB/s of lines) | {cpu:.3} us |",
+                rate * len as f64 / 1e6
+            ));
+        }
+    }
+}
+
+/// The ring and records of the logtap library, driven as the agent's sources and sinks do.
+mod ring_alone {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant, SystemTime};
+
+    use logtap::counters::StreamCounters;
+    use logtap::record::{Origin, Record};
+    use logtap::ring::{Policy, Rates, Ring};
+
+    fn process_cpu() -> f64 {
+        // SAFETY: getrusage into a zeroed struct.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+        let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+        t(u.ru_utime) + t(u.ru_stime)
+    }
+
+    /// Pushes `n` records of `len` bytes through a 64 MiB ring read by `readers`; returns
+    /// records/s and CPU microseconds per record (pusher and readers together).
+    pub fn run(len: usize, n: usize, readers: usize) -> (f64, f64) {
+        let ring =
+            Arc::new(Ring::new(64 << 20, Policy::Block, Duration::from_secs(60), Rates::default()).expect("ring"));
+        let ids: Vec<_> = (0..readers).map(|i| ring.add_reader(&format!("r{i}"), false)).collect();
+        let origin = Arc::new(Origin {
+            host: "h".into(),
+            pid: 1,
+            volume: "".into(),
+            service: "bench".into(),
+            module: "stdout".into(),
+            path: "stdout".into(),
+            tenant: "".into(),
+            container: None,
+            counters: StreamCounters::detached(),
+        });
+        let block = Record {
+            captured_at: SystemTime::now(),
+            origin,
+            seq: 0,
+            bytes: vec![b'x'; len * 4096].into(),
+            split: false,
+            unterminated: false,
+        };
+        let cpu0 = process_cpu();
+        let start = Instant::now();
+        let sinks: Vec<_> = ids
+            .into_iter()
+            .map(|id| {
+                let ring = ring.clone();
+                std::thread::spawn(move || {
+                    let mut got = 0;
+                    while got < n {
+                        match ring.try_read(id, 4096, 4 << 20) {
+                            Some(batch) => {
+                                got += batch.records.len();
+                                ring.ack(id, batch.end);
+                            }
+                            None => std::thread::yield_now(),
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut seq = 0u64;
+        while (seq as usize) < n {
+            let batch: Vec<Record> = (0..4096.min(n - seq as usize))
+                .map(|i| {
+                    seq += 1;
+                    Record { seq, bytes: block.bytes.slice(i * len..(i + 1) * len), ..block.clone() }
+                })
+                .collect();
+            ring.push(batch);
+        }
+        for s in sinks {
+            s.join().expect("reader");
+        }
+        let took = start.elapsed().as_secs_f64();
+        (n as f64 / took, (process_cpu() - cpu0) / n as f64 * 1e6)
+    }
+}
+
 /// `logtap run --service SERVICE -- PROGRAM ARGS` with the build's own CLI, to its end.
 fn run_captured(agent: &Agent, bin: &Option<PathBuf>, service: &str, program: &str, args: &[&str]) {
     let cli = bin.clone().unwrap_or_else(logtap_e2e::logtap_bin);
@@ -1079,6 +1173,12 @@ fn run_captured(agent: &Agent, bin: &Option<PathBuf>, service: &str, program: &s
 /// `block`, so nothing is dropped and the time is the pipeline's); memory per million
 /// 100-byte records held (a sink that does not read).
 fn ring(a: &Args) {
+    let mut rows = Vec::new();
+    ring_in_process(&mut rows);
+    table(
+        "| the ring in one process: push 4096 at a time, read and acknowledge 4096 at a time | readers | throughput | CPU per record (all threads) |",
+        &rows,
+    );
     let builds = builds();
     let mut rows = Vec::new();
     let podman = logtap_e2e::podman::Podman::start(None);
@@ -1178,7 +1278,7 @@ fn ring(a: &Args) {
                     std::fs::write(&file, line.repeat(n)).expect("lines");
                     let cpu0 = cpu_seconds(agent.pid());
                     let start = Instant::now();
-                    run_captured(&agent, bin, "tp", "cat", &[file.to_str().expect("path")]);
+                    run_captured(&agent, bin, "tp", "head", &["-n", &n.to_string(), file.to_str().expect("path")]);
                     let got = wait_sink_lines(&agent.out, "tp", "stdout", n);
                     agent.wait_idle(Duration::from_secs(120));
                     let took = start.elapsed().as_secs_f64();
@@ -1203,7 +1303,7 @@ fn ring(a: &Args) {
     }
     table(
         &format!(
-            "| `logtap run -- cat FILE` into files sinks, {} rounds (median) | sinks | records/s until delivered and agent CPU per record | this / previous (records/s) |",
+            "| `logtap run -- head -n N FILE` into files sinks, {} rounds (median) | sinks | records/s until delivered and agent CPU per record | this / previous (records/s) |",
             a.rounds
         ),
         &rows,
@@ -1227,7 +1327,7 @@ fn ring(a: &Args) {
         line.push(b'\n');
         std::fs::write(&file, line.repeat(n)).expect("lines");
         let before = status_mib(agent.pid(), "VmRSS");
-        run_captured(&agent, bin, "mem", "cat", &[file.to_str().expect("path")]);
+        run_captured(&agent, bin, "mem", "head", &["-n", &n.to_string(), file.to_str().expect("path")]);
         let deadline = Instant::now() + Duration::from_secs(60);
         while agent.stats()["ring"]["pushed_records_total"].as_u64().unwrap_or(0) < n as u64
             && Instant::now() < deadline

@@ -262,6 +262,42 @@ fn a_rate_drops_what_goes_beyond_it_and_counts_it_as_throttled() {
 }
 
 #[test]
+fn a_tenant_rate_holds_over_all_its_sources_and_blocks_under_block() {
+    let rates = Rates { source: None, tenant: Some(10_000) };
+    let ring = Ring::new(1 << 20, Policy::Block, Duration::from_millis(300), rates).unwrap();
+    let a = ring.add_reader("a", false);
+    let (one, two, other) = (origin("one", "t"), origin("two", "t"), origin("other", "u"));
+    // Tenant t's burst (1000 bytes) goes at once, shared by its two sources; the next record
+    // waits for the rate (10 ms for 100 bytes) rather than being dropped.
+    ring.push((0..5).map(|i| of(&one, i, 100)).collect());
+    ring.push((0..5).map(|i| of(&two, i, 100)).collect());
+    let start = Instant::now();
+    ring.push(vec![of(&one, 5, 100), of(&two, 5, 100)]);
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(15), "delayed by the rate: {waited:?}");
+    ring.push(vec![of(&other, 0, 100)]);
+    let batch = ring.try_read(a, 100, 1 << 20).unwrap();
+    assert_eq!(batch.records.len(), 13, "nothing dropped: delayed");
+    let snap = ring.snapshot();
+    assert_eq!((snap.throttled_records_total, snap.dropped_records_total), (0, 0));
+    assert!(snap.blocked_pushes_total >= 1);
+    // While it makes progress it waits as long as the rate says: 20 records, 200 ms.
+    let start = Instant::now();
+    ring.push((0..20).map(|i| of(&one, 6 + i, 100)).collect());
+    assert!(start.elapsed() >= Duration::from_millis(180), "{:?}", start.elapsed());
+    assert_eq!(ring.snapshot().throttled_records_total, 0);
+    // Once shutdown says stop waiting, what is beyond the rate goes, counted as throttled
+    // against its stream and tenant.
+    ring.stop_waiting_at(Instant::now());
+    ring.push((0..5).map(|i| of(&two, 6 + i, 100)).collect());
+    let snap = ring.snapshot();
+    assert_eq!(snap.throttled_records_total, 5);
+    let t = snap.tenants.iter().find(|t| t.tenant == "t").unwrap();
+    assert_eq!((t.throttled_records_total, t.throttled_bytes_total), (5, 500));
+    assert_eq!(two.counters.stream.snapshot().throttled_records_total, 5);
+}
+
+#[test]
 fn another_process_finds_the_unacknowledged_records_in_the_memfd() {
     let ring = ring(1 << 20, Policy::DropOldest);
     let a = ring.add_reader("files", false);
