@@ -334,11 +334,7 @@ fn a_burst_from_twenty_containers_arrives_whole_with_the_default_config() {
             let podman = &podman;
             let gate = &gate;
             s.spawn(move || {
-                let body = format!(
-                    "while [ ! -e /go/go ]; do sleep 0.01; done; \
-                     i=0; while [ $i -lt {out} ]; do echo $i; i=$((i+1)); done; \
-                     i=0; while [ $i -lt {err} ]; do echo e$i >&2; i=$((i+1)); done"
-                );
+                let body = format!("while [ ! -e /go/go ]; do sleep 0.01; done; seq {out}; seq {err} >&2");
                 let mount = format!("{}:/go", gate.path().display());
                 podman.run(&["-d", "--name", name, "-v", &mount, IMAGE, "sh", "-c", &body]);
             });
@@ -350,9 +346,11 @@ fn a_burst_from_twenty_containers_arrives_whole_with_the_default_config() {
     }
     for name in &names {
         let got = records(&agent, name, "stdout", out);
-        assert_eq!(messages(&got), (0..out).map(|i| i.to_string()).collect::<Vec<_>>(), "{name} stdout");
+        assert_eq!(got.len(), out, "{name}: stdout lines delivered");
+        assert_eq!(messages(&got), (1..=out).map(|i| i.to_string()).collect::<Vec<_>>(), "{name} stdout");
         let got = records(&agent, name, "stderr", err);
-        assert_eq!(messages(&got), (0..err).map(|i| format!("e{i}")).collect::<Vec<_>>(), "{name} stderr");
+        assert_eq!(got.len(), err, "{name}: stderr lines delivered");
+        assert_eq!(messages(&got), (1..=err).map(|i| i.to_string()).collect::<Vec<_>>(), "{name} stderr");
     }
     let stats = agent.stats();
     assert_eq!(stats["ring"]["dropped_records_total"], 0, "{}", stats["ring"]);

@@ -1214,11 +1214,7 @@ fn ring(a: &Args) {
         let (count, out, err) = (20usize, 50_000usize, 1_000usize);
         let names: Vec<String> = (0..count).map(|i| format!("burst-{i:02}")).collect();
         for name in &names {
-            let body = format!(
-                "while [ ! -e /gate/go ]; do sleep 0.01; done; \
-                 i=0; while [ $i -lt {out} ]; do echo $i; i=$((i+1)); done; \
-                 i=0; while [ $i -lt {err} ]; do echo e$i >&2; i=$((i+1)); done"
-            );
+            let body = format!("while [ ! -e /gate/go ]; do sleep 0.01; done; seq {out}; seq {err} >&2");
             let mount = format!("{}:/gate", gate.path().display());
             podman.run(&["-d", "--rm", "--name", name, "-v", &mount, logtap_e2e::podman::IMAGE, "sh", "-c", &body]);
         }
@@ -1240,7 +1236,7 @@ fn ring(a: &Args) {
         let ring = agent.stats()["ring"].clone();
         let written = count * (out + err);
         rows.push(format!(
-            "| {name} | 20 containers x 51,000 short lines at once | {got} / {written} ({:.2} %), {short} containers short | {} | {took:.1} s | {:.2} s | {:.0} MiB |",
+            "| {name} | 20 containers: `seq 50000; seq 1000 >&2` at once | {got} / {written} ({:.2} %), {short} containers short | {} | {took:.1} s | {:.2} s | {:.0} MiB |",
             100.0 * got as f64 / written as f64,
             ring["dropped_records_total"],
             cpu_seconds(agent.pid()) - cpu0,

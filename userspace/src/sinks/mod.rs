@@ -174,6 +174,7 @@ fn spawn<S: Sink>(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let ring = ring.clone();
     std::thread::Builder::new().name(format!("sink-{name}")).spawn(move || {
+        yield_to_capture();
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
@@ -183,6 +184,22 @@ fn spawn<S: Sink>(
         };
         rt.block_on(run(sink, ring, reader, counters));
     })
+}
+
+/// How much less CPU weight a sink's thread has than the capture threads when both want it.
+const SINK_NICENESS: libc::c_int = 5;
+
+/// Lowers this thread's priority: when cores are short (a burst), the sources capture first,
+/// because what is captured waits in the ring and what is not may be lost in the kernel's
+/// buffer; the sinks still run, with a smaller share, and catch up after.
+fn yield_to_capture() {
+    // SAFETY: gettid and setpriority on this thread only.
+    let tid = unsafe { libc::gettid() } as libc::id_t;
+    // SAFETY: as above; a failure (no permission to change it) leaves the priority as it was.
+    let now = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) };
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, now + SINK_NICENESS) } != 0 {
+        tracing::debug!("cannot lower the sink thread's priority: {}", std::io::Error::last_os_error());
+    }
 }
 
 fn delivered<'a>(counters: &SinkCounters, records: impl Iterator<Item = &'a Record>) {
