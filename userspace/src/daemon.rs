@@ -26,12 +26,14 @@ fn usize_of(n: u64, what: &str) -> anyhow::Result<usize> {
     usize::try_from(n).with_context(|| format!("{what} is too large for this machine"))
 }
 
-/// Large buffers (FUSE requests of up to 1 MiB, copied once) are mmapped and returned to the
+/// The largest buffers (FUSE requests of 1 MiB, copied once) are mmapped and returned to the
 /// system when freed. glibc would otherwise raise its mmap threshold after the first free and
-/// serve them from a heap that fragments and does not shrink.
+/// serve them from a heap that fragments and does not shrink. Below the threshold, a sink's
+/// batches (a few hundred KiB, one after another) reuse the heap: mmapped, each cost page
+/// faults and a TLB shootdown on every core.
 fn keep_large_buffers_mmapped() {
     // SAFETY: mallopt only tunes the allocator.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) };
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
 }
 
 /// Every volume file's memory is a file descriptor: the soft limit goes up to the hard one.

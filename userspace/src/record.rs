@@ -12,7 +12,7 @@ use crate::api::Container;
 use crate::counters::StreamCounters;
 
 /// Whose bytes these are. Shared by every record of a stream, so a record costs one `Arc`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Origin {
     pub host: Arc<str>,
     /// The writing process, for pipe streams (0 for volume files).

@@ -214,8 +214,24 @@ pub struct Ring {
     rated: bool,
 }
 
-fn nanos(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+/// Capture times as nanoseconds; the records of one capture share theirs, so the last one is
+/// kept.
+#[derive(Default)]
+struct Stamp {
+    last: Option<(SystemTime, u64)>,
+}
+
+impl Stamp {
+    fn of(&mut self, t: SystemTime) -> u64 {
+        match self.last {
+            Some((at, ns)) if at == t => ns,
+            _ => {
+                let ns = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+                self.last = Some((t, ns));
+                ns
+            }
+        }
+    }
 }
 
 impl Ring {
@@ -311,6 +327,10 @@ impl Ring {
     fn room_for(&self, s: &mut State, id: u32, size: usize, fitting: bool) -> Room {
         let capacity = self.capacity();
         let reserve = capacity / RESERVE;
+        if s.used() + size <= capacity - reserve {
+            // Room for anyone: no need to ask who holds what.
+            return Room::Fits;
+        }
         let limit = if s.owners.small(id, size as u64, reserve as u64) { capacity } else { capacity - reserve };
         loop {
             if s.used() + size <= limit {
@@ -374,6 +394,7 @@ impl Ring {
         let mut deadline: Option<Instant> = None;
         let mut chunk = 0;
         let mut last: Option<(*const Origin, u32)> = None;
+        let mut stamp = Stamp::default();
         while let Some(record) = batch.front() {
             let id = match last {
                 Some((p, id)) if std::ptr::eq(p, Arc::as_ptr(&record.origin)) => id,
@@ -396,7 +417,9 @@ impl Ring {
             let loss = if within { Loss::Dropped } else { Loss::Throttled };
             match room {
                 Room::Fits => {
-                    s.owners.take(id, len);
+                    if self.rated {
+                        s.owners.take(id, len);
+                    }
                     let pos = s.tail.pos;
                     let header = Header {
                         len: len as u32,
@@ -404,7 +427,7 @@ impl Ring {
                         unterminated: record.unterminated,
                         stream: id,
                         seq: record.seq,
-                        at_ns: nanos(record.captured_at),
+                        at_ns: stamp.of(record.captured_at),
                     };
                     // SAFETY: `size` bytes after the tail are free (room_for said so) and
                     // only pushers, under this lock, write there.

@@ -51,7 +51,12 @@ pub struct Rates {
 }
 
 struct Stream {
+    /// The source's own: its address finds the stream, and its count says when the source
+    /// let go of it.
     origin: Arc<Origin>,
+    /// A copy the records read out carry: the sinks' threads count their references on it,
+    /// not on the source's, whose count the source's thread changes with every record.
+    read: Arc<Origin>,
     source: u32,
     tenant: u32,
     /// End of its newest record in the ring: the stream's slot is kept until the head passes it.
@@ -140,7 +145,8 @@ impl Owners {
         if let Some(s) = self.sources[source as usize].as_mut() {
             s.streams += 1;
         }
-        let entry = Stream { origin: origin.clone(), source, tenant, last: 0 };
+        let read = Arc::new(Origin::clone(origin));
+        let entry = Stream { origin: origin.clone(), read, source, tenant, last: 0 };
         let id = match self.free.pop() {
             Some(id) => {
                 self.streams[id as usize] = Some(entry);
@@ -217,8 +223,9 @@ impl Owners {
         (s, source, tenant)
     }
 
+    /// The origin records of the stream carry when read out.
     pub fn origin(&self, id: u32) -> &Arc<Origin> {
-        &self.entry(id).origin
+        &self.entry(id).read
     }
 
     /// A record of `bytes` ending at `end` went into the ring.
