@@ -822,7 +822,7 @@ fn latency(setup: &Setup) -> (f64, f64, f64) {
     (quantile(&lat, 0.5), quantile(&lat, 0.99), lat.last().copied().unwrap_or(f64::NAN))
 }
 
-/// Volumes against tmpfs, for each way of serving files, and a previous build (writeback, its
+/// Volumes against tmpfs, for each way of serving files, and a previous build (on its
 /// default) when `LOGTAP_BASELINE_BIN` is set.
 fn volumes(a: &Args) {
     let work = tempfile::Builder::new().prefix("logtap-bench-").tempdir().expect("tempdir");
@@ -834,8 +834,8 @@ fn volumes(a: &Args) {
         .map(|serving| (format!("{} (this build)", serving.name()), Setup { serving, ..Setup::default() }))
         .collect();
     if let Some(bin) = std::env::var_os("LOGTAP_BASELINE_BIN").filter(|_| a.serving.is_none()) {
-        let setup = Setup { serving: Serving::Writeback, bin: Some(bin.into()), ..Setup::default() };
-        modes.insert(0, ("writeback (previous build)".into(), setup));
+        let setup = Setup { bin: Some(bin.into()), ..Setup::default() };
+        modes.insert(0, ("previous build (its default)".into(), setup));
     }
     for (name, setup) in modes {
         volume_mode(a, &tmpfs, &name, setup, &mut rows, &mut figures);
@@ -1167,6 +1167,27 @@ fn run_captured(agent: &Agent, bin: &Option<PathBuf>, service: &str, program: &s
     assert!(ok.success());
 }
 
+/// A row of the burst table: delivered of written (and `more` about it), the ring's drops,
+/// the time since `start`, the agent's CPU since `cpu0` and its peak RSS.
+fn burst_row(
+    build: &str,
+    what: &str,
+    agent: &Agent,
+    (got, written, more): (usize, usize, String),
+    start: Instant,
+    cpu0: f64,
+) -> String {
+    let took = start.elapsed().as_secs_f64();
+    let ring = agent.stats()["ring"].clone();
+    format!(
+        "| {build} | {what} | {got} / {written} ({:.2} %){more} | {} | {took:.1} s | {:.2} s | {:.0} MiB |",
+        100.0 * got as f64 / written as f64,
+        ring["dropped_records_total"],
+        cpu_seconds(agent.pid()) - cpu0,
+        status_mib(agent.pid(), "VmHWM")
+    )
+}
+
 /// The ring, this build against a previous one (`LOGTAP_BASELINE_BIN`) in one run: the two
 /// bursts of the issue on each build's default config; throughput of 2-byte and 100-byte
 /// records through `logtap run` into 1 and 3 files sinks (one ring capacity for both builds,
@@ -1192,15 +1213,8 @@ fn ring(a: &Args) {
         let start = Instant::now();
         run_captured(&agent, bin, "yes", "head", &["-n", &n.to_string(), yes.to_str().expect("path")]);
         let got = wait_sink_lines(&agent.out, "yes", "stdout", n);
-        let took = start.elapsed().as_secs_f64();
-        let ring = agent.stats()["ring"].clone();
-        rows.push(format!(
-            "| {name} | `logtap run -- head -n 2000000` (2-byte lines) | {got} / {n} ({:.2} %) | {} | {took:.1} s | {:.2} s | {:.0} MiB |",
-            100.0 * got as f64 / n as f64,
-            ring["dropped_records_total"],
-            cpu_seconds(agent.pid()) - cpu0,
-            status_mib(agent.pid(), "VmHWM")
-        ));
+        let what = "`logtap run -- head -n 2000000` (2-byte lines)";
+        rows.push(burst_row(name, what, &agent, (got, n, String::new()), start, cpu0));
         drop(agent);
 
         // 20 containers, 50,000 short lines to stdout and 1,000 to stderr each, at once.
@@ -1232,16 +1246,9 @@ fn ring(a: &Args) {
             got += c;
             short += usize::from(c < out + err);
         }
-        let took = start.elapsed().as_secs_f64();
-        let ring = agent.stats()["ring"].clone();
-        let written = count * (out + err);
-        rows.push(format!(
-            "| {name} | 20 containers: `seq 50000; seq 1000 >&2` at once | {got} / {written} ({:.2} %), {short} containers short | {} | {took:.1} s | {:.2} s | {:.0} MiB |",
-            100.0 * got as f64 / written as f64,
-            ring["dropped_records_total"],
-            cpu_seconds(agent.pid()) - cpu0,
-            status_mib(agent.pid(), "VmHWM")
-        ));
+        let what = "20 containers: `seq 50000; seq 1000 >&2` at once";
+        let short = format!(", {short} containers short");
+        rows.push(burst_row(name, what, &agent, (got, count * (out + err), short), start, cpu0));
     }
     drop(podman);
     table(

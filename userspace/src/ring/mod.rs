@@ -168,7 +168,7 @@ pub struct RingConfig {
 impl Default for RingConfig {
     fn default() -> Self {
         Self {
-            capacity: ByteSize(256 << 20),
+            capacity: ByteSize(64 << 20),
             policy: Policy::DropOldest,
             block_timeout: Dur(Duration::from_secs(5)),
             source_rate: None,

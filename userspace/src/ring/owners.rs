@@ -80,6 +80,20 @@ struct Tenant {
     throttled_bytes: u64,
 }
 
+/// Puts `entry` in a free slot of `slots`, or a new one; returns its index.
+fn place<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<u32>, entry: T) -> u32 {
+    match free.pop() {
+        Some(i) => {
+            slots[i as usize] = Some(entry);
+            i
+        }
+        None => {
+            slots.push(Some(entry));
+            (slots.len() - 1) as u32
+        }
+    }
+}
+
 pub struct Owners {
     rates: Rates,
     streams: Vec<Option<Stream>>,
@@ -128,16 +142,7 @@ impl Owners {
             None => {
                 let bucket = self.rates.source.map(|r| Bucket::new(r, now));
                 let entry = Source { key: key.clone(), held: 0, streams: 0, bucket };
-                let s = match self.free_sources.pop() {
-                    Some(s) => {
-                        self.sources[s as usize] = Some(entry);
-                        s
-                    }
-                    None => {
-                        self.sources.push(Some(entry));
-                        (self.sources.len() - 1) as u32
-                    }
-                };
+                let s = place(&mut self.sources, &mut self.free_sources, entry);
                 self.by_source.insert(key, s);
                 s
             }
@@ -147,16 +152,7 @@ impl Owners {
         }
         let read = Arc::new(Origin::clone(origin));
         let entry = Stream { origin: origin.clone(), read, source, tenant, last: 0 };
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.streams[id as usize] = Some(entry);
-                id
-            }
-            None => {
-                self.streams.push(Some(entry));
-                (self.streams.len() - 1) as u32
-            }
-        };
+        let id = place(&mut self.streams, &mut self.free, entry);
         self.by_origin.insert(addr, id);
         id
     }
