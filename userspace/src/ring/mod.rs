@@ -114,6 +114,12 @@ impl State {
         self.readers.iter().any(|r| r.copying == Some(self.head.pos))
     }
 
+    /// The head moves past its record `h`, whose space its owners no longer hold.
+    fn pass_head(&mut self, h: Header) {
+        self.owners.release(h.stream, h.footprint() as u64);
+        self.head = Mark { pos: self.head.pos + h.footprint() as u64, index: self.head.index + 1 };
+    }
+
     /// Counts a record that will not reach the sinks against its stream, tenant and the ring.
     fn lose(&mut self, id: u32, len: usize, loss: Loss) {
         let len = len as u64;
@@ -358,7 +364,8 @@ impl Ring {
     /// it, and against its stream if a required reader misses it.
     fn evict_head(&self, s: &mut State, h: Header) {
         let pos = s.head.pos;
-        let next = Mark { pos: pos + h.footprint() as u64, index: s.head.index + 1 };
+        s.pass_head(h);
+        let next = s.head;
         let len = u64::from(h.len);
         let mut lost = false;
         for (i, r) in s.readers.iter_mut().enumerate() {
@@ -375,11 +382,9 @@ impl Ring {
             }
             self.region.publish_reader(i, &r.name, r.next.pos, r.acked.pos);
         }
-        s.owners.release(h.stream, h.footprint() as u64);
         if lost {
             s.lose(h.stream, len as usize, Loss::Dropped);
         }
-        s.head = next;
     }
 
     fn push_from(&self, batch: &mut VecDeque<Record>, fitting: bool) {
@@ -503,7 +508,8 @@ impl Ring {
             }
             // SAFETY: records lie from the head to the tail; pushers write only after the tail.
             let h = unsafe { self.region.header(end.pos) };
-            if origins.last().is_none_or(|(id, _)| *id != h.stream) && !origins.iter().any(|(id, _)| *id == h.stream) {
+            // Newest first: a batch is mostly runs of one stream.
+            if !origins.iter().rev().any(|(id, _)| *id == h.stream) {
                 origins.push((h.stream, s.owners.origin(h.stream).clone()));
             }
             bytes += h.len as usize;
@@ -554,8 +560,7 @@ impl Ring {
         while s.head.pos < floor.pos {
             // SAFETY: head < tail, and acknowledged records are not written.
             let h = unsafe { self.region.header(s.head.pos) };
-            s.owners.release(h.stream, h.footprint() as u64);
-            s.head = Mark { pos: s.head.pos + h.footprint() as u64, index: s.head.index + 1 };
+            s.pass_head(h);
         }
         s.publish(&self.region);
         self.give_back(&mut s);
@@ -647,9 +652,7 @@ fn records_of(copy: &Bytes, origins: &[(u32, Arc<Origin>)]) -> Vec<Record> {
     let mut at = 0;
     let mut last = 0;
     while at + HEADER <= copy.len() {
-        let mut b = [0; HEADER];
-        b.copy_from_slice(&copy[at..at + HEADER]);
-        let h = Header::decode(&b);
+        let h = Header::read(&copy[at..]);
         let start = at + HEADER;
         if origins.get(last).is_none_or(|(id, _)| *id != h.stream) {
             let Some(i) = origins.iter().position(|(id, _)| *id == h.stream) else {

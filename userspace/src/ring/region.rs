@@ -55,6 +55,13 @@ impl Header {
         out
     }
 
+    /// The header at the start of `b` (at least [`HEADER`] bytes).
+    pub fn read(b: &[u8]) -> Self {
+        let mut h = [0; HEADER];
+        h.copy_from_slice(&b[..HEADER]);
+        Self::decode(&h)
+    }
+
     pub fn decode(b: &[u8; HEADER]) -> Self {
         let word = |r: std::ops::Range<usize>| {
             let mut w = [0; 8];
@@ -185,10 +192,7 @@ impl Region {
     /// A record has been written at `pos` and is not being overwritten.
     pub unsafe fn header(&self, pos: u64) -> Header {
         // SAFETY: as the caller promises.
-        let bytes = unsafe { self.slice(pos, HEADER) };
-        let mut b = [0; HEADER];
-        b.copy_from_slice(bytes);
-        Header::decode(&b)
+        Header::read(unsafe { self.slice(pos, HEADER) })
     }
 
     /// Records where the ring starts and ends, for a process that maps the memfd.
