@@ -472,7 +472,17 @@ fn records_the_ring_drops_show_as_the_containers_loss() {
     let podman = Podman::start(None);
     // A required Kafka sink that never answers holds the ring full: drop_oldest must drop.
     let kafka = "[sinks.kafka]\ntype = \"kafka\"\nbrokers = [\"127.0.0.1:1\"]\ntopic = \"t\"\n";
-    let lossy = Setup { ring_capacity: "256KiB".into(), max_record_bytes: "4KiB".into(), ..setup(&podman, "", kafka) };
+    // 64 KiB: the 6,000 stdout/stderr records (about 216 KB with their headers) overflow it
+    // several times. The file's lines wait in the file rather than make the ring drop (and the
+    // ring takes space from whoever holds most), so the volume is given its least memory,
+    // 4 MiB, and 6 MB of file lines: what is over the budget is dropped, counted as the
+    // volume's, so the container's.
+    let lossy = Setup {
+        ring_capacity: "64KiB".into(),
+        max_record_bytes: "4KiB".into(),
+        volume_memory: "4MiB".into(),
+        ..setup(&podman, "", kafka)
+    };
     let agent = Agent::start(lossy);
     wait_status(&agent, "connected");
     let Scene { _turn, agent, podman } = Scene { agent, podman, _turn: turn };
@@ -487,7 +497,7 @@ fn records_the_ring_drops_show_as_the_containers_loss() {
         IMAGE,
         "sh",
         "-c",
-        &script("l", n, true),
+        &script("l", n, true).replace("-file-$i", &format!("-file-$i-{}", "f".repeat(2000))),
     ]);
     assert_eq!(podman.wait("lt-lossy"), 0);
     let c = container(&agent, "lt-lossy", |c| c["pipe"]["captured_records_total"] == 2 * n as u64);
