@@ -44,6 +44,11 @@ impl Backing {
         Ok(Self { file: unsafe { File::from_raw_fd(fd) } })
     }
 
+    /// Content an earlier worker wrote (its memfd was kept).
+    pub fn adopt(file: File) -> Self {
+        Self { file }
+    }
+
     pub fn file(&self) -> &File {
         &self.file
     }

@@ -76,4 +76,7 @@ pub trait Stream: Send + 'static {
     fn held(&mut self, bytes: u64);
     /// Called periodically, so that partial records can time out.
     fn idle(&mut self, now: Instant);
+    /// Bytes appended that are not safe yet (a partial line; `None` while records wait to be
+    /// taken, when that cannot be told): a worker taking over captures them again.
+    fn unsettled(&self) -> Option<u64>;
 }

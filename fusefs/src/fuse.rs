@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsFd;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,13 +17,14 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow,
     WriteFlags,
 };
 use tracing::{info, warn};
 
 use crate::capture::{Capture, Serving};
+use crate::connection::Connection;
 use crate::model::{Attr, FsResult, Kind, Model, Owner, SetAttr};
 use crate::reader::{self, ReaderSettings};
 use crate::sync::lock;
@@ -129,6 +131,14 @@ impl<C: Capture> Adapter<C> {
         lock(&self.model)
     }
 
+    /// A request that changes the namespace: the change is kept before the kernel hears back.
+    fn change<T>(&self, f: impl FnOnce(&mut Model<C>) -> T) -> T {
+        let mut model = self.model();
+        let r = f(&mut model);
+        model.commit();
+        r
+    }
+
     /// The backing registration for an open of `ino`, made with `register` on its first open;
     /// `None` without passthrough (never granted, or refused now: from then on, requests).
     fn backing(&self, ino: u64, register: impl FnOnce() -> io::Result<BackingId>) -> Option<Arc<BackingId>> {
@@ -212,11 +222,11 @@ impl<C: Capture> Filesystem for Adapter<C> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.model().lookup(parent.0, name));
+        reply_entry(reply, self.change(|m| m.lookup(parent.0, name)));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.model().forget(ino.0, nlookup);
+        self.change(|m| m.forget(ino.0, nlookup));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -242,7 +252,7 @@ impl<C: Capture> Filesystem for Adapter<C> {
         reply: ReplyAttr,
     ) {
         let set = SetAttr { mode, uid, gid, size, atime: atime.map(time), mtime: mtime.map(time) };
-        reply_attr(reply, self.model().setattr(ino.0, set));
+        reply_attr(reply, self.change(|m| m.setattr(ino.0, set)));
     }
 
     fn mknod(
@@ -259,19 +269,19 @@ impl<C: Capture> Filesystem for Adapter<C> {
             // FIFOs, sockets and devices have no place in a log directory.
             return reply.error(Errno::EPERM);
         }
-        reply_entry(reply, self.model().create(parent.0, name, mode & !umask, owner(req), req.pid()));
+        reply_entry(reply, self.change(|m| m.create(parent.0, name, mode & !umask, owner(req), req.pid())));
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        reply_entry(reply, self.model().mkdir(parent.0, name, mode & !umask, owner(req)));
+        reply_entry(reply, self.change(|m| m.mkdir(parent.0, name, mode & !umask, owner(req))));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.model().unlink(parent.0, name));
+        reply_empty(reply, self.change(|m| m.unlink(parent.0, name)));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.model().rmdir(parent.0, name));
+        reply_empty(reply, self.change(|m| m.rmdir(parent.0, name)));
     }
 
     fn rename(
@@ -289,7 +299,7 @@ impl<C: Capture> Filesystem for Adapter<C> {
             // RENAME_EXCHANGE and RENAME_WHITEOUT are not supported.
             return reply.error(Errno::EINVAL);
         }
-        reply_empty(reply, self.model().rename(parent.0, name, newparent.0, newname, noreplace));
+        reply_empty(reply, self.change(|m| m.rename(parent.0, name, newparent.0, newname, noreplace)));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -297,7 +307,9 @@ impl<C: Capture> Filesystem for Adapter<C> {
         let read = flags.acc_mode() != OpenAccMode::O_WRONLY;
         let opened = {
             let mut model = self.model();
-            model.open(ino.0, read, write, req.pid()).and_then(|fh| Ok((fh, model.tap(ino.0)?)))
+            let opened = model.open(ino.0, read, write, req.pid()).and_then(|fh| Ok((fh, model.tap(ino.0)?)));
+            model.commit();
+            opened
         };
         match opened {
             Ok((fh, tap)) => match self.backing(ino.0, || reply.open_backing(tap.backing())) {
@@ -323,7 +335,9 @@ impl<C: Capture> Filesystem for Adapter<C> {
         let made = {
             let mut model = self.model();
             let made = model.create(parent.0, name, mode & !umask, owner(req), req.pid());
-            made.and_then(|a| Ok((a, model.open(a.ino, read, write, req.pid())?, model.tap(a.ino)?)))
+            let made = made.and_then(|a| Ok((a, model.open(a.ino, read, write, req.pid())?, model.tap(a.ino)?)));
+            model.commit();
+            made
         };
         match made {
             Ok((a, fh, tap)) => {
@@ -395,7 +409,7 @@ impl<C: Capture> Filesystem for Adapter<C> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.model().release(fh.0);
+        let r = self.change(|m| m.release(fh.0));
         self.released(ino.0);
         reply_empty(reply, r);
     }
@@ -498,6 +512,7 @@ impl<C: Capture> Filesystem for Adapter<C> {
 pub struct MountedFs<C: Capture> {
     model: Shared<C>,
     mountpoint: PathBuf,
+    connection: Connection,
     session: Option<fuser::BackgroundSession>,
     /// The capture reader and (writeback cache) the flusher stop on this.
     stop: Arc<AtomicBool>,
@@ -507,6 +522,15 @@ pub struct MountedFs<C: Capture> {
 fn cpath(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))
+}
+
+fn umount(path: &Path) -> io::Result<()> {
+    let c = cpath(path)?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Detaches a mount that is busy or whose daemon died ("Transport endpoint is not connected").
@@ -540,24 +564,49 @@ pub fn mount<C: Capture>(model: Model<C>, mountpoint: &Path, options: MountOptio
         }
         Ok(_) => {}
     }
+    let connection = Connection::mount(mountpoint, options.allow_other)?;
+    let fs = serve(model, mountpoint, options, connection, true)?;
+    info!(mountpoint = %mountpoint.display(), "volumes mounted");
+    Ok(fs)
+}
+
+/// Serves a mount an earlier process made and served (its connection was kept): `model` is
+/// that process's namespace, restored. Requests it read and did not answer come again.
+pub fn resume<C: Capture>(
+    model: Model<C>,
+    mountpoint: &Path,
+    options: MountOptions,
+    connection: Connection,
+) -> io::Result<MountedFs<C>> {
+    let fs = serve(model, mountpoint, options, connection, false)?;
+    if let Err(e) = fs.connection.resend() {
+        warn!("the kernel did not resend the requests left unanswered (Linux 6.9+ does): {e}");
+    }
+    info!(mountpoint = %mountpoint.display(), "volumes resumed");
+    Ok(fs)
+}
+
+fn serve<C: Capture>(
+    model: Model<C>,
+    mountpoint: &Path,
+    options: MountOptions,
+    connection: Connection,
+    fresh: bool,
+) -> io::Result<MountedFs<C>> {
     let (taps, budget) = (model.taps(), model.budget());
     let model = Arc::new(Mutex::new(model));
     let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        MountOption::FSName("logtap".into()),
-        MountOption::Subtype("logtap".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::NoExec,
-        MountOption::NoAtime,
-    ];
     config.acl = if options.allow_other { SessionACL::All } else { SessionACL::Owner };
     // One request loop: requests on a file are handled in the order the kernel sent them.
     config.n_threads = Some(1);
     let adapter = Adapter { model: model.clone(), options: options.clone(), passthrough: Mutex::default() };
-    let session = fuser::spawn_mount(adapter, mountpoint, &config)?;
-    info!(mountpoint = %mountpoint.display(), "volumes mounted");
+    let acl = config.acl;
+    let (session, answer) = connection.handshake(|fd| fuser::Session::from_fd(adapter, fd, acl, config))?;
+    if fresh {
+        connection.answer(&answer)?;
+    }
+    connection.become_device(session.as_fd())?;
+    let session = session.spawn()?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let settings = ReaderSettings { interval: options.flush_interval, budget };
@@ -573,7 +622,7 @@ pub fn mount<C: Capture>(model: Model<C>, mountpoint: &Path, options: MountOptio
             }
         })?);
     }
-    Ok(MountedFs { model, mountpoint: mountpoint.to_owned(), session: Some(session), stop, threads })
+    Ok(MountedFs { model, mountpoint: mountpoint.to_owned(), connection, session: Some(session), stop, threads })
 }
 
 impl<C: Capture> MountedFs<C> {
@@ -583,6 +632,11 @@ impl<C: Capture> MountedFs<C> {
 
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// The connection, for a keeper to hold past this process.
+    pub fn connection(&self) -> &Connection {
+        &self.connection
     }
 
     /// Shutdown begins: (writeback cache) dirty pages are pushed out, every file is sealed
@@ -604,18 +658,21 @@ impl<C: Capture> MountedFs<C> {
     pub fn unmount(mut self, wait: Duration) -> io::Result<()> {
         self.close();
         let Some(session) = self.session.take() else { return Ok(()) };
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(session.umount_and_join());
-        });
-        match rx.recv_timeout(wait) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if e.raw_os_error() == Some(libc::EBUSY) => {
+        match umount(&self.mountpoint) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 warn!(mountpoint = %self.mountpoint.display(), "volumes still in use; detaching lazily");
                 detach(&self.mountpoint)?;
             }
-            Ok(Err(e)) => return Err(e),
-            Err(_) => warn!("the FUSE request loop did not end in time; leaving it to the kernel"),
+            Err(e) => return Err(e),
+        }
+        // Unmounted, the connection ends and so does the request loop.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(session.join());
+        });
+        if rx.recv_timeout(wait).is_err() {
+            warn!("the FUSE request loop did not end in time; leaving it to the kernel");
         }
         info!(mountpoint = %self.mountpoint.display(), "volumes unmounted");
         Ok(())

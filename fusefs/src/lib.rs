@@ -5,7 +5,10 @@
 
 pub mod backing;
 pub mod capture;
+pub mod connection;
 pub mod fuse;
+pub mod journal;
+pub mod kept;
 pub mod model;
 mod name;
 pub mod reader;
@@ -13,7 +16,9 @@ mod sync;
 pub mod tap;
 
 pub use capture::{Capture, Serving, Stream};
-pub use fuse::{mount, MountOptions, MountedFs};
+pub use connection::Connection;
+pub use fuse::{mount, resume, MountOptions, MountedFs};
+pub use journal::Journal;
 pub use model::{Model, Options, Owner};
 pub use name::{is_name_char, Name, NameError, NAME_MAX};
 pub use tap::Settings;

@@ -8,13 +8,17 @@
 //! memory ([`Tap`]); capture reads it from there. What changes a file under capture (truncate,
 //! rename, unlink, the last close) captures what was written before it first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
-use std::os::unix::ffi::OsStrExt;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::backing::Backing;
 use crate::capture::{Capture, Stream};
+use crate::kept::{self, Entry, KeptPosition, Keeping, NodeImage};
 use crate::name::Name;
 use crate::reader::{enforce_budget, Taps};
 use crate::tap::{Mark, Settings, Tap};
@@ -91,6 +95,8 @@ struct Node<S> {
     writers: u32,
     /// Still has a name (false after unlink/rmdir or being replaced by rename).
     linked: bool,
+    /// The process that made the file (0 when unknown, and for directories).
+    creator: u32,
     body: Body<S>,
 }
 
@@ -111,7 +117,26 @@ impl<S> Node<S> {
             opens: 0,
             writers: 0,
             linked: true,
+            creator: 0,
             body,
+        }
+    }
+
+    fn image(&self, ino: u64) -> NodeImage {
+        NodeImage {
+            ino,
+            parent: self.parent,
+            name: self.name.as_bytes().to_vec(),
+            dir: matches!(self.body, Body::Dir(_)),
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            times: [self.atime, self.mtime, self.ctime].map(kept::nanos),
+            lookups: self.lookups,
+            opens: self.opens,
+            writers: self.writers,
+            linked: self.linked,
+            creator: self.creator,
         }
     }
 }
@@ -143,6 +168,10 @@ pub struct Model<C: Capture> {
     files: HashMap<u64, usize>,
     taps: Arc<Taps<C::Stream>>,
     closing: bool,
+    /// Where the namespace is kept past this process, and what changed since it was last told.
+    keeping: Option<Keeping>,
+    dirty: BTreeSet<u64>,
+    dirty_handles: BTreeSet<u64>,
 }
 
 /// One entry of a directory listing.
@@ -167,10 +196,14 @@ fn check_name(name: &OsStr) -> FsResult<()> {
     Ok(())
 }
 
+/// A journal holding more than this beyond the image it would be rewritten as is rewritten.
+const REWRITE_AFTER: u64 = 1 << 20;
+
 impl<C: Capture> Model<C> {
-    pub fn new(capture: C, options: Options, root_owner: Owner) -> std::io::Result<Self> {
+    /// An empty namespace; with `keeping`, every change is kept there.
+    pub fn new(capture: C, options: Options, root_owner: Owner, keeping: Option<Keeping>) -> std::io::Result<Self> {
         let root = Node::new(ROOT, OsStr::new(""), 0o755, root_owner, Body::Dir(BTreeMap::new()));
-        Ok(Self {
+        let mut model = Self {
             capture,
             nodes: HashMap::from([(ROOT, root)]),
             next_ino: ROOT + 1,
@@ -180,7 +213,192 @@ impl<C: Capture> Model<C> {
             files: HashMap::new(),
             taps: Taps::new()?,
             closing: false,
-        })
+            keeping,
+            dirty: BTreeSet::from([ROOT]),
+            dirty_handles: BTreeSet::new(),
+        };
+        model.commit();
+        Ok(model)
+    }
+
+    /// The namespace an earlier worker kept in `keeping`, with the memory of each of its files
+    /// (`files`, by inode). Capture of each file resumes at its kept position.
+    pub fn restore(
+        capture: C,
+        options: Options,
+        keeping: Keeping,
+        mut files: HashMap<u64, File>,
+    ) -> std::io::Result<Self> {
+        let mut images: BTreeMap<u64, NodeImage> = BTreeMap::new();
+        let mut handles = HashMap::new();
+        let mut positions = HashMap::new();
+        let (mut next_ino, mut next_handle) = (ROOT + 1, 1);
+        for entry in keeping.journal.entries()? {
+            match Entry::decode(&entry)? {
+                Entry::Node(n) => {
+                    next_ino = next_ino.max(n.ino + 1);
+                    images.insert(n.ino, n);
+                }
+                Entry::Gone { ino } => {
+                    next_ino = next_ino.max(ino + 1);
+                    images.remove(&ino);
+                    positions.remove(&ino);
+                }
+                Entry::Open { fh, ino, read, write, pid } => {
+                    next_handle = next_handle.max(fh + 1);
+                    handles.insert(fh, Handle { ino, read, write, pid });
+                }
+                Entry::Closed { fh } => {
+                    next_handle = next_handle.max(fh + 1);
+                    handles.remove(&fh);
+                }
+                Entry::At { ino, pos } => {
+                    positions.insert(ino, pos);
+                }
+                Entry::Next { ino, fh } => {
+                    next_ino = next_ino.max(ino);
+                    next_handle = next_handle.max(fh);
+                }
+            }
+        }
+        if !images.get(&ROOT).is_some_and(|r| r.dir) {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the kept namespace has no root"));
+        }
+        let mut model = Self {
+            capture,
+            nodes: HashMap::new(),
+            next_ino,
+            handles,
+            next_handle,
+            options,
+            files: HashMap::new(),
+            taps: Taps::new()?,
+            closing: false,
+            keeping: Some(keeping.clone()),
+            dirty: BTreeSet::new(),
+            dirty_handles: BTreeSet::new(),
+        };
+        for n in images.values() {
+            let [atime, mtime, ctime] = n.times.map(kept::time);
+            let node = Node {
+                parent: n.parent,
+                name: OsString::from_vec(n.name.clone()),
+                perm: n.perm,
+                uid: n.uid,
+                gid: n.gid,
+                atime,
+                mtime,
+                ctime,
+                lookups: n.lookups,
+                opens: n.opens,
+                writers: n.writers,
+                linked: n.linked,
+                creator: n.creator,
+                // A file's content is joined below, once every directory is in place.
+                body: Body::Dir(BTreeMap::new()),
+            };
+            model.nodes.insert(n.ino, node);
+        }
+        for n in images.values().filter(|n| n.linked && n.ino != ROOT) {
+            if let Ok(entries) = model.entries_mut(n.parent) {
+                entries.insert(OsString::from_vec(n.name.clone()), n.ino);
+            }
+        }
+        for volume in model.volumes() {
+            model.capture.volume_created(&volume);
+        }
+        for n in images.values().filter(|n| !n.dir) {
+            let (volume_ino, (volume, path)) = match (model.volume_of(n.ino), model.location(n.ino)) {
+                (Ok(v), Ok(l)) => (v, l),
+                _ => {
+                    tracing::warn!(ino = n.ino, "a kept volume file is in no volume; it is dropped");
+                    model.nodes.remove(&n.ino);
+                    continue;
+                }
+            };
+            let backing = match files.remove(&n.ino) {
+                Some(f) => Backing::adopt(f),
+                None => {
+                    tracing::warn!(volume, path, "a kept volume file's memory was not kept; it starts empty");
+                    model.new_backing(n.ino)?
+                }
+            };
+            let stream = model.capture.stream(&volume, &path, n.creator);
+            let from = positions.get(&n.ino).copied().unwrap_or(0);
+            let kept = Some(KeptPosition { journal: keeping.journal.clone(), ino: n.ino });
+            let tap = Tap::new(volume_ino, stream, model.options.settings, backing, from, kept);
+            if let Some(node) = model.nodes.get_mut(&n.ino) {
+                node.body = Body::File(tap.clone());
+            }
+            *model.files.entry(volume_ino).or_default() += 1;
+            model.taps.add(n.ino, tap);
+        }
+        for name in files.into_keys() {
+            // Memory of files that were gone before the journal said so.
+            keeping.keeper.release(&kept::file_name(name));
+        }
+        Ok(model)
+    }
+
+    /// Memory for file `ino`'s content, kept by the keeper (when there is one) from now on.
+    fn new_backing(&self, ino: u64) -> std::io::Result<Backing> {
+        let backing = Backing::new()?;
+        if let Some(k) = &self.keeping {
+            if let Err(e) = k.keeper.keep(&kept::file_name(ino), backing.as_fd()) {
+                tracing::warn!("the keeper did not take a volume file's memory; a restart would lose it: {e}");
+            }
+        }
+        Ok(backing)
+    }
+
+    /// Tells the journal what changed since the last call; rewrites it when it has grown well
+    /// past what it says.
+    pub fn commit(&mut self) {
+        let Some(k) = &self.keeping else {
+            self.dirty.clear();
+            self.dirty_handles.clear();
+            return;
+        };
+        let mut entries = Vec::new();
+        for ino in std::mem::take(&mut self.dirty) {
+            entries.push(match self.nodes.get(&ino) {
+                Some(n) => Entry::Node(n.image(ino)),
+                None => Entry::Gone { ino },
+            });
+        }
+        for fh in std::mem::take(&mut self.dirty_handles) {
+            entries.push(match self.handles.get(&fh) {
+                Some(h) => Entry::Open { fh, ino: h.ino, read: h.read, write: h.write, pid: h.pid },
+                None => Entry::Closed { fh },
+            });
+        }
+        let journal = k.journal.clone();
+        for e in entries {
+            if let Err(e) = journal.append(&e.encode()) {
+                tracing::warn!("cannot keep a change of the volumes' namespace: {e}");
+            }
+        }
+        let image_size = (self.nodes.len() + self.handles.len()) as u64 * 256;
+        if journal.len() > REWRITE_AFTER + 4 * image_size {
+            if let Err(e) = journal.rewrite(&self.image()) {
+                tracing::warn!("cannot rewrite the volumes' journal: {e}");
+            }
+        }
+    }
+
+    /// Everything the journal needs to say, as few entries.
+    fn image(&self) -> Vec<Vec<u8>> {
+        let mut out = vec![Entry::Next { ino: self.next_ino, fh: self.next_handle }.encode()];
+        for (&ino, n) in &self.nodes {
+            out.push(Entry::Node(n.image(ino)).encode());
+            if let Body::File(t) = &n.body {
+                out.push(Entry::At { ino, pos: t.kept_at() }.encode());
+            }
+        }
+        for (&fh, h) in &self.handles {
+            out.push(Entry::Open { fh, ino: h.ino, read: h.read, write: h.write, pid: h.pid }.encode());
+        }
+        out
     }
 
     pub fn budget(&self) -> u64 {
@@ -208,7 +426,15 @@ impl<C: Capture> Model<C> {
         self.nodes.get(&ino).ok_or(libc::ENOENT)
     }
 
+    /// A node to change: the change is kept at the next commit.
     fn node_mut(&mut self, ino: u64) -> FsResult<&mut Node<C::Stream>> {
+        let node = self.nodes.get_mut(&ino).ok_or(libc::ENOENT)?;
+        self.dirty.insert(ino);
+        Ok(node)
+    }
+
+    /// A node whose times change (reads, writes): not worth a journal entry each.
+    fn node_times(&mut self, ino: u64) -> FsResult<&mut Node<C::Stream>> {
         self.nodes.get_mut(&ino).ok_or(libc::ENOENT)
     }
 
@@ -220,7 +446,7 @@ impl<C: Capture> Model<C> {
     }
 
     fn entries_mut(&mut self, dir: u64) -> FsResult<&mut BTreeMap<OsString, u64>> {
-        match &mut self.node_mut(dir)?.body {
+        match &mut self.node_times(dir)?.body {
             Body::Dir(entries) => Ok(entries),
             Body::File(_) => Err(libc::ENOTDIR),
         }
@@ -315,8 +541,12 @@ impl<C: Capture> Model<C> {
         if !gone || ino == ROOT {
             return;
         }
+        self.dirty.insert(ino);
         if let Some(Node { body: Body::File(tap), .. }) = self.nodes.remove(&ino) {
             self.taps.remove(ino);
+            if let Some(k) = &self.keeping {
+                k.keeper.release(&kept::file_name(ino));
+            }
             if let Some(n) = self.files.get_mut(&tap.volume) {
                 *n = n.saturating_sub(1);
             }
@@ -331,6 +561,7 @@ impl<C: Capture> Model<C> {
         self.next_ino += 1;
         let now = SystemTime::now();
         self.nodes.insert(ino, Node::new(parent, name, perm, owner, body));
+        self.dirty.insert(ino);
         if let Ok(entries) = self.entries_mut(parent) {
             entries.insert(name.to_owned(), ino);
         }
@@ -381,12 +612,18 @@ impl<C: Capture> Model<C> {
         let (volume, dir_path) = self.location(parent)?;
         let name_str = name.to_string_lossy();
         let path = if dir_path.is_empty() { name_str.into_owned() } else { format!("{dir_path}/{name_str}") };
-        let stream = self.capture.stream(&volume, &path, creator);
-        let tap = Tap::new(volume_ino, stream, self.options.settings).map_err(|e| {
+        let ino = self.next_ino;
+        let backing = self.new_backing(ino).map_err(|e| {
             tracing::warn!("cannot make the memory for a volume file: {e}");
             e.raw_os_error().unwrap_or(libc::EIO)
         })?;
+        let stream = self.capture.stream(&volume, &path, creator);
+        let kept = self.keeping.as_ref().map(|k| KeptPosition { journal: k.journal.clone(), ino });
+        let tap = Tap::new(volume_ino, stream, self.options.settings, backing, 0, kept);
         let ino = self.insert(parent, name, mode, owner, Body::File(tap.clone()));
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.creator = creator;
+        }
         *self.files.entry(volume_ino).or_default() += 1;
         self.taps.add(ino, tap);
         self.note_copy(ino, creator);
@@ -430,6 +667,7 @@ impl<C: Capture> Model<C> {
         let fh = self.next_handle;
         self.next_handle += 1;
         self.handles.insert(fh, Handle { ino, read, write, pid });
+        self.dirty_handles.insert(fh);
         Ok(fh)
     }
 
@@ -438,6 +676,7 @@ impl<C: Capture> Model<C> {
     /// close (`cat`, `tail`, logrotate's copy) changes nothing.
     pub fn release(&mut self, fh: u64) -> FsResult<()> {
         let Handle { ino, write, .. } = self.handles.remove(&fh).ok_or(libc::EBADF)?;
+        self.dirty_handles.insert(fh);
         let node = self.node_mut(ino)?;
         node.opens = node.opens.saturating_sub(1);
         if write {
@@ -463,7 +702,7 @@ impl<C: Capture> Model<C> {
 
     /// Reads through the agent (no passthrough): released bytes read as zeros.
     pub fn read(&mut self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let node = self.node_mut(ino)?;
+        let node = self.node_times(ino)?;
         let Body::File(t) = &node.body else {
             return Err(libc::EISDIR);
         };
@@ -493,7 +732,7 @@ impl<C: Capture> Model<C> {
             enforce_budget(&group, budget);
         }
         let now = SystemTime::now();
-        let node = self.node_mut(ino)?;
+        let node = self.node_times(ino)?;
         node.mtime = now;
         node.ctime = now;
         Ok(len)

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::backing::{Backing, PAGE};
 use crate::capture::Stream;
+use crate::kept::KeptPosition;
 use crate::sync::lock;
 
 /// Most bytes read from a file at once: the records they make wait for the ring at most this
@@ -84,6 +85,9 @@ struct State<S> {
     captured: u64,
     /// Memory below this was given back.
     released: u64,
+    /// The capture position last kept (everything before it is in the ring): memory is
+    /// given back only below it, so that a worker taking over can capture the rest again.
+    kept_at: u64,
     /// The file is being made as a copy of this one (same offsets): equal bytes are not
     /// captured again.
     copy_of: Option<Arc<Tap<S>>>,
@@ -148,6 +152,7 @@ pub struct Tap<S> {
     behind: AtomicU64,
     /// `released`, for copies being compared with this file.
     released: AtomicU64,
+    kept: Option<KeptPosition>,
 }
 
 /// Length of the common prefix.
@@ -156,26 +161,39 @@ fn same_prefix(a: &[u8], b: &[u8]) -> usize {
 }
 
 impl<S: Stream> Tap<S> {
-    pub fn new(volume: u64, stream: S, settings: Settings) -> io::Result<Arc<Self>> {
-        Ok(Arc::new(Self {
-            backing: Backing::new()?,
+    /// A file whose content is `backing`, captured from `from` on (0 for a new file; a file
+    /// taken over from an earlier worker resumes where that one's position was kept).
+    pub fn new(
+        volume: u64,
+        stream: S,
+        settings: Settings,
+        backing: Backing,
+        from: u64,
+        kept: Option<KeptPosition>,
+    ) -> Arc<Self> {
+        // What was given back below `from` is holes now; capture skips them.
+        let released = from / PAGE * PAGE;
+        Arc::new(Self {
+            backing,
             volume,
             settings,
             state: Mutex::new(State {
                 stream,
                 marks: VecDeque::new(),
-                captured: 0,
-                released: 0,
+                captured: from,
+                released,
+                kept_at: from,
                 copy_of: None,
                 hole_since: None,
-                data_until: 0,
+                data_until: from,
                 hole_after: false,
                 written: None,
             }),
             held: AtomicU64::new(0),
             behind: AtomicU64::new(0),
-            released: AtomicU64::new(0),
-        }))
+            released: AtomicU64::new(released),
+            kept,
+        })
     }
 
     pub fn backing(&self) -> &Backing {
@@ -189,6 +207,11 @@ impl<S: Stream> Tap<S> {
     /// How far the file was captured.
     pub fn position(&self) -> u64 {
         lock(&self.state).captured
+    }
+
+    /// The capture position last kept.
+    pub fn kept_at(&self) -> u64 {
+        lock(&self.state).kept_at
     }
 
     pub fn held(&self) -> u64 {
@@ -222,6 +245,7 @@ impl<S: Stream> Tap<S> {
     pub fn drain(&self, how: Drain) -> io::Result<Progress> {
         let mut st = lock(&self.state);
         let done = self.drain_locked(&mut st, how);
+        self.keep_position(&mut st);
         self.keep_tail(&mut st);
         if how == Drain::All {
             st.stream.flush();
@@ -369,12 +393,32 @@ impl<S: Stream> Tap<S> {
         let how = if mark == Mark::End { Drain::Landed } else { Drain::Ready };
         st.marks.push_back((at, mark));
         self.drain_locked(&mut st, how)?;
+        self.keep_position(&mut st);
         Ok(())
+    }
+
+    /// Keeps how far the file's bytes are safe in the ring: what the stream still holds
+    /// (a partial line, records waiting for room) is captured again by a worker taking over.
+    fn keep_position(&self, st: &mut State<S>) {
+        let Some(kept) = &self.kept else {
+            st.kept_at = st.captured;
+            return;
+        };
+        let at = match st.stream.unsettled() {
+            Some(unsettled) => st.captured.saturating_sub(unsettled),
+            // Truncated below the kept position: nothing before the new size is left to take.
+            None if st.kept_at > st.captured => st.captured,
+            None => return,
+        };
+        if at != st.kept_at {
+            st.kept_at = at;
+            kept.write(at);
+        }
     }
 
     /// Gives back captured bytes older than the kept tail.
     fn keep_tail(&self, st: &mut State<S>) {
-        let keep_from = st.captured.saturating_sub(self.settings.tail) / PAGE * PAGE;
+        let keep_from = st.captured.saturating_sub(self.settings.tail).min(st.kept_at) / PAGE * PAGE;
         if keep_from >= st.released + RELEASE_STEP {
             self.release(st, keep_from);
         }
@@ -409,7 +453,7 @@ impl<S: Stream> Tap<S> {
     /// The volume is over its budget: the kept tail goes first.
     pub fn release_tail(&self) {
         let mut st = lock(&self.state);
-        let to = st.captured;
+        let to = st.kept_at.min(st.captured);
         self.release(&mut st, to);
         self.look(&mut st);
     }
@@ -436,6 +480,8 @@ impl<S: Stream> Tap<S> {
         st.captured = to;
         Self::apply_marks(&mut st);
         st.copy_of = None;
+        self.keep_position(&mut st);
+        let to = st.kept_at.min(to);
         self.release(&mut st, to);
         self.look(&mut st);
         dropped
@@ -498,6 +544,7 @@ impl<S: Stream> Tap<S> {
             st.stream.end_record();
             st.captured = size;
         }
+        self.keep_position(&mut st);
         st.released = st.released.min(size / PAGE * PAGE);
         self.released.store(st.released, SeqCst);
         st.copy_of = None;

@@ -33,6 +33,8 @@ struct Recorder {
 struct RecStream {
     path: String,
     rec: Recorder,
+    /// Bytes since the last line end, as a framer holds them.
+    partial: u64,
 }
 
 impl Recorder {
@@ -67,7 +69,7 @@ impl Capture for Recorder {
     }
     fn stream(&self, volume: &str, path: &str, _creator: u32) -> RecStream {
         self.push(Event::Stream(volume.into(), path.into()));
-        RecStream { path: path.into(), rec: self.clone() }
+        RecStream { path: path.into(), rec: self.clone(), partial: 0 }
     }
     fn serving(&self, _how: &Serving) {}
 }
@@ -77,6 +79,10 @@ impl Stream for RecStream {
         !self.rec.full.load(Relaxed)
     }
     fn append(&mut self, data: &[u8]) {
+        self.partial = match data.iter().rposition(|&b| b == b'\n') {
+            Some(nl) => (data.len() - nl - 1) as u64,
+            None => self.partial + data.len() as u64,
+        };
         self.rec.push(Event::Append(self.path.clone(), data.to_vec()));
     }
     fn flush(&mut self) {}
@@ -93,6 +99,7 @@ impl Stream for RecStream {
         self.rec.push(Event::Refused(self.path.clone(), bytes));
     }
     fn end_record(&mut self) {
+        self.partial = 0;
         self.rec.push(Event::End(self.path.clone()));
     }
     fn moved(&mut self, path: &str) {
@@ -101,6 +108,9 @@ impl Stream for RecStream {
     }
     fn held(&mut self, _bytes: u64) {}
     fn idle(&mut self, _now: Instant) {}
+    fn unsettled(&self) -> Option<u64> {
+        Some(self.partial)
+    }
 }
 
 const ME: Owner = Owner { uid: 0, gid: 0 };
@@ -110,7 +120,7 @@ const COPIER: u32 = 4242;
 fn model_with(tail: u64, holes_may_fill: bool) -> (Model<Recorder>, Recorder) {
     let rec = Recorder::default();
     let options = Options { settings: Settings { tail, holes_may_fill }, max_files: 8, budget: 64 << 20 };
-    (Model::new(rec.clone(), options, ME).unwrap(), rec)
+    (Model::new(rec.clone(), options, ME, None).unwrap(), rec)
 }
 
 fn model() -> (Model<Recorder>, Recorder) {
@@ -530,4 +540,90 @@ proptest! {
         m.release(fh).unwrap();
         prop_assert!(rec.appended("app.log") == expected);
     }
+}
+
+/// Holds what a model keeps, as the agent's keeper does.
+#[derive(Default)]
+struct TestKeeper(Mutex<HashMap<String, File>>);
+
+impl crate::kept::Keeper for TestKeeper {
+    fn keep(&self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+        self.0.lock().unwrap().insert(name.into(), File::from(fd.try_clone_to_owned()?));
+        Ok(())
+    }
+    fn release(&self, name: &str) {
+        self.0.lock().unwrap().remove(name);
+    }
+}
+
+fn keeping() -> (Keeping, Arc<TestKeeper>) {
+    let keeper = Arc::new(TestKeeper::default());
+    let journal = Arc::new(crate::journal::Journal::new(c"test").unwrap());
+    (Keeping { journal, keeper: keeper.clone() }, keeper)
+}
+
+/// A worker taking over: the kept journal and files make the model again.
+fn take_over(keeping: &Keeping, keeper: &TestKeeper) -> (Model<Recorder>, Recorder) {
+    let files = keeper
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(name, f)| Some((kept::file_ino(name)?, f.try_clone().unwrap())))
+        .collect();
+    let rec = Recorder::default();
+    let options = Options { settings: Settings { tail: 0, holes_may_fill: false }, max_files: 8, budget: 64 << 20 };
+    (Model::restore(rec.clone(), options, keeping.clone(), files).unwrap(), rec)
+}
+
+#[test]
+fn a_worker_taking_over_has_the_namespace_handles_and_capture_positions() {
+    let (k, keeper) = keeping();
+    let rec = Recorder::default();
+    let options = Options { settings: Settings { tail: 0, holes_may_fill: false }, max_files: 8, budget: 64 << 20 };
+    let mut m = Model::new(rec.clone(), options, ME, Some(k.clone())).unwrap();
+    let vol = m.mkdir(ROOT, os("v"), 0o755, ME).unwrap().ino;
+    let sub = m.mkdir(vol, os("sub"), 0o700, ME).unwrap().ino;
+    let f = m.create(sub, os("app.log"), 0o640, Owner { uid: 7, gid: 8 }, 0).unwrap().ino;
+    let fh = m.open(f, false, true, 1).unwrap();
+    let gone = m.create(vol, os("old.log"), 0o644, ME, 0).unwrap().ino;
+    m.unlink(vol, os("old.log")).unwrap();
+    m.forget(gone, 1);
+    m.commit();
+    append(&m, f, b"one\ntw");
+    drain(&m, f);
+    assert_eq!(rec.appended("sub/app.log"), b"one\ntw");
+    assert_eq!(keeper.0.lock().unwrap().len(), 1, "the unlinked file's memory was let go");
+    // The worker dies here: nothing of `m` runs again.
+    std::mem::forget(m);
+
+    let (mut m2, rec2) = take_over(&k, &keeper);
+    assert_eq!(rec2.events()[0], Event::Volume("v".into()));
+    let a = m2.lookup(sub, os("app.log")).unwrap();
+    assert_eq!((a.ino, a.perm, a.uid, a.gid, a.size), (f, 0o640, 7, 8, 6));
+    assert_eq!(m2.lookup(vol, os("old.log")).unwrap_err(), libc::ENOENT);
+    assert_eq!(m2.readdir(vol).unwrap().len(), 3, ". .. sub");
+    // The partial line is captured again, whole; nothing before it twice.
+    append(&m2, f, b"o\n");
+    drain(&m2, f);
+    assert_eq!(rec2.appended("sub/app.log"), b"two\n");
+    // The writer's handle is still good, and new numbers do not collide with old ones.
+    m2.release(fh).unwrap();
+    let f2 = m2.create(vol, os("new.log"), 0o644, ME, 0).unwrap().ino;
+    assert!(f2 > gone);
+    m2.commit();
+
+    // Again, after the journal was rewritten many times over.
+    for _ in 0..20_000 {
+        m2.lookup(sub, os("app.log")).unwrap();
+        m2.forget(f, 1);
+        m2.commit();
+    }
+    assert!(k.journal.len() < 4 << 20, "the journal is rewritten: {}", k.journal.len());
+    std::mem::forget(m2);
+    let (mut m3, rec3) = take_over(&k, &keeper);
+    assert_eq!(m3.lookup(vol, os("new.log")).unwrap().ino, f2);
+    append(&m3, f, b"three\n");
+    drain(&m3, f);
+    assert_eq!(rec3.appended("sub/app.log"), b"three\n");
 }
