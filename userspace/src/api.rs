@@ -59,6 +59,36 @@ pub struct Snapshot {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<DiscoverySnapshot>,
     pub sinks: Vec<SinkSnapshot>,
+    /// The keeper holding the mount and the ring (absent when the worker runs alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keeper_pid: Option<u32>,
+    /// The worker: the process serving everything now.
+    #[serde(default)]
+    pub worker_pid: u32,
+    /// Workers started after the first (crashes, kills, upgrades).
+    #[serde(default)]
+    pub restarts: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart: Option<RestartSnapshot>,
+}
+
+/// How the worker before this one ended and how this one took over.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RestartSnapshot {
+    /// "killed by signal 9", "exit status 101".
+    pub exit: String,
+    /// From the old worker's exit to the new one serving the mount again.
+    pub gap_ms: f64,
+    /// Records the old ring held for the sinks, delivered by this worker.
+    pub carried_records: u64,
+    /// Of those, records a sink had already been handed (delivered again: at least once).
+    pub redelivered_records: u64,
+}
+
+/// What `logtap upgrade` asks for: the binary the next worker runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct UpgradeSpec {
+    pub binary: String,
 }
 
 /// What `logtap volume create` asks for.

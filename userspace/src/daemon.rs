@@ -5,7 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use logtap_fusefs::{Model, MountOptions, Options, Owner, Settings};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use logtap_fusefs::kept::Keeper;
+use logtap_fusefs::{Connection, Journal, Model, MountOptions, Options, Owner, Settings};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -14,7 +19,11 @@ use crate::config::Config;
 use crate::control::plugin;
 use crate::control::server::{self, Control};
 use crate::discovery::{Discovery, Hold};
-use crate::report::Report;
+use crate::api::RestartSnapshot;
+use crate::keeper::client::KeeperLink;
+use crate::keeper::wire::Handover;
+use crate::report::{Life, Report};
+use crate::state::WorkerState;
 use crate::ring::Ring;
 use crate::sinks;
 use crate::sources::hold::Holding;
@@ -24,6 +33,15 @@ use crate::sources::Sources;
 
 fn usize_of(n: u64, what: &str) -> anyhow::Result<usize> {
     usize::try_from(n).with_context(|| format!("{what} is too large for this machine"))
+}
+
+fn mount<C: logtap_fusefs::Capture>(
+    model: Model<C>,
+    at: &std::path::Path,
+    options: MountOptions,
+) -> anyhow::Result<logtap_fusefs::MountedFs<C>> {
+    logtap_fusefs::mount(model, at, options)
+        .with_context(|| format!("cannot mount the volumes at {} (root and /dev/fuse are needed)", at.display()))
 }
 
 /// The largest buffers (FUSE requests of 1 MiB, copied once) are mmapped and returned to the
@@ -48,17 +66,64 @@ fn raise_open_files_limit() {
     }
 }
 
-pub fn run(config: Config) -> anyhow::Result<()> {
+/// What a worker holds of its keeper: the link, what it was handed, and the journals.
+struct Keeping {
+    link: Arc<KeeperLink>,
+    fds: HashMap<String, OwnedFd>,
+    handover: Handover,
+}
+
+impl Keeping {
+    fn keep(&self, name: &str, fd: BorrowedFd<'_>) {
+        if let Err(e) = self.link.keep(name, fd) {
+            warn!(name, "the keeper did not take what a restart needs: {e}");
+        }
+    }
+
+    /// The journal kept under `name`, or a fresh one the keeper keeps from now on.
+    fn journal(&mut self, name: &str) -> anyhow::Result<Journal> {
+        if let Some(fd) = self.fds.remove(name) {
+            match Journal::open(File::from(fd)) {
+                Ok(j) => return Ok(j),
+                Err(e) => warn!(name, "the kept journal is unreadable; starting afresh: {e}"),
+            }
+        }
+        let c = std::ffi::CString::new(format!("logtap-{name}")).context("journal name")?;
+        let journal = Journal::new(&c).with_context(|| format!("cannot make the {name} journal"))?;
+        self.keep(name, journal.as_fd());
+        Ok(journal)
+    }
+}
+
+/// The kept state's names.
+const FUSE: &str = "fuse";
+const RING: &str = "ring";
+const STATE: &str = "state";
+const VOLUMES: &str = "volumes";
+
+pub fn run(config: Config, link: Option<KeeperLink>) -> anyhow::Result<()> {
     keep_large_buffers_mmapped();
     raise_open_files_limit();
     let host = if config.host.is_empty() { crate::host::hostname() } else { config.host.clone() };
     let v = &config.volumes;
+    let mut keeping = match link {
+        Some(link) => {
+            let taken = link.take_over().context("cannot take over from the keeper")?;
+            Some(Keeping { link: Arc::new(link), fds: taken.fds, handover: taken.handover })
+        }
+        None => None,
+    };
+    let state = match &mut keeping {
+        Some(k) => Some(WorkerState::open(k.journal(STATE)?).context("the kept worker state")?),
+        None => None,
+    };
     let ring = Arc::new(
-        Ring::new(
+        Ring::keeping(
             usize_of(config.ring.capacity.0, "ring.capacity")?,
             config.ring.policy,
             config.ring.block_timeout.0,
             config.ring.rates(),
+            state.clone(),
         )
         .with_context(|| format!("cannot make the ring ({} of memory)", config.ring.capacity))?,
     );
@@ -78,6 +143,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // Every task stops on this one token, at the end of shutdown.
     let stop = CancellationToken::new();
     let sinks = sinks::start(&config.sinks, &host, &ring)?;
+    // What the last worker's ring held for the sinks goes first; then this ring is the kept one.
+    let mut carried = (0, 0);
+    if let (Some(k), Some(state)) = (&mut keeping, &state) {
+        if let Some(old) = k.fds.remove(RING) {
+            match ring.take_over(old.as_fd(), &state.streams()) {
+                Ok(c) => carried = c,
+                Err(e) => error!("cannot read the last worker's ring; what it held is lost: {e}"),
+            }
+        }
+        k.keep(RING, ring.memfd());
+    }
     let framing = Framing {
         host: host.as_str().into(),
         max_record_bytes: usize_of(v.max_record_bytes.0, "volumes.max_record_bytes")?,
@@ -106,17 +182,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             warn!(?target, "cannot watch a configured target: {e:#}");
         }
     }
-    let report =
-        Arc::new(Report::new(host.clone(), ring.clone(), sinks.counters, source.clone(), pipes.clone(), discovery));
     // SAFETY: geteuid/getegid cannot fail.
     let me = unsafe { Owner { uid: libc::geteuid(), gid: libc::getegid() } };
     let settings = Settings { tail: v.tail_bytes.0, holes_may_fill: v.writeback_cache };
-    let model = Model::new(
-        VolumeCapture(source.clone()),
-        Options { settings, max_files: v.max_files, budget: v.volume_memory.0 },
-        me,
-    )
-    .context("cannot start the volumes (memfd, inotify)")?;
+    if let Some(state) = &state {
+        for spec in state.volumes() {
+            if let Err(e) = source.define(&spec) {
+                warn!(volume = spec.name, "a kept volume definition no longer holds: {e}");
+            }
+        }
+    }
+    let model_options = Options { settings, max_files: v.max_files, budget: v.volume_memory.0 };
     let options = MountOptions {
         passthrough: v.passthrough,
         writeback_cache: v.writeback_cache,
@@ -124,15 +200,77 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         allow_other: v.allow_other,
         flush_interval: v.flush_interval.0,
     };
-    let mut fs = logtap_fusefs::mount(model, &v.mount, options).with_context(|| {
-        format!("cannot mount the volumes at {} (root and /dev/fuse are needed)", v.mount.display())
-    })?;
+    let capture = VolumeCapture(source.clone());
+    let mut fs = match (&mut keeping, &state) {
+        (Some(k), Some(state)) => {
+            let volumes = k.journal(VOLUMES)?;
+            let kept = logtap_fusefs::kept::Keeping { journal: Arc::new(volumes), keeper: k.link.clone() };
+            let init = state.init();
+            match k.fds.remove(FUSE) {
+                Some(device) if !init.is_empty() && !kept.journal.is_empty() => {
+                    let files = std::mem::take(&mut k.fds)
+                        .into_iter()
+                        .filter_map(|(name, fd)| Some((logtap_fusefs::kept::file_ino(&name)?, File::from(fd))))
+                        .collect();
+                    let model = Model::restore(capture, model_options, kept, files)
+                        .context("cannot restore the volumes from the kept journal")?;
+                    let connection = Connection { device, init };
+                    logtap_fusefs::resume(model, &v.mount, options, connection)
+                        .with_context(|| format!("cannot resume serving the volumes at {}", v.mount.display()))?
+                }
+                _ => {
+                    // Nothing to resume: what a worker that died before it mounted kept is stale.
+                    if !kept.journal.is_empty() {
+                        kept.journal.rewrite(&[]).context("clearing a stale volumes journal")?;
+                    }
+                    let model = Model::new(capture, model_options, me, Some(kept))
+                        .context("cannot start the volumes (memfd, inotify)")?;
+                    let fs = mount(model, &v.mount, options)?;
+                    k.keep(FUSE, fs.connection().as_fd());
+                    state.set_init(&fs.connection().init);
+                    fs
+                }
+            }
+        }
+        _ => {
+            let model = Model::new(capture, model_options, me, None).context("cannot start the volumes (memfd, inotify)")?;
+            mount(model, &v.mount, options)?
+        }
+    };
+    let life = Life {
+        keeper_pid: keeping.as_ref().map(|k| k.handover.keeper_pid),
+        restarts: keeping.as_ref().map_or(0, |k| k.handover.restarts),
+        last_restart: keeping.as_ref().filter(|k| k.handover.restarts > 0).map(|k| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let gap = now.as_nanos().saturating_sub(u128::from(k.handover.exited_at_ns));
+            RestartSnapshot {
+                exit: k.handover.exit.clone(),
+                gap_ms: gap as f64 / 1e6,
+                carried_records: carried.0,
+                redelivered_records: carried.1,
+            }
+        }),
+    };
+    if let Some(r) = &life.last_restart {
+        info!(exit = r.exit, gap_ms = r.gap_ms, carried = r.carried_records, redelivered = r.redelivered_records, "took over from the last worker");
+    }
+    let report = Arc::new(Report::new(
+        host.clone(),
+        ring.clone(),
+        sinks.counters,
+        source.clone(),
+        pipes.clone(),
+        discovery,
+        life,
+    ));
 
     let control = Arc::new(Control {
         report: report.clone(),
         volumes: source.clone(),
         pipes: pipes.clone(),
         mountpoint: v.mount.clone(),
+        state: state.clone(),
+        keeper: keeping.as_ref().map(|k| k.link.clone()),
     });
     let mut plugin_served = false;
     if !v.plugin_socket.as_os_str().is_empty() {

@@ -26,12 +26,28 @@ struct SocketArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent.
+    /// Run the agent: a keeper process that holds the mount and the ring, and the worker it
+    /// starts (again at once if it dies) that does the rest.
     Daemon {
         /// Config file; without it /etc/logtap/logtap.toml is read if present, else the
         /// built-in defaults apply.
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// The agent's worker (started by `logtap daemon`; alone, it keeps nothing past itself).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Replace the running worker with a new binary, without unmounting or losing what the
+    /// ring and the volumes hold.
+    Upgrade {
+        /// The binary the next worker runs (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        #[command(flatten)]
+        socket: SocketArg,
     },
     /// Manage volumes.
     Volume {
@@ -210,7 +226,29 @@ fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyho
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Daemon { config } => logtap::daemon::run(load_config(config)?),
+        Command::Daemon { config } => {
+            let mount = load_config(config.clone())?.volumes.mount;
+            let args = config.map(|c| vec!["--config".to_string(), c.to_string_lossy().into_owned()]);
+            let code = logtap::keeper::run(args.unwrap_or_default(), mount)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
+        Command::Worker { config } => {
+            logtap::daemon::run(load_config(config)?, logtap::keeper::client::KeeperLink::from_env())
+        }
+        Command::Upgrade { binary, socket } => {
+            let binary = match binary {
+                Some(b) => b,
+                None => std::env::current_exe().context("cannot find this binary")?,
+            };
+            let binary = binary.canonicalize().with_context(|| format!("{}", binary.display()))?;
+            let body = serde_json::json!({ "binary": binary.to_string_lossy() }).to_string();
+            block_on(client::call(&socket.socket, Method::POST, "/v1/upgrade", Some(body.into_bytes())))?;
+            println!("upgrading to {}", binary.display());
+            Ok(())
+        }
         Command::Config { command: ConfigCommand::Default } => {
             print!("{}", config::DEFAULT_TOML);
             Ok(())

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::api::{
-    ContainerSnapshot, ContainersSnapshot, DiscoverySnapshot, PipesSnapshot, ReaderSnapshot, RingSnapshot, Snapshot,
-    TargetSnapshot, TenantSnapshot, VolumeSnapshot,
+    ContainerSnapshot, ContainersSnapshot, DiscoverySnapshot, PipesSnapshot, ReaderSnapshot, RestartSnapshot, RingSnapshot,
+    Snapshot, TargetSnapshot, TenantSnapshot, VolumeSnapshot,
 };
 use crate::counters::{CountersSnapshot, DeliveredSnapshot, SinkCounters, SinkSnapshot};
 use crate::discovery::Discovery;
@@ -15,9 +15,18 @@ use crate::ring::Ring;
 use crate::sources::pipes::PipeSource;
 use crate::sources::volume::VolumeSource;
 
+/// The worker's place in the keeper's life.
+#[derive(Debug, Clone, Default)]
+pub struct Life {
+    pub keeper_pid: Option<u32>,
+    pub restarts: u64,
+    pub last_restart: Option<RestartSnapshot>,
+}
+
 pub struct Report {
     pub host: String,
     started: Instant,
+    life: Life,
     ring: Arc<Ring>,
     sinks: Vec<Arc<SinkCounters>>,
     volumes: Arc<VolumeSource>,
@@ -33,8 +42,9 @@ impl Report {
         volumes: Arc<VolumeSource>,
         pipes: Arc<PipeSource>,
         discovery: Option<Arc<Discovery>>,
+        life: Life,
     ) -> Self {
-        Self { host, started: Instant::now(), ring, sinks, volumes, pipes, discovery }
+        Self { host, started: Instant::now(), ring, sinks, volumes, pipes, discovery, life }
     }
 
     /// The runtime followed and its containers, with what was captured and lost of each.
@@ -63,6 +73,10 @@ impl Report {
             volumes,
             pipes,
             sinks: self.sinks.iter().map(|s| s.snapshot()).collect(),
+            keeper_pid: self.life.keeper_pid,
+            worker_pid: std::process::id(),
+            restarts: self.life.restarts,
+            last_restart: self.life.last_restart.clone(),
         }
     }
 }
@@ -377,7 +391,7 @@ mod tests {
         let pipes = PipeSource::new(framing, ring.clone(), 100, "disabled", None);
         let sink = Arc::new(SinkCounters::new("out\"x", "stdout"));
         sink.delivered_records.fetch_add(3, Relaxed);
-        let report = Report::new("h".into(), ring, vec![sink], volumes, pipes, None);
+        let report = Report::new("h".into(), ring, vec![sink], volumes, pipes, None, Life::default());
         let text = prometheus(&report.snapshot());
         assert!(text.contains("logtap_sink_delivered_records_total{sink=\"out\\\"x\"} 3"), "{text}");
         assert!(text.contains("# TYPE logtap_ring_capacity_bytes gauge"));
@@ -395,7 +409,7 @@ mod tests {
         let pipes = PipeSource::new(framing, ring.clone(), 100, "disabled", None);
         let sink = Arc::new(SinkCounters::new("s", "stdout"));
         ring.add_reader("s", false);
-        let report = Report::new("h".into(), ring, vec![sink.clone()], volumes, pipes, None);
+        let report = Report::new("h".into(), ring, vec![sink.clone()], volumes, pipes, None, Life::default());
         let text = prometheus(&report.snapshot());
         for k in counters_of(&CountersSnapshot::default()) {
             for family in ["volume", "file"] {

@@ -19,11 +19,13 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::api::{SpecError, TargetSpec, UnwatchSpec, VolumeSpec};
+use crate::api::{SpecError, TargetSpec, UnwatchSpec, UpgradeSpec, VolumeSpec};
 use crate::config::ControlConfig;
+use crate::keeper::client::KeeperLink;
 use crate::report::{prometheus, Report};
 use crate::sources::pipes::PipeSource;
 use crate::sources::volume::VolumeSource;
+use crate::state::WorkerState;
 
 /// Connections served at once (the CLI, Prometheus, `logtap run`s, the runtime's plugin calls).
 const MAX_CONNECTIONS: usize = 64;
@@ -38,6 +40,10 @@ pub struct Control {
     pub volumes: Arc<VolumeSource>,
     pub pipes: Arc<PipeSource>,
     pub mountpoint: PathBuf,
+    /// Where volume definitions are kept for the next worker.
+    pub state: Option<Arc<WorkerState>>,
+    /// The keeper, for upgrades.
+    pub keeper: Option<Arc<KeeperLink>>,
 }
 
 /// Binds the socket: refuses to start beside a live agent, replaces a stale socket file,
@@ -191,14 +197,34 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>) -> Result<Respons
             },
             Err(r) => r,
         },
+        (&Method::POST, "/v1/upgrade") => match body::<UpgradeSpec>(req).await {
+            Ok(spec) => upgrade(&control, &spec),
+            Err(r) => r,
+        },
         (
             _,
             "/v1/stats" | "/v1/volumes" | "/metrics" | "/v1/health" | "/v1/targets" | "/v1/containers" | "/v1/watch"
-            | "/v1/unwatch",
+            | "/v1/unwatch" | "/v1/upgrade",
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     };
     Ok(response)
+}
+
+/// Asks the keeper to run `binary` as the next worker: this one is stopped for it, and the mount,
+/// the volumes and the ring stay.
+fn upgrade(control: &Control, spec: &UpgradeSpec) -> Response<Full<Bytes>> {
+    let Some(keeper) = &control.keeper else {
+        return error(StatusCode::CONFLICT, "this agent runs without a keeper: nothing would keep the mount");
+    };
+    let binary = Path::new(&spec.binary);
+    if !binary.is_absolute() || !binary.is_file() {
+        return error(StatusCode::BAD_REQUEST, format!("{}: not an absolute path to a file", spec.binary));
+    }
+    match keeper.upgrade(&spec.binary) {
+        Ok(()) => json(StatusCode::ACCEPTED, &serde_json::json!({ "binary": spec.binary })),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot reach the keeper: {e}")),
+    }
 }
 
 /// A JSON request body (`{}` when empty), or the error text.
@@ -222,6 +248,9 @@ pub async fn ensure_volume(control: &Control, spec: VolumeSpec) -> Result<bool, 
     if let Err(e) = control.volumes.define(&spec) {
         let status = if matches!(e, SpecError::Conflict(_)) { StatusCode::CONFLICT } else { StatusCode::BAD_REQUEST };
         return Err((status, e.to_string()));
+    }
+    if let Some(state) = &control.state {
+        state.volume(&spec);
     }
     let dir = control.mountpoint.join(&spec.name);
     match tokio::task::spawn_blocking(move || make_dir(&dir, &spec)).await {

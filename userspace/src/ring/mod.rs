@@ -23,7 +23,7 @@ pub mod region;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -35,6 +35,8 @@ use tokio::sync::Notify;
 
 use crate::api::{ReaderSnapshot, RingSnapshot};
 use crate::record::{Origin, Record};
+use crate::state::OriginImage;
+use crate::state::WorkerState;
 use crate::values::{lock, ByteSize, Dur};
 use owners::Owners;
 pub use owners::Rates;
@@ -243,6 +245,18 @@ impl Stamp {
 impl Ring {
     /// A ring of `capacity` bytes (whole pages) in a fresh memfd.
     pub fn new(capacity: usize, policy: Policy, block_timeout: Duration, rates: Rates) -> io::Result<Self> {
+        Self::keeping(capacity, policy, block_timeout, rates, None)
+    }
+
+    /// A ring whose streams' origins are kept in `state`, so that another worker can deliver
+    /// what it holds.
+    pub fn keeping(
+        capacity: usize,
+        policy: Policy,
+        block_timeout: Duration,
+        rates: Rates,
+        state: Option<Arc<WorkerState>>,
+    ) -> io::Result<Self> {
         let region = Region::new(capacity)?;
         Ok(Self {
             region,
@@ -250,7 +264,7 @@ impl Ring {
                 head: Mark::default(),
                 tail: Mark::default(),
                 readers: Vec::new(),
-                owners: Owners::new(rates),
+                owners: Owners::new(rates, state),
                 closed: false,
                 stop_waiting_at: None,
                 pushed_records: 0,
@@ -612,6 +626,38 @@ impl Ring {
             }
             s = self.wait(s, (deadline - now).min(Duration::from_millis(50)));
         }
+    }
+
+    /// Pushes what an earlier worker's ring (its memfd `old`) still held for some sink: every
+    /// record from the lowest acknowledged position on, with its stream's kept origin. Returns
+    /// the records pushed and those of them some sink had already been handed (delivered
+    /// again now: at least once).
+    pub fn take_over(&self, old: BorrowedFd<'_>, origins: &HashMap<u32, OriginImage>) -> io::Result<(u64, u64)> {
+        let view = region::View::open(old)?;
+        let readers = view.readers();
+        let from = readers.iter().map(|r| r.acked).min().unwrap_or(view.tail());
+        let handed = readers.iter().map(|r| r.next).max().unwrap_or(from);
+        let mut made: HashMap<u32, Arc<Origin>> = HashMap::new();
+        let unknown = Arc::new(OriginImage::unknown().origin());
+        let (mut records, mut again) = (Vec::new(), 0);
+        for (pos, h, bytes) in view.records(from) {
+            let origin = match origins.get(&h.stream) {
+                Some(o) => made.entry(h.stream).or_insert_with(|| Arc::new(o.origin())).clone(),
+                None => unknown.clone(),
+            };
+            again += u64::from(pos < handed);
+            records.push(Record {
+                captured_at: SystemTime::UNIX_EPOCH + Duration::from_nanos(h.at_ns),
+                origin,
+                seq: h.seq,
+                bytes: Bytes::from(bytes),
+                split: h.split,
+                unterminated: h.unterminated,
+            });
+        }
+        let n = records.len() as u64;
+        self.push(records);
+        Ok((n, again))
     }
 
     pub fn snapshot(&self) -> RingSnapshot {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use super::rate::Bucket;
 use crate::api::{SourceSnapshot, TenantSnapshot};
 use crate::record::Origin;
+use crate::state::WorkerState;
 
 /// Tenants counted one by one; the rest share one entry (tenants come from container labels,
 /// which no app inside a container sets).
@@ -107,10 +108,12 @@ pub struct Owners {
     by_tenant: HashMap<Arc<str>, u32>,
     /// Live streams after the last sweep: the next one is due when there are twice as many.
     swept: usize,
+    /// Where each slot's origin is kept for a worker taking over the ring.
+    state: Option<Arc<WorkerState>>,
 }
 
 impl Owners {
-    pub fn new(rates: Rates) -> Self {
+    pub fn new(rates: Rates, state: Option<Arc<WorkerState>>) -> Self {
         Self {
             rates,
             streams: Vec::new(),
@@ -122,6 +125,7 @@ impl Owners {
             tenants: Vec::new(),
             by_tenant: HashMap::new(),
             swept: 0,
+            state,
         }
     }
 
@@ -154,6 +158,9 @@ impl Owners {
         let entry = Stream { origin: origin.clone(), read, source, tenant, last: 0 };
         let id = place(&mut self.streams, &mut self.free, entry);
         self.by_origin.insert(addr, id);
+        if let Some(state) = &self.state {
+            state.stream(id, origin);
+        }
         id
     }
 
@@ -189,6 +196,9 @@ impl Owners {
             let Some(s) = self.streams[id].take() else { continue };
             self.by_origin.remove(&(Arc::as_ptr(&s.origin) as usize));
             self.free.push(id as u32);
+            if let Some(state) = &self.state {
+                state.stream_gone(id as u32);
+            }
             let slot = &mut self.sources[s.source as usize];
             if let Some(src) = slot {
                 src.streams -= 1;

@@ -316,8 +316,8 @@ impl View {
             .collect()
     }
 
-    /// The records from `from` to the tail: header and bytes.
-    pub fn records(&self, from: u64) -> Vec<(Header, Vec<u8>)> {
+    /// The records from `from` to the tail: position, header and bytes.
+    pub fn records(&self, from: u64) -> Vec<(u64, Header, Vec<u8>)> {
         let mut out = Vec::new();
         let mut pos = from.max(self.head());
         let tail = self.tail();
@@ -325,8 +325,8 @@ impl View {
             // SAFETY: a quiet ring (the caller's to ensure) holds records from head to tail.
             let h = unsafe { self.region.header(pos) };
             let bytes = unsafe { self.region.slice(pos + HEADER as u64, h.len as usize) }.to_vec();
+            out.push((pos, h, bytes));
             pos += h.footprint() as u64;
-            out.push((h, bytes));
         }
         out
     }

@@ -320,8 +320,31 @@ fn another_process_finds_the_unacknowledged_records_in_the_memfd() {
     assert_eq!(readers.len(), 1);
     assert_eq!((readers[0].name.as_str(), readers[0].acked), ("files", batch.end.pos));
     let left = view.records(readers[0].acked);
-    assert_eq!(left.iter().map(|(h, _)| h.seq).collect::<Vec<_>>(), (4..10).collect::<Vec<_>>());
-    assert!(left.iter().all(|(h, b)| b == &vec![h.seq as u8; 10 + h.seq as usize]));
+    assert_eq!(left.iter().map(|(_, h, _)| h.seq).collect::<Vec<_>>(), (4..10).collect::<Vec<_>>());
+    assert!(left.iter().all(|(_, h, b)| b == &vec![h.seq as u8; 10 + h.seq as usize]));
+}
+
+#[test]
+fn a_new_worker_delivers_what_the_old_ring_held_with_its_origins() {
+    let state = crate::state::WorkerState::open(logtap_fusefs::Journal::new(c"t").unwrap()).unwrap();
+    let ring = Ring::keeping(1 << 20, Policy::Block, Duration::from_secs(1), Rates::default(), Some(state.clone()))
+        .unwrap();
+    let r = ring.add_reader("files", false);
+    let (a, b) = (origin("a", "t1"), origin("b", "t2"));
+    ring.push((0..10).map(|i| of(if i % 2 == 0 { &a } else { &b }, i, 5)).collect());
+    let first = ring.try_read(r, 2, 1 << 20).unwrap();
+    ring.ack(r, first.end);
+    // Two more handed out, never acknowledged: the worker dies with them in flight.
+    ring.try_read(r, 2, 1 << 20).unwrap();
+
+    let next = Ring::new(1 << 20, Policy::Block, Duration::from_secs(1), Rates::default()).unwrap();
+    let r2 = next.add_reader("files", false);
+    let (pushed, again) = next.take_over(ring.memfd(), &state.streams()).unwrap();
+    assert_eq!((pushed, again), (8, 2));
+    let got = next.try_read(r2, 100, 1 << 20).unwrap().records;
+    assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), (2..10).collect::<Vec<_>>());
+    assert!(got.iter().all(|r| r.origin.volume.as_ref() == if r.seq % 2 == 0 { "a" } else { "b" }));
+    assert_eq!(got[1].origin.tenant.as_ref(), "t2");
 }
 
 #[test]

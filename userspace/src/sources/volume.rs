@@ -510,6 +510,11 @@ impl Stream for FileStream {
         let age = self.source.framing.partial_flush;
         self.emit(|lines, out| lines.idle(now, age, out));
     }
+
+    fn unsettled(&self) -> Option<u64> {
+        // Records waiting for room or for their container's name are not in the ring yet.
+        (self.pending.is_empty() && self.waiting.is_none()).then(|| self.lines.pending() as u64)
+    }
 }
 
 impl Drop for FileStream {

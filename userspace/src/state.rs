@@ -1,0 +1,210 @@
+//! What a worker must tell the next one, beyond the volumes' namespace: whose records the ring
+//! holds (each stream slot's origin), the volumes defined through the API, and the FUSE INIT of
+//! the mount. Kept in a [`Journal`] in memory the keeper holds; rewritten when it grows.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use logtap_fusefs::Journal;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{Container, VolumeSpec};
+use crate::counters::StreamCounters;
+use crate::record::Origin;
+use crate::values::lock;
+
+/// A journal holding this much beyond its live entries is rewritten.
+const REWRITE_AFTER: u64 = 1 << 20;
+
+/// An origin without its counters (those are the worker's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OriginImage {
+    pub host: String,
+    pub pid: u32,
+    pub volume: String,
+    pub service: String,
+    pub module: String,
+    pub path: String,
+    pub tenant: String,
+    pub container: Option<Container>,
+}
+
+impl OriginImage {
+    pub fn of(o: &Origin) -> Self {
+        Self {
+            host: o.host.to_string(),
+            pid: o.pid,
+            volume: o.volume.to_string(),
+            service: o.service.to_string(),
+            module: o.module.to_string(),
+            path: o.path.to_string(),
+            tenant: o.tenant.to_string(),
+            container: o.container.as_deref().cloned(),
+        }
+    }
+
+    /// For records whose stream's origin was not kept.
+    pub fn unknown() -> Self {
+        Self {
+            host: String::new(),
+            pid: 0,
+            volume: String::new(),
+            service: "unknown".into(),
+            module: "unknown".into(),
+            path: String::new(),
+            tenant: String::new(),
+            container: None,
+        }
+    }
+
+    /// The origin again, counted apart from the new worker's streams.
+    pub fn origin(&self) -> Origin {
+        Origin {
+            host: self.host.as_str().into(),
+            pid: self.pid,
+            volume: self.volume.as_str().into(),
+            service: self.service.as_str().into(),
+            module: self.module.as_str().into(),
+            path: self.path.as_str().into(),
+            tenant: self.tenant.as_str().into(),
+            container: self.container.clone().map(Arc::new),
+            counters: StreamCounters::detached(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Entry {
+    Init(Vec<u8>),
+    Stream { id: u32, origin: OriginImage },
+    StreamGone { id: u32 },
+    Volume(VolumeSpec),
+}
+
+#[derive(Default)]
+struct Live {
+    init: Vec<u8>,
+    streams: HashMap<u32, OriginImage>,
+    volumes: BTreeMap<String, VolumeSpec>,
+}
+
+pub struct WorkerState {
+    journal: Journal,
+    live: Mutex<Live>,
+}
+
+impl WorkerState {
+    /// Fresh, or what an earlier worker kept in `journal`.
+    pub fn open(journal: Journal) -> io::Result<Arc<Self>> {
+        let mut live = Live::default();
+        for e in journal.entries()? {
+            let e: Entry = serde_json::from_slice(&e)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("the kept worker state: {e}")))?;
+            live.apply(e);
+        }
+        Ok(Arc::new(Self { journal, live: Mutex::new(live) }))
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    fn put(&self, e: Entry) {
+        let mut live = lock(&self.live);
+        let write = serde_json::to_vec(&e).map_err(io::Error::other).and_then(|b| self.journal.append(&b));
+        if let Err(err) = write {
+            tracing::warn!("cannot keep the worker's state for a restart: {err}");
+        }
+        live.apply(e);
+        let size = (live.streams.len() + live.volumes.len()) as u64 * 512;
+        if self.journal.len() > REWRITE_AFTER + 4 * size {
+            let image: Vec<Vec<u8>> = live.image().iter().filter_map(|e| serde_json::to_vec(e).ok()).collect();
+            if let Err(err) = self.journal.rewrite(&image) {
+                tracing::warn!("cannot rewrite the worker's state: {err}");
+            }
+        }
+    }
+
+    pub fn init(&self) -> Vec<u8> {
+        lock(&self.live).init.clone()
+    }
+
+    pub fn set_init(&self, init: &[u8]) {
+        self.put(Entry::Init(init.to_vec()));
+    }
+
+    /// The ring's stream slot `id` now holds `origin`'s records.
+    pub fn stream(&self, id: u32, origin: &Origin) {
+        self.put(Entry::Stream { id, origin: OriginImage::of(origin) });
+    }
+
+    pub fn stream_gone(&self, id: u32) {
+        self.put(Entry::StreamGone { id });
+    }
+
+    pub fn streams(&self) -> HashMap<u32, OriginImage> {
+        lock(&self.live).streams.clone()
+    }
+
+    pub fn volume(&self, spec: &VolumeSpec) {
+        self.put(Entry::Volume(spec.clone()));
+    }
+
+    pub fn volumes(&self) -> Vec<VolumeSpec> {
+        lock(&self.live).volumes.values().cloned().collect()
+    }
+}
+
+impl Live {
+    fn apply(&mut self, e: Entry) {
+        match e {
+            Entry::Init(b) => self.init = b,
+            Entry::Stream { id, origin } => {
+                self.streams.insert(id, origin);
+            }
+            Entry::StreamGone { id } => {
+                self.streams.remove(&id);
+            }
+            Entry::Volume(spec) => {
+                self.volumes.insert(spec.name.clone(), spec);
+            }
+        }
+    }
+
+    fn image(&self) -> Vec<Entry> {
+        let mut out = vec![Entry::Init(self.init.clone())];
+        out.extend(self.streams.iter().map(|(&id, origin)| Entry::Stream { id, origin: origin.clone() }));
+        out.extend(self.volumes.values().cloned().map(Entry::Volume));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+
+    #[test]
+    fn streams_volumes_and_init_survive_a_reopen_and_rewrites() {
+        let state = WorkerState::open(Journal::new(c"t").unwrap()).unwrap();
+        state.set_init(b"init");
+        let origin = crate::record::tests::origin("app.log");
+        for id in 0..20_000 {
+            state.stream(id % 50, &origin);
+            state.stream_gone(id % 50);
+        }
+        state.stream(3, &origin);
+        state.volume(&VolumeSpec { name: "web".into(), ..Default::default() });
+        assert!(state.journal().len() < 4 << 20);
+        // SAFETY: dup of an fd we hold.
+        let fd = unsafe { libc::dup(state.journal().as_fd().as_raw_fd()) };
+        // SAFETY: a fresh fd.
+        let again = WorkerState::open(Journal::open(unsafe { std::fs::File::from_raw_fd(fd) }).unwrap()).unwrap();
+        assert_eq!(again.init(), b"init");
+        assert_eq!(again.streams().len(), 1);
+        assert_eq!(again.streams()[&3], OriginImage::of(&origin));
+        assert_eq!(again.volumes()[0].name, "web");
+    }
+}
