@@ -101,6 +101,30 @@ fn time(t: TimeOrNow) -> SystemTime {
     }
 }
 
+/// The kernel sets this bit of a request's id when it sends the request again
+/// (`FUSE_NOTIFY_RESEND`): an earlier worker read it and may have done it before it died.
+const RESENT: u64 = 1 << 63;
+
+fn resent(req: &Request) -> bool {
+    req.unique().0 & RESENT != 0
+}
+
+/// A resent request that made a name the earlier worker already made: that name is the answer.
+fn made_before<C: Capture>(req: &Request, m: &mut Model<C>, parent: u64, name: &OsStr, r: FsResult<Attr>) -> FsResult<Attr> {
+    match r {
+        Err(libc::EEXIST) if resent(req) => m.lookup(parent, name),
+        r => r,
+    }
+}
+
+/// A resent request that removed what the earlier worker already removed: done.
+fn done_before(req: &Request, r: FsResult<()>) -> FsResult<()> {
+    match r {
+        Err(libc::ENOENT) if resent(req) => Ok(()),
+        r => r,
+    }
+}
+
 fn owner(req: &Request) -> Owner {
     Owner { uid: req.uid(), gid: req.gid() }
 }
@@ -269,24 +293,36 @@ impl<C: Capture> Filesystem for Adapter<C> {
             // FIFOs, sockets and devices have no place in a log directory.
             return reply.error(Errno::EPERM);
         }
-        reply_entry(reply, self.change(|m| m.create(parent.0, name, mode & !umask, owner(req), req.pid())));
+        reply_entry(
+            reply,
+            self.change(|m| {
+                let r = m.create(parent.0, name, mode & !umask, owner(req), req.pid());
+                made_before(req, m, parent.0, name, r)
+            }),
+        );
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        reply_entry(reply, self.change(|m| m.mkdir(parent.0, name, mode & !umask, owner(req))));
+        reply_entry(
+            reply,
+            self.change(|m| {
+                let r = m.mkdir(parent.0, name, mode & !umask, owner(req));
+                made_before(req, m, parent.0, name, r)
+            }),
+        );
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.change(|m| m.unlink(parent.0, name)));
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, done_before(req, self.change(|m| m.unlink(parent.0, name))));
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.change(|m| m.rmdir(parent.0, name)));
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, done_before(req, self.change(|m| m.rmdir(parent.0, name))));
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -299,7 +335,7 @@ impl<C: Capture> Filesystem for Adapter<C> {
             // RENAME_EXCHANGE and RENAME_WHITEOUT are not supported.
             return reply.error(Errno::EINVAL);
         }
-        reply_empty(reply, self.change(|m| m.rename(parent.0, name, newparent.0, newname, noreplace)));
+        reply_empty(reply, done_before(req, self.change(|m| m.rename(parent.0, name, newparent.0, newname, noreplace))));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -335,6 +371,7 @@ impl<C: Capture> Filesystem for Adapter<C> {
         let made = {
             let mut model = self.model();
             let made = model.create(parent.0, name, mode & !umask, owner(req), req.pid());
+            let made = made_before(req, &mut model, parent.0, name, made);
             let made = made.and_then(|a| Ok((a, model.open(a.ino, read, write, req.pid())?, model.tap(a.ino)?)));
             model.commit();
             made

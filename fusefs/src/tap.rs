@@ -370,6 +370,8 @@ impl<S: Stream> Tap<S> {
                 st.stream.append(data);
             }
             st.captured = from + n as u64;
+            // Kept chunk by chunk: a worker killed now captures again at most this chunk.
+            self.keep_position(st);
             if how == Drain::All {
                 st.stream.flush();
             }

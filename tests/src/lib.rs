@@ -249,6 +249,29 @@ impl Agent {
         serde_json::from_slice(&self.get("/v1/stats").expect("stats")).expect("stats JSON")
     }
 
+    /// The worker serving now (the agent's own pid is its keeper's).
+    pub fn worker_pid(&self) -> i32 {
+        self.stats()["worker_pid"].as_i64().expect("worker_pid in stats") as i32
+    }
+
+    /// `kill -9` of the worker; returns the stats of the next one once it serves.
+    pub fn kill_worker(&self) -> Value {
+        let old = self.worker_pid();
+        // SAFETY: signalling the agent's worker.
+        unsafe { libc::kill(old, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(body) = self.get("/v1/stats") {
+                let s: Value = serde_json::from_slice(&body).expect("stats JSON");
+                if s["worker_pid"].as_i64().is_some_and(|p| p as i32 != old) {
+                    return s;
+                }
+            }
+            assert!(Instant::now() < deadline, "no new worker 30 s after kill -9 of {old}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Makes a volume with mkdir, as a user would.
     pub fn volume(&self, name: &str) -> PathBuf {
         let p = self.mount.join(name);

@@ -5,7 +5,8 @@
 //! - `blocks PATH BYTES BLOCK LEN`: lines packed into write(2) calls of BLOCK bytes (lines
 //!   split across calls), BYTES in all.
 //! - `paced PATH N LEN MS`: a line every MS milliseconds until N were written or a write
-//!   fails; prints the writes that succeeded and the error (`ok N`, `error ERRNO`).
+//!   fails; prints the writes that succeeded and the error (`ok N`, `error ERRNO`), and at the
+//!   end how long write(2) took (`p50_us A p99_us B max_us C`).
 //! - `reopening PATH N LEN [EVERY]`: as `lines`, reopening PATH on SIGUSR1 (nginx after a
 //!   rotation by rename), and pausing 1 ms after every EVERY lines (so that a test can rotate
 //!   the file many times while it writes, however fast the machine); prints `ok N` at the end.
@@ -110,16 +111,22 @@ fn main() {
         "paced" => {
             let (n, len, ms): (u64, usize, u64) = (arg(&args, 2), arg(&args, 3), arg(&args, 4));
             let fd = open(&path);
+            let mut took = Vec::with_capacity(n as usize);
             for i in 0..n {
                 line.clear();
                 log_line(i, len, &mut line);
+                let t = std::time::Instant::now();
                 if let Err(e) = write(fd, &line) {
                     println!("ok {i}\nerror {e}");
                     return;
                 }
+                took.push(t.elapsed());
                 std::thread::sleep(Duration::from_millis(ms));
             }
-            println!("ok {n}");
+            took.sort();
+            let at = |q: f64| took.get(((took.len() as f64 * q) as usize).min(took.len().saturating_sub(1)));
+            let us = |d: Option<&Duration>| d.map_or(0, |d| d.as_micros());
+            println!("ok {n}\np50_us {} p99_us {} max_us {}", us(at(0.5)), us(at(0.99)), us(took.last()));
         }
         _ => {
             eprintln!("usage: line-writer lines|blocks|paced|reopening PATH ...");

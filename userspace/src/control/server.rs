@@ -221,10 +221,15 @@ fn upgrade(control: &Control, spec: &UpgradeSpec) -> Response<Full<Bytes>> {
     if !binary.is_absolute() || !binary.is_file() {
         return error(StatusCode::BAD_REQUEST, format!("{}: not an absolute path to a file", spec.binary));
     }
-    match keeper.upgrade(&spec.binary) {
-        Ok(()) => json(StatusCode::ACCEPTED, &serde_json::json!({ "binary": spec.binary })),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot reach the keeper: {e}")),
-    }
+    // The keeper stops this worker at once: the answer goes out first.
+    let (keeper, binary) = (keeper.clone(), spec.binary.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if let Err(e) = keeper.upgrade(&binary) {
+            warn!("cannot reach the keeper for the upgrade: {e}");
+        }
+    });
+    json(StatusCode::ACCEPTED, &serde_json::json!({ "binary": spec.binary }))
 }
 
 /// A JSON request body (`{}` when empty), or the error text.

@@ -112,6 +112,8 @@ fn spawn(binary: &Path, args: &[String], theirs: &OwnedFd) -> std::io::Result<Ch
             }
             let set = signals();
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            // A worker does not outlive its keeper: without it nothing holds the mount.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             Ok(())
         });
     }
