@@ -16,6 +16,31 @@ use crate::record::Record;
 use crate::sinks::Format;
 use crate::values::Timezone;
 
+/// Cuts a line left unfinished at the end of `file` (a worker killed in the middle of writing
+/// it): the record was not acknowledged, so it comes again whole; the piece would otherwise
+/// join it into one line.
+fn drop_torn_line(file: &File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 64 << 10];
+    while end > 0 {
+        let from = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - from) as usize];
+        file.read_exact_at(chunk, from)?;
+        if let Some(nl) = memchr::memrchr(b'\n', chunk) {
+            end = from + nl as u64 + 1;
+            break;
+        }
+        end = from;
+    }
+    if end < len {
+        tracing::warn!(bytes = len - end, "a line torn by a killed worker is cut; its record is delivered again whole");
+        file.set_len(end)?;
+    }
+    Ok(())
+}
+
 /// Files kept open at most; the least recently used is closed beyond this.
 const MAX_OPEN: usize = 256;
 /// A file unused this long is closed.
@@ -102,9 +127,11 @@ impl FilesSink {
             }
             let file = OpenOptions::new()
                 .create(true)
+                .read(true)
                 .append(true)
                 .open(&path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
+            drop_torn_line(&file).with_context(|| format!("cannot check the end of {}", path.display()))?;
             self.open.insert(
                 key.clone(),
                 OpenFile { day, writer: BufWriter::with_capacity(256 << 10, file), last_used: Instant::now() },
