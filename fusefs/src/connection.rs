@@ -79,7 +79,9 @@ impl Connection {
     pub fn handshake<T>(&self, start: impl FnOnce(OwnedFd) -> io::Result<T>) -> io::Result<(T, Vec<u8>)> {
         let mut fds = [0; 2];
         // SAFETY: fds is an array of two ints.
-        check(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) })?;
+        check(unsafe {
+            libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
+        })?;
         // SAFETY: both fds are fresh and ours.
         let (ours, theirs) = unsafe { (UnixStream::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         (&ours).write_all(&self.init)?;

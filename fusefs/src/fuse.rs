@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,9 +17,8 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow,
-    WriteFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use tracing::{info, warn};
 
@@ -110,7 +109,13 @@ fn resent(req: &Request) -> bool {
 }
 
 /// A resent request that made a name the earlier worker already made: that name is the answer.
-fn made_before<C: Capture>(req: &Request, m: &mut Model<C>, parent: u64, name: &OsStr, r: FsResult<Attr>) -> FsResult<Attr> {
+fn made_before<C: Capture>(
+    req: &Request,
+    m: &mut Model<C>,
+    parent: u64,
+    name: &OsStr,
+    r: FsResult<Attr>,
+) -> FsResult<Attr> {
     match r {
         Err(libc::EEXIST) if resent(req) => m.lookup(parent, name),
         r => r,
@@ -335,7 +340,10 @@ impl<C: Capture> Filesystem for Adapter<C> {
             // RENAME_EXCHANGE and RENAME_WHITEOUT are not supported.
             return reply.error(Errno::EINVAL);
         }
-        reply_empty(reply, done_before(req, self.change(|m| m.rename(parent.0, name, newparent.0, newname, noreplace))));
+        reply_empty(
+            reply,
+            done_before(req, self.change(|m| m.rename(parent.0, name, newparent.0, newname, noreplace))),
+        );
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {

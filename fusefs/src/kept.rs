@@ -43,14 +43,30 @@ pub enum Entry {
     /// An inode as it is now.
     Node(NodeImage),
     /// The inode is gone.
-    Gone { ino: u64 },
+    Gone {
+        ino: u64,
+    },
     /// An open handle.
-    Open { fh: u64, ino: u64, read: bool, write: bool, pid: u32 },
-    Closed { fh: u64 },
+    Open {
+        fh: u64,
+        ino: u64,
+        read: bool,
+        write: bool,
+        pid: u32,
+    },
+    Closed {
+        fh: u64,
+    },
     /// Everything of the file below `pos` is in the ring (or was counted): capture resumes there.
-    At { ino: u64, pos: u64 },
+    At {
+        ino: u64,
+        pos: u64,
+    },
     /// The next inode and handle numbers.
-    Next { ino: u64, fh: u64 },
+    Next {
+        ino: u64,
+        fh: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

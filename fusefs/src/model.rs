@@ -18,7 +18,7 @@ use std::time::SystemTime;
 
 use crate::backing::Backing;
 use crate::capture::{Capture, Stream};
-use crate::kept::{self, Entry, KeptPosition, Keeping, NodeImage};
+use crate::kept::{self, Entry, Keeping, KeptPosition, NodeImage};
 use crate::name::Name;
 use crate::reader::{enforce_budget, Taps};
 use crate::tap::{Mark, Settings, Tap};

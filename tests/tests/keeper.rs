@@ -37,21 +37,17 @@ fn finished(w: Child, n: u64) -> String {
 }
 
 /// Lines delivered against lines written: each written line must be there, in order of first
-/// arrival; returns how many records were extra copies (lines or beginnings of lines).
+/// arrival; returns how many records were extra copies.
 fn duplicates(got: &[Vec<u8>], want: &[u8]) -> usize {
     let want: Vec<&[u8]> = want.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
     let mut seen = HashSet::new();
-    // A line's beginning that went out as a record of its own (a partial line timed out)
-    // before the worker died, then the whole line captured again: the beginning is a repeat.
-    let whole = |i: usize| got.get(i + 1).is_some_and(|next| next.len() > got[i].len() && next.starts_with(&got[i]));
-    let fragments = (0..got.len()).filter(|&i| whole(i)).count();
-    let firsts: Vec<&[u8]> =
-        got.iter().enumerate().filter(|&(i, _)| !whole(i)).map(|(_, l)| l.as_slice()).filter(|l| seen.insert(*l)).collect();
+    let firsts: Vec<&[u8]> = got.iter().map(Vec::as_slice).filter(|l| seen.insert(*l)).collect();
     if firsts != want {
         let missing = want.iter().filter(|l| !seen.contains(*l)).count();
         let at = firsts.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(firsts.len().min(want.len()));
         let show = |l: Option<&&[u8]>| l.map(|l| String::from_utf8_lossy(&l[..l.len().min(60)]).into_owned());
-        let lens: Vec<usize> = firsts[at.saturating_sub(2)..(at + 3).min(firsts.len())].iter().map(|l| l.len()).collect();
+        let lens: Vec<usize> =
+            firsts[at.saturating_sub(2)..(at + 3).min(firsts.len())].iter().map(|l| l.len()).collect();
         panic!(
             "{} distinct lines delivered of {} written: {missing} missing; at line {at}: {:?} delivered, {:?} \
              written; lengths around it {lens:?}",

@@ -15,21 +15,21 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::api::RestartSnapshot;
 use crate::config::Config;
 use crate::control::plugin;
 use crate::control::server::{self, Control};
 use crate::discovery::{Discovery, Hold};
-use crate::api::RestartSnapshot;
 use crate::keeper::client::KeeperLink;
 use crate::keeper::wire::Handover;
 use crate::report::{Life, Report};
-use crate::state::WorkerState;
 use crate::ring::Ring;
 use crate::sinks;
 use crate::sources::hold::Holding;
 use crate::sources::pipes::PipeSource;
 use crate::sources::volume::{Framing, VolumeCapture, VolumeSource};
 use crate::sources::Sources;
+use crate::state::WorkerState;
 
 fn usize_of(n: u64, what: &str) -> anyhow::Result<usize> {
     usize::try_from(n).with_context(|| format!("{what} is too large for this machine"))
@@ -233,7 +233,8 @@ pub fn run(config: Config, link: Option<KeeperLink>) -> anyhow::Result<()> {
             }
         }
         _ => {
-            let model = Model::new(capture, model_options, me, None).context("cannot start the volumes (memfd, inotify)")?;
+            let model =
+                Model::new(capture, model_options, me, None).context("cannot start the volumes (memfd, inotify)")?;
             mount(model, &v.mount, options)?
         }
     };
@@ -252,7 +253,13 @@ pub fn run(config: Config, link: Option<KeeperLink>) -> anyhow::Result<()> {
         }),
     };
     if let Some(r) = &life.last_restart {
-        info!(exit = r.exit, gap_ms = r.gap_ms, carried = r.carried_records, redelivered = r.redelivered_records, "took over from the last worker");
+        info!(
+            exit = r.exit,
+            gap_ms = r.gap_ms,
+            carried = r.carried_records,
+            redelivered = r.redelivered_records,
+            "took over from the last worker"
+        );
     }
     let report = Arc::new(Report::new(
         host.clone(),

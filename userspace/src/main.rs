@@ -649,9 +649,26 @@ fn render_tenants(r: &logtap::api::RingSnapshot) -> String {
     out
 }
 
+/// Which processes serve, and how the last worker ended.
+fn render_life(s: &Snapshot) -> String {
+    let Some(keeper) = s.keeper_pid else {
+        return format!("worker pid {} (no keeper: a restart loses the mount)\n", s.worker_pid);
+    };
+    let mut out = format!("keeper pid {keeper}, worker pid {}, {} restarts", s.worker_pid, s.restarts);
+    if let Some(r) = &s.last_restart {
+        out += &format!(
+            "; last: {}, {:.1} ms to serve again, {} records carried over, {} delivered again",
+            r.exit, r.gap_ms, r.carried_records, r.redelivered_records
+        );
+    }
+    out + "\n"
+}
+
 fn render_stats(s: &Snapshot) -> String {
     let r = &s.ring;
-    let mut out = format!("logtap {} on {}, up {:.0}s\n\n", s.version, s.host, s.uptime_seconds);
+    let mut out = format!("logtap {} on {}, up {:.0}s\n", s.version, s.host, s.uptime_seconds);
+    out += &render_life(s);
+    out += "\n";
     out += &format!(
         "ring: {} of {} used ({} of memory), {} records, policy {}; dropped {} records ({}), throttled {} \
          records ({})\n",

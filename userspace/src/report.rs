@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::api::{
-    ContainerSnapshot, ContainersSnapshot, DiscoverySnapshot, PipesSnapshot, ReaderSnapshot, RestartSnapshot, RingSnapshot,
-    Snapshot, TargetSnapshot, TenantSnapshot, VolumeSnapshot,
+    ContainerSnapshot, ContainersSnapshot, DiscoverySnapshot, PipesSnapshot, ReaderSnapshot, RestartSnapshot,
+    RingSnapshot, Snapshot, TargetSnapshot, TenantSnapshot, VolumeSnapshot,
 };
 use crate::counters::{CountersSnapshot, DeliveredSnapshot, SinkCounters, SinkSnapshot};
 use crate::discovery::Discovery;
@@ -152,6 +152,26 @@ fn labels(pairs: &[(&str, &str)]) -> String {
 /// Prometheus text exposition (version 0.0.4) of a snapshot.
 pub fn prometheus(s: &Snapshot) -> String {
     let mut out = Exposition(String::new());
+    out.family(
+        "worker_restarts_total",
+        "counter",
+        "Workers the keeper started after the first.",
+        [(String::new(), s.restarts as f64)],
+    );
+    if let Some(r) = &s.last_restart {
+        out.family(
+            "last_restart_gap_seconds",
+            "gauge",
+            "From the last worker's exit to the next serving.",
+            [(String::new(), r.gap_ms / 1e3)],
+        );
+        out.family(
+            "last_restart_redelivered_records",
+            "gauge",
+            "Records the last restart delivered again (handed to a sink before, not acknowledged).",
+            [(String::new(), r.redelivered_records as f64)],
+        );
+    }
     let counters: [Field<CountersSnapshot>; 11] = [
         ("captured_records_total", "counter", "Records captured.", |c| c.captured_records_total),
         ("captured_bytes_total", "counter", "Bytes captured.", |c| c.captured_bytes_total),

@@ -327,8 +327,8 @@ fn another_process_finds_the_unacknowledged_records_in_the_memfd() {
 #[test]
 fn a_new_worker_delivers_what_the_old_ring_held_with_its_origins() {
     let state = crate::state::WorkerState::open(logtap_fusefs::Journal::new(c"t").unwrap()).unwrap();
-    let ring = Ring::keeping(1 << 20, Policy::Block, Duration::from_secs(1), Rates::default(), Some(state.clone()))
-        .unwrap();
+    let ring =
+        Ring::keeping(1 << 20, Policy::Block, Duration::from_secs(1), Rates::default(), Some(state.clone())).unwrap();
     let r = ring.add_reader("files", false);
     let (a, b) = (origin("a", "t1"), origin("b", "t2"));
     ring.push((0..10).map(|i| of(if i % 2 == 0 { &a } else { &b }, i, 5)).collect());

@@ -207,6 +207,21 @@ mod tests {
     use crate::record::tests::record;
 
     #[test]
+    fn a_torn_last_line_is_cut_and_whole_lines_stay() {
+        use std::io::Write;
+        for (content, kept) in [("a\nb\npart", "a\nb\n"), ("a\n", "a\n"), ("torn", ""), ("", "")] {
+            let mut f = tempfile::tempfile().unwrap();
+            f.write_all(content.as_bytes()).unwrap();
+            drop_torn_line(&f).unwrap();
+            assert_eq!(f.metadata().unwrap().len(), kept.len() as u64, "{content:?}");
+        }
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(format!("first\n{}", "x".repeat(200_000)).as_bytes()).unwrap();
+        drop_torn_line(&f).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 6, "a torn line longer than one look back");
+    }
+
+    #[test]
     fn components_cannot_escape_the_directory() {
         assert_eq!(path_component("../../etc"), "_.._.._etc");
         assert_eq!(path_component(".."), "_..");
