@@ -249,9 +249,10 @@ impl Agent {
         serde_json::from_slice(&self.get("/v1/stats").expect("stats")).expect("stats JSON")
     }
 
-    /// The worker serving now (the agent's own pid is its keeper's).
+    /// The process doing the agent's work: the worker serving now (the agent's own pid is its
+    /// keeper's), or the agent itself for a build without a keeper.
     pub fn worker_pid(&self) -> i32 {
-        self.stats()["worker_pid"].as_i64().expect("worker_pid in stats") as i32
+        self.stats()["worker_pid"].as_i64().map_or_else(|| self.pid(), |p| p as i32)
     }
 
     /// `kill -9` of the worker; returns the stats of the next one once it serves.
@@ -536,4 +537,23 @@ pub fn log_lines(from: u64, to: u64, len: usize) -> Vec<u8> {
         log_line(i, len, &mut out);
     }
     out
+}
+
+/// Runs each test in each of the named ways of serving files, as `MODE::TEST`.
+#[macro_export]
+macro_rules! suite {
+    ($($mode:ident: $serving:ident),* ; $tests:tt) => {
+        $( $crate::suite!(@mode $mode $serving $tests); )*
+    };
+    (@mode $mode:ident $serving:ident [$($test:ident),* $(,)?]) => {
+        mod $mode {
+            $(
+                #[test]
+                #[ignore = "privileged: mounts FUSE as root (cargo xtask test runs it)"]
+                fn $test() {
+                    super::$test(logtap_e2e::Serving::$serving)
+                }
+            )*
+        }
+    };
 }

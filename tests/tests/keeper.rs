@@ -223,22 +223,5 @@ fn a_stalled_sink_and_a_killed_worker_lose_nothing_the_ring_held() {
     at_most_twice(dups, redelivered(&stats), 100, 1);
 }
 
-macro_rules! suite {
-    ($($mode:ident: $serving:ident),* ; $tests:tt) => {
-        $( suite!(@mode $mode $serving $tests); )*
-    };
-    (@mode $mode:ident $serving:ident [$($test:ident),* $(,)?]) => {
-        mod $mode {
-            $(
-                #[test]
-                #[ignore = "privileged: mounts FUSE as root (cargo xtask test runs it)"]
-                fn $test() {
-                    super::$test(logtap_e2e::Serving::$serving)
-                }
-            )*
-        }
-    };
-}
-
-suite!(passthrough: Passthrough, requests: Requests;
+logtap_e2e::suite!(passthrough: Passthrough, requests: Requests;
     [a_killed_worker_costs_the_writers_nothing, an_upgrade_swaps_the_worker_under_a_writer]);

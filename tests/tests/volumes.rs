@@ -574,26 +574,8 @@ fn a_volume_over_its_memory_budget_drops_its_oldest_lines_and_counts_them(servin
     assert!(captured + dropped + budget >= n * len as u64, "{v}");
 }
 
-/// Runs each test in each of the named ways of serving files, as `MODE::TEST`.
-macro_rules! suite {
-    ($($mode:ident: $serving:ident),* ; $tests:tt) => {
-        $( suite!(@mode $mode $serving $tests); )*
-    };
-    (@mode $mode:ident $serving:ident [$($test:ident),* $(,)?]) => {
-        mod $mode {
-            $(
-                #[test]
-                #[ignore = "privileged: mounts FUSE as root (cargo xtask test runs it)"]
-                fn $test() {
-                    super::$test(logtap_e2e::Serving::$serving)
-                }
-            )*
-        }
-    };
-}
-
 // Passthrough, the fallback where the kernel refuses it, and the writeback cache.
-suite!(passthrough: Passthrough, requests: Requests, writeback: Writeback; [
+logtap_e2e::suite!(passthrough: Passthrough, requests: Requests, writeback: Writeback; [
     python_rotating_file_handler_every_line_once_in_order,
     a_line_every_100ms_is_captured_within_a_second,
     echo_appends_and_dd_blocks,
@@ -615,7 +597,7 @@ suite!(passthrough: Passthrough, requests: Requests, writeback: Writeback; [
 // written bytes where the agent cannot see them, so a truncate discards what it held
 // (copytruncate under a writer), writes after its last flush at shutdown are refused (counted,
 // not delivered), and a sparse page is sent with its zeros. The README says so.
-suite!(passthrough_exact: Passthrough, requests_exact: Requests; [
+logtap_e2e::suite!(passthrough_exact: Passthrough, requests_exact: Requests; [
     logrotate_rotations_under_a_fast_writer_lose_and_repeat_nothing,
     sigterm_delivers_every_write_that_succeeded,
     o_trunc_reopens_and_sparse_writes,

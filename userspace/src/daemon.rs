@@ -300,6 +300,11 @@ pub fn run(config: Config, link: Option<KeeperLink>) -> anyhow::Result<()> {
         policy = %config.ring.policy,
         "logtap is running"
     );
+    if let Some(k) = &keeping {
+        if let Err(e) = k.link.serving() {
+            warn!("cannot tell the keeper this worker serves: {e}");
+        }
+    }
 
     let (mut term, mut int) = {
         let _guard = rt.enter();

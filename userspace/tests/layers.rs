@@ -11,9 +11,11 @@ const LOGTAP: &[&str] = &[
     "counters",
     "api",
     "record",
+    "state",
     "framer",
     "ring",
     "host",
+    "keeper",
     "discovery",
     "sources",
     "sinks",
@@ -22,7 +24,8 @@ const LOGTAP: &[&str] = &[
     "control",
     "daemon",
 ];
-const FUSEFS: &[&str] = &["sync", "name", "backing", "capture", "tap", "reader", "model", "fuse"];
+const FUSEFS: &[&str] =
+    &["sync", "name", "backing", "journal", "kept", "capture", "tap", "reader", "model", "connection", "fuse"];
 
 fn sources(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

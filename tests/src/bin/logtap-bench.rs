@@ -20,7 +20,10 @@
 //!   100-byte records into 1 and 3 sinks, memory per million records held; a previous build
 //!   (`LOGTAP_BASELINE_BIN`, if set) beside this one.
 //!
-//! Options: `--only volumes|pipes|kafka|containers|identity|stdout|ring`, `--serving passthrough|requests|writeback`
+//! - restart: a writer appending every 1 ms while the worker is killed 5 times, against no
+//!   restart: write() latency, restart gaps, redelivered and lost lines.
+//!
+//! Options: `--only volumes|pipes|kafka|containers|identity|stdout|ring|restart`, `--serving passthrough|requests|writeback`
 //! (volumes: one way of serving files), `--lines N` (default 1000000), `--dd-mib N`
 //! (default 256), `--rounds N` (default 3), `--containers N` (default 20), `--rate-mb N` (total
 //! MB/s, default 20), `--seconds N` (default 10).
@@ -207,6 +210,70 @@ fn main() {
     if run("ring") {
         ring(&a);
     }
+    if run("restart") {
+        restart();
+    }
+}
+
+/// The line-writer binary, beside this one.
+fn line_writer() -> PathBuf {
+    std::env::current_exe().expect("own path").with_file_name("line-writer")
+}
+
+/// `p50_us A p99_us B max_us C` as printed by `line-writer paced`.
+fn latencies(out: &str) -> (u64, u64, u64) {
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let at = |k: &str| words.iter().position(|w| *w == k).and_then(|i| words.get(i + 1)?.parse().ok()).unwrap_or(0);
+    (at("p50_us"), at("p99_us"), at("max_us"))
+}
+
+/// A writer appending a 100-byte line every 1 ms to a volume file, with no restart and with the
+/// worker killed (kill -9) 5 times, side by side: write() latency as the writer sees it, the
+/// gap from each kill to the new worker serving, records delivered again, lines lost.
+fn restart() {
+    let mut rows = Vec::new();
+    for serving in [Serving::Passthrough, Serving::Requests] {
+        for kills in [0usize, 5] {
+            let agent = Agent::start(Setup { serving, ..Setup::default() });
+            let vol = agent.volume("r");
+            let n = 6000u64;
+            let w = Command::new(line_writer())
+                .args(["paced", vol.join("app.log").to_str().expect("path"), &n.to_string(), "100", "1"])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("line-writer");
+            let (mut gaps, mut again) = (Vec::new(), 0);
+            for _ in 0..kills {
+                std::thread::sleep(Duration::from_millis(1000));
+                let s = agent.kill_worker();
+                gaps.push(s["last_restart"]["gap_ms"].as_f64().unwrap_or(0.0));
+                again += s["last_restart"]["redelivered_records"].as_u64().unwrap_or(0);
+            }
+            let out = w.wait_with_output().expect("writer");
+            let out = String::from_utf8_lossy(&out.stdout).into_owned();
+            let ok = out.starts_with(&format!("ok {n}\n"));
+            let got = agent.wait_lines("r", "app", n as usize, Duration::from_secs(60));
+            let distinct: std::collections::HashSet<&Vec<u8>> = got.iter().collect();
+            let (p50, p99, max) = latencies(&out);
+            gaps.sort_by(f64::total_cmp);
+            let gap = if gaps.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.1} / {:.1}", gaps[gaps.len() / 2], gaps[gaps.len() - 1])
+            };
+            rows.push(format!(
+                "| {} | {kills} | {} | {p50} / {p99} / {max} | {gap} | {again} | {} | {} |",
+                serving.name(),
+                if ok { "none" } else { "yes" },
+                n as usize - distinct.len(),
+                got.len() - distinct.len(),
+            ));
+        }
+    }
+    table(
+        "| serving | kill -9 of the worker | write errors | write() p50 / p99 / max (us) | restart gap p50 / max (ms) | redelivered records | lines lost | lines twice |",
+        &rows,
+    );
 }
 
 /// Sets the nice value of every thread of a process (setpriority on a pid changes one thread).
@@ -324,9 +391,9 @@ fn containers(a: &Args) {
                 ..Setup::default()
             };
             let agent = Agent::start(setup);
-            renice(agent.pid(), nice);
+            renice(agent.worker_pid(), nice);
             let in_volume = |i: usize| agent.volume(&format!("bench-{i:02}"));
-            let cpu0 = cpu_seconds(agent.pid());
+            let cpu0 = cpu_seconds(agent.worker_pid());
             let logging = Logging { volumes: files.then_some(&in_volume as &dyn Fn(usize) -> PathBuf), ..TO_STDOUT };
             let took = container_run(&podman, a.containers, n, rate, logging, &mut || {}).1;
             let deadline = Instant::now() + Duration::from_secs(120);
@@ -339,8 +406,8 @@ fn containers(a: &Args) {
                 std::thread::sleep(Duration::from_millis(200));
             };
             agent.wait_idle(Duration::from_secs(60));
-            let cpu = cpu_seconds(agent.pid()) - cpu0;
-            let pid = agent.pid();
+            let cpu = cpu_seconds(agent.worker_pid()) - cpu0;
+            let pid = agent.worker_pid();
             let s = agent.stats();
             let lost: u64 = s["discovery"]["containers"]
                 .as_array()
@@ -455,7 +522,7 @@ fn kafka(a: &Args) {
             ..Setup::default()
         });
         let vol = agent.volume("bench");
-        let pid = agent.pid();
+        let pid = agent.worker_pid();
         let (mut direct, mut ours) = (Vec::new(), Vec::new());
         let (cpu0, mut bytes) = (cpu_seconds(pid), 0u64);
         for round in 0..a.rounds {
@@ -659,9 +726,9 @@ fn pipes(a: &Args) {
             none.push(unit(pipe_run(None, false, n, len, 0, None).0));
             let agent = Agent::start(Setup::default());
             unwatched.push(unit(pipe_run(Some(&agent), false, n, len, 0, None).0));
-            let cpu0 = cpu_seconds(agent.pid());
+            let cpu0 = cpu_seconds(agent.worker_pid());
             let (d, t) = pipe_run(Some(&agent), true, n, len, 0, None);
-            agent_cpu.push((cpu_seconds(agent.pid()) - cpu0) / n as f64 * 1e6);
+            agent_cpu.push((cpu_seconds(agent.worker_pid()) - cpu0) / n as f64 * 1e6);
             watched.push(unit(d));
             let t = t.unwrap_or_default();
             lost.0 += t["lost_events_total"].as_u64().unwrap_or(0);
@@ -706,7 +773,7 @@ fn pipes(a: &Args) {
 fn volume_mode(a: &Args, tmpfs: &Tmpfs, name: &str, setup: Setup, rows: &mut Vec<String>, figures: &mut Vec<String>) {
     let agent = Agent::start(setup.clone());
     let vol = agent.volume("bench");
-    let pid = agent.pid();
+    let pid = agent.worker_pid();
     let cpu0 = cpu_seconds(pid);
     let mut expected = captured_records(&agent);
     let mut lost = 0;
@@ -979,7 +1046,7 @@ fn container_stdout(a: &Args) {
                 });
                 if let Some(agent) = &agent {
                     // As deploy/systemd/logtap.service runs it.
-                    renice(agent.pid(), -10);
+                    renice(agent.worker_pid(), -10);
                 }
                 let k8s_file = (*mode == "k8s-file").then_some(logs.as_path());
                 let logging = Logging { reopen, k8s_file, ..TO_STDOUT };
@@ -1183,8 +1250,8 @@ fn burst_row(
         "| {build} | {what} | {got} / {written} ({:.2} %){more} | {} | {took:.1} s | {:.2} s | {:.0} MiB |",
         100.0 * got as f64 / written as f64,
         ring["dropped_records_total"],
-        cpu_seconds(agent.pid()) - cpu0,
-        status_mib(agent.pid(), "VmHWM")
+        cpu_seconds(agent.worker_pid()) - cpu0,
+        status_mib(agent.worker_pid(), "VmHWM")
     )
 }
 
@@ -1209,7 +1276,7 @@ fn ring(a: &Args) {
         let n = 2_000_000usize;
         let yes = agent.dir.path().join("yes.txt");
         std::fs::write(&yes, "y\n".repeat(n)).expect("yes.txt");
-        let cpu0 = cpu_seconds(agent.pid());
+        let cpu0 = cpu_seconds(agent.worker_pid());
         let start = Instant::now();
         run_captured(&agent, bin, "yes", "head", &["-n", &n.to_string(), yes.to_str().expect("path")]);
         let got = wait_sink_lines(&agent.out, "yes", "stdout", n);
@@ -1233,7 +1300,7 @@ fn ring(a: &Args) {
             podman.run(&["-d", "--rm", "--name", name, "-v", &mount, logtap_e2e::podman::IMAGE, "sh", "-c", &body]);
         }
         std::thread::sleep(Duration::from_secs(2));
-        let cpu0 = cpu_seconds(agent.pid());
+        let cpu0 = cpu_seconds(agent.worker_pid());
         let start = Instant::now();
         std::fs::write(gate.path().join("go"), "").expect("gate");
         let mut wait = vec!["wait"];
@@ -1279,14 +1346,14 @@ fn ring(a: &Args) {
                     let mut line = vec![b'x'; len - 1];
                     line.push(b'\n');
                     std::fs::write(&file, line.repeat(n)).expect("lines");
-                    let cpu0 = cpu_seconds(agent.pid());
+                    let cpu0 = cpu_seconds(agent.worker_pid());
                     let start = Instant::now();
                     run_captured(&agent, bin, "tp", "head", &["-n", &n.to_string(), file.to_str().expect("path")]);
                     let got = wait_sink_lines(&agent.out, "tp", "stdout", n);
                     agent.wait_idle(Duration::from_secs(120));
                     let took = start.elapsed().as_secs_f64();
                     assert_eq!(got, n, "{name}: every record through");
-                    per_record.push((cpu_seconds(agent.pid()) - cpu0) / n as f64 * 1e6);
+                    per_record.push((cpu_seconds(agent.worker_pid()) - cpu0) / n as f64 * 1e6);
                     rate.push(n as f64 / took);
                     drop(agent);
                     for i in 1..sinks {
@@ -1329,7 +1396,7 @@ fn ring(a: &Args) {
         let mut line = vec![b'x'; 99];
         line.push(b'\n');
         std::fs::write(&file, line.repeat(n)).expect("lines");
-        let before = status_mib(agent.pid(), "VmRSS");
+        let before = status_mib(agent.worker_pid(), "VmRSS");
         run_captured(&agent, bin, "mem", "head", &["-n", &n.to_string(), file.to_str().expect("path")]);
         let deadline = Instant::now() + Duration::from_secs(60);
         while agent.stats()["ring"]["pushed_records_total"].as_u64().unwrap_or(0) < n as u64
@@ -1340,7 +1407,7 @@ fn ring(a: &Args) {
         std::thread::sleep(Duration::from_millis(500));
         let ring = agent.stats()["ring"].clone();
         let held = ring["records"].as_u64().unwrap_or(0);
-        let rss = status_mib(agent.pid(), "VmRSS") - before;
+        let rss = status_mib(agent.worker_pid(), "VmRSS") - before;
         rows.push(format!(
             "| {name} | {held} | {rss:.0} MiB | {:.0} B | {:.0} MiB |",
             rss * (1 << 20) as f64 / held.max(1) as f64 - 99.0,

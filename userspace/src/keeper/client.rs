@@ -50,6 +50,10 @@ impl KeeperLink {
         }
     }
 
+    pub fn serving(&self) -> io::Result<()> {
+        wire::send(self.socket.as_fd(), &Message::Serving, None)
+    }
+
     pub fn upgrade(&self, binary: &str) -> io::Result<()> {
         wire::send(self.socket.as_fd(), &Message::Upgrade { binary: binary.into() }, None)
     }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use tracing::{error, info, warn};
@@ -28,9 +28,8 @@ use wire::{Handover, Message};
 /// The fd a worker finds its keeper's socket on.
 pub const SOCKET_FD: i32 = 3;
 pub const SOCKET_ENV: &str = "LOGTAP_KEEPER_FD";
-/// A worker that lives shorter than this before it exits is restarted after a growing pause,
-/// so that one that cannot start does not spin.
-const HEALTHY: Duration = Duration::from_secs(2);
+/// A worker that exits before it serves is started again after a growing pause, so that one
+/// that cannot start does not spin; one that served is started again at once.
 const MAX_PAUSE: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
@@ -64,9 +63,9 @@ fn now_ns() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// Serves one worker's socket until the worker is gone.
+/// Serves one worker's socket until the worker is gone; whether it said it was serving.
 fn serve(socket: OwnedFd, held: Arc<Mutex<Held>>, handover: Handover, pid: u32) -> std::io::Result<bool> {
-    let mut hello = false;
+    let mut started = false;
     while let Some((message, fd)) = wire::recv(socket.as_fd())? {
         match message {
             Message::Hello => {
@@ -75,8 +74,8 @@ fn serve(socket: OwnedFd, held: Arc<Mutex<Held>>, handover: Handover, pid: u32) 
                     wire::send(socket.as_fd(), &Message::Kept { name: name.clone() }, Some(fd.as_fd()))?;
                 }
                 wire::send(socket.as_fd(), &Message::Ready(handover.clone()), None)?;
-                hello = true;
             }
+            Message::Serving => started = true,
             Message::Keep { name } => match fd {
                 Some(fd) => {
                     lock(&held).fds.insert(name, fd);
@@ -95,7 +94,7 @@ fn serve(socket: OwnedFd, held: Arc<Mutex<Held>>, handover: Handover, pid: u32) 
             Message::Kept { .. } | Message::Ready(_) => warn!("a worker sent a keeper's message"),
         }
     }
-    Ok(hello)
+    Ok(started)
 }
 
 fn spawn(binary: &Path, args: &[String], theirs: &OwnedFd) -> std::io::Result<Child> {
@@ -122,7 +121,6 @@ fn spawn(binary: &Path, args: &[String], theirs: &OwnedFd) -> std::io::Result<Ch
 
 struct Worker {
     child: Child,
-    started: Instant,
     binary: PathBuf,
     server: JoinHandle<std::io::Result<bool>>,
 }
@@ -149,10 +147,11 @@ pub fn run(args: Vec<String>, mount: PathBuf) -> anyhow::Result<i32> {
             .name("keeper".into())
             .spawn(move || serve(ours, h, ho, pid))
             .context("the keeper's thread")?;
-        let mut worker = Worker { child, started: Instant::now(), binary: binary.clone(), server };
+        let mut worker = Worker { child, binary: binary.clone(), server };
         info!(pid, binary = %binary.display(), restarts = handover.restarts, "worker started");
         let status = wait(&mut worker, &set, &mut stopping)?;
-        let hello = worker.server.join().map_err(|_| anyhow::anyhow!("the keeper's thread panicked"))?.unwrap_or(false);
+        let started =
+            worker.server.join().map_err(|_| anyhow::anyhow!("the keeper's thread panicked"))?.unwrap_or(false);
         let exit = describe(status);
         if stopping {
             if !status.success() {
@@ -165,12 +164,12 @@ pub fn run(args: Vec<String>, mount: PathBuf) -> anyhow::Result<i32> {
             info!(%exit, "worker stopped; the keeper stops");
             return Ok(status.code().unwrap_or(1));
         }
-        if !hello && handover.restarts == 0 {
+        if !started && handover.restarts == 0 {
             // The first worker never started (a bad config, no /dev/fuse): nothing to keep.
             return Ok(status.code().unwrap_or(1));
         }
         let upgrade = lock(&held).upgrade.take();
-        if hello {
+        if started {
             last_good = worker.binary.clone();
         } else if upgrade.is_none() && worker.binary != last_good {
             error!(binary = %worker.binary.display(), "the upgraded worker did not start; going back to the previous binary");
@@ -181,7 +180,7 @@ pub fn run(args: Vec<String>, mount: PathBuf) -> anyhow::Result<i32> {
         } else {
             warn!(%exit, "worker exited; starting the next one");
         }
-        if worker.started.elapsed() < HEALTHY && !hello {
+        if !started {
             std::thread::sleep(pause);
             pause = (pause * 2).min(MAX_PAUSE);
         } else {

@@ -22,6 +22,9 @@ pub enum Message {
     Keep { name: String },
     /// Worker: let go of `name`.
     Release { name: String },
+    /// Worker: everything is up (the mount served, the control socket bound). A worker that
+    /// exits before saying so did not start.
+    Serving,
     /// Worker: start `binary` as the next worker and stop this one.
     Upgrade { binary: String },
 }
