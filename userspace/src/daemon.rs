@@ -165,23 +165,6 @@ pub fn run(config: Config, link: Option<KeeperLink>) -> anyhow::Result<()> {
     let discovery = d.enabled.then(|| Discovery::new(d.clone(), v.mount.clone()));
     let holding = discovery.as_ref().map(|(registry, _)| Holding::new(registry.clone(), hold));
     let source = VolumeSource::new(framing.clone(), ring.clone(), holding.clone());
-    let p = &config.pipes;
-    let pipes = if p.enabled {
-        let ring_buffer = u32::try_from(p.ring_buffer.0).context("pipes.ring_buffer")?;
-        PipeSource::start(framing, ring.clone(), p.max_write_capture.0, ring_buffer, holding)
-    } else {
-        PipeSource::new(framing, ring.clone(), p.max_write_capture.0, "disabled", None)
-    };
-    let discovery = discovery.map(|(registry, asked)| {
-        let _guard = rt.enter();
-        registry.follow(asked, Arc::new(Sources { volumes: source.clone(), pipes: pipes.clone() }), stop.clone());
-        registry
-    });
-    for target in &p.targets {
-        if let Err(e) = pipes.watch(target) {
-            warn!(?target, "cannot watch a configured target: {e:#}");
-        }
-    }
     // SAFETY: geteuid/getegid cannot fail.
     let me = unsafe { Owner { uid: libc::geteuid(), gid: libc::getegid() } };
     let settings = Settings { tail: v.tail_bytes.0, holes_may_fill: v.writeback_cache };
@@ -238,12 +221,32 @@ pub fn run(config: Config, link: Option<KeeperLink>) -> anyhow::Result<()> {
             mount(model, &v.mount, options)?
         }
     };
+    // The volumes are served first: after a restart, apps wait for them while the eBPF
+    // programs load. The restart's gap ends here.
+    let serving_at = std::time::SystemTime::now();
+    let p = &config.pipes;
+    let pipes = if p.enabled {
+        let ring_buffer = u32::try_from(p.ring_buffer.0).context("pipes.ring_buffer")?;
+        PipeSource::start(framing, ring.clone(), p.max_write_capture.0, ring_buffer, holding)
+    } else {
+        PipeSource::new(framing, ring.clone(), p.max_write_capture.0, "disabled", None)
+    };
+    let discovery = discovery.map(|(registry, asked)| {
+        let _guard = rt.enter();
+        registry.follow(asked, Arc::new(Sources { volumes: source.clone(), pipes: pipes.clone() }), stop.clone());
+        registry
+    });
+    for target in &p.targets {
+        if let Err(e) = pipes.watch(target) {
+            warn!(?target, "cannot watch a configured target: {e:#}");
+        }
+    }
     let life = Life {
         keeper_pid: keeping.as_ref().map(|k| k.handover.keeper_pid),
         restarts: keeping.as_ref().map_or(0, |k| k.handover.restarts),
         last_restart: keeping.as_ref().filter(|k| k.handover.restarts > 0).map(|k| {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            let gap = now.as_nanos().saturating_sub(u128::from(k.handover.exited_at_ns));
+            let at = serving_at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let gap = at.as_nanos().saturating_sub(u128::from(k.handover.exited_at_ns));
             RestartSnapshot {
                 exit: k.handover.exit.clone(),
                 gap_ms: gap as f64 / 1e6,
