@@ -16,6 +16,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+use crate::backing::check;
+
 /// `fuse_out_header.error` of a notification asking the kernel to send again every request
 /// it handed out and got no answer to (`FUSE_NOTIFY_RESEND`, Linux 6.9).
 const NOTIFY_RESEND: i32 = 7;
@@ -26,14 +28,6 @@ const INIT_BUFFER: usize = 64 << 10;
 pub struct Connection {
     pub device: OwnedFd,
     pub init: Vec<u8>,
-}
-
-fn check(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
 }
 
 fn cstring(b: &[u8]) -> io::Result<CString> {
