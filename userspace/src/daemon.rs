@@ -26,7 +26,7 @@ use crate::report::{Life, Report};
 use crate::ring::Ring;
 use crate::sinks;
 use crate::sources::hold::Holding;
-use crate::sources::pipes::PipeSource;
+use crate::sources::pipes::{self, PipeSource};
 use crate::sources::volume::{Framing, VolumeCapture, VolumeSource};
 use crate::sources::Sources;
 use crate::state::WorkerState;
@@ -96,6 +96,7 @@ impl Keeping {
 }
 
 /// The kept state's names.
+const CONTROL: &str = "control";
 const FUSE: &str = "fuse";
 const RING: &str = "ring";
 const STATE: &str = "state";
@@ -134,11 +135,19 @@ pub fn run(config: Config, link: Option<KeeperLink>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    // The socket first: a second agent must fail before it touches the mount.
+    // The socket first: a second agent must fail before it touches the mount. After a restart,
+    // the kept one: what clients sent meanwhile waits in it.
     let listener = {
         let _guard = rt.enter();
-        server::bind(&config.control)?
+        let kept = keeping.as_mut().and_then(|k| k.fds.remove(CONTROL));
+        match kept.map(|fd| server::adopt(fd, &config.control.socket)).transpose()?.flatten() {
+            Some(listener) => listener,
+            None => server::bind(&config.control)?,
+        }
     };
+    if let Some(k) = &keeping {
+        k.keep(CONTROL, listener.as_fd());
+    }
 
     // Every task stops on this one token, at the end of shutdown.
     let stop = CancellationToken::new();
@@ -184,6 +193,16 @@ pub fn run(config: Config, link: Option<KeeperLink>) -> anyhow::Result<()> {
         flush_interval: v.flush_interval.0,
     };
     let capture = VolumeCapture(source.clone());
+    // What the keeper holds of the eBPF programs is the pipe source's, not a volume file's.
+    let pipes_keeping = match (&mut keeping, &state) {
+        (Some(k), Some(state)) => {
+            let names: Vec<String> = k.fds.keys().filter(|n| n.starts_with(pipes::KEPT_PREFIX)).cloned().collect();
+            let fds = names.into_iter().filter_map(|n| Some((n.clone(), k.fds.remove(&n)?))).collect();
+            let keeper: Arc<dyn Keeper> = k.link.clone();
+            Some(pipes::Keeping { programs: pipes::Kept::new(keeper, fds), state: state.clone() })
+        }
+        _ => None,
+    };
     let mut fs = match (&mut keeping, &state) {
         (Some(k), Some(state)) => {
             let volumes = k.journal(VOLUMES)?;
@@ -227,8 +246,11 @@ pub fn run(config: Config, link: Option<KeeperLink>) -> anyhow::Result<()> {
     let p = &config.pipes;
     let pipes = if p.enabled {
         let ring_buffer = u32::try_from(p.ring_buffer.0).context("pipes.ring_buffer")?;
-        PipeSource::start(framing, ring.clone(), p.max_write_capture.0, ring_buffer, holding)
+        PipeSource::start(framing, ring.clone(), p.max_write_capture.0, ring_buffer, holding, pipes_keeping)
     } else {
+        if let Some(k) = pipes_keeping {
+            k.programs.release();
+        }
         PipeSource::new(framing, ring.clone(), p.max_write_capture.0, "disabled", None)
     };
     let discovery = discovery.map(|(registry, asked)| {

@@ -1,6 +1,6 @@
 //! What a worker must tell the next one, beyond the volumes' namespace: whose records the ring
-//! holds (each stream slot's origin), the volumes defined through the API, and the FUSE INIT of
-//! the mount. Kept in a [`Journal`] in memory the keeper holds; rewritten when it grows.
+//! holds (each stream slot's origin), the volumes defined through the API, the FUSE INIT of
+//! the mount, and the pipe source's watch targets (the kernel's maps hold their slots). Kept in a [`Journal`] in memory the keeper holds; rewritten when it grows.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use logtap_fusefs::Journal;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{Container, VolumeSpec};
+use crate::api::{Container, TargetSpec, VolumeSpec};
 use crate::counters::StreamCounters;
 use crate::record::Origin;
 use crate::values::lock;
@@ -74,6 +74,31 @@ impl OriginImage {
     }
 }
 
+/// A watch target of the pipe source, as the next worker needs it to go on where the kernel's
+/// maps (which outlive the worker) still name its slot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetImage {
+    pub slot: u32,
+    /// The id users hold (`logtap run` unwatches by it): it stays valid across restarts.
+    pub id: String,
+    pub spec: TargetSpec,
+    pub service: String,
+    pub module: Option<String>,
+    pub tenant: String,
+    pub container: Option<Container>,
+    pub identified: bool,
+    pub cgroups: Vec<u64>,
+    /// stdout's and stderr's pipe inode, per start.
+    pub pipes: Vec<[Option<u64>; 2]>,
+}
+
+/// What names the pipe source's targets: ids are `{instance}-{n}`, `n` below `next` given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetNames {
+    pub instance: String,
+    pub next: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Entry {
@@ -81,6 +106,9 @@ enum Entry {
     Stream { id: u32, origin: OriginImage },
     StreamGone { id: u32 },
     Volume(VolumeSpec),
+    Names(TargetNames),
+    Target(TargetImage),
+    TargetGone { slot: u32 },
 }
 
 #[derive(Default)]
@@ -88,6 +116,8 @@ struct Live {
     init: Vec<u8>,
     streams: HashMap<u32, OriginImage>,
     volumes: BTreeMap<String, VolumeSpec>,
+    names: Option<TargetNames>,
+    targets: BTreeMap<u32, TargetImage>,
 }
 
 pub struct WorkerState {
@@ -118,7 +148,7 @@ impl WorkerState {
             tracing::warn!("cannot keep the worker's state for a restart: {err}");
         }
         live.apply(e);
-        let size = (live.streams.len() + live.volumes.len()) as u64 * 512;
+        let size = (live.streams.len() + live.volumes.len() + live.targets.len()) as u64 * 512;
         if self.journal.len() > REWRITE_AFTER + 4 * size {
             let image: Vec<Vec<u8>> = live.image().iter().filter_map(|e| serde_json::to_vec(e).ok()).collect();
             if let Err(err) = self.journal.rewrite(&image) {
@@ -155,6 +185,27 @@ impl WorkerState {
     pub fn volumes(&self) -> Vec<VolumeSpec> {
         lock(&self.live).volumes.values().cloned().collect()
     }
+
+    pub fn set_target_names(&self, names: &TargetNames) {
+        self.put(Entry::Names(names.clone()));
+    }
+
+    pub fn target_names(&self) -> Option<TargetNames> {
+        lock(&self.live).names.clone()
+    }
+
+    /// A target is watched, or changed (a cgroup, a pair of pipes, its identity).
+    pub fn target(&self, image: TargetImage) {
+        self.put(Entry::Target(image));
+    }
+
+    pub fn target_gone(&self, slot: u32) {
+        self.put(Entry::TargetGone { slot });
+    }
+
+    pub fn targets(&self) -> Vec<TargetImage> {
+        lock(&self.live).targets.values().cloned().collect()
+    }
 }
 
 impl Live {
@@ -170,6 +221,13 @@ impl Live {
             Entry::Volume(spec) => {
                 self.volumes.insert(spec.name.clone(), spec);
             }
+            Entry::Names(n) => self.names = Some(n),
+            Entry::Target(t) => {
+                self.targets.insert(t.slot, t);
+            }
+            Entry::TargetGone { slot } => {
+                self.targets.remove(&slot);
+            }
         }
     }
 
@@ -177,6 +235,8 @@ impl Live {
         let mut out = vec![Entry::Init(self.init.clone())];
         out.extend(self.streams.iter().map(|(&id, origin)| Entry::Stream { id, origin: origin.clone() }));
         out.extend(self.volumes.values().cloned().map(Entry::Volume));
+        out.extend(self.names.clone().map(Entry::Names));
+        out.extend(self.targets.values().cloned().map(Entry::Target));
         out
     }
 }
@@ -197,6 +257,24 @@ mod tests {
         }
         state.stream(3, &origin);
         state.volume(&VolumeSpec { name: "web".into(), ..Default::default() });
+        let target = |slot| TargetImage {
+            slot,
+            id: format!("abc-{slot}"),
+            spec: TargetSpec { pid: Some(7), ..Default::default() },
+            service: "api".into(),
+            module: None,
+            tenant: "".into(),
+            container: None,
+            identified: true,
+            cgroups: vec![],
+            pipes: vec![[Some(10), Some(11)]],
+        };
+        for slot in 0..5_000 {
+            state.target(target(slot % 7));
+            state.target_gone(slot % 7);
+        }
+        state.target(target(2));
+        state.set_target_names(&TargetNames { instance: "abc".into(), next: 5_001 });
         assert!(state.journal().len() < 4 << 20);
         // SAFETY: dup of an fd we hold.
         let fd = unsafe { libc::dup(state.journal().as_fd().as_raw_fd()) };
@@ -206,5 +284,7 @@ mod tests {
         assert_eq!(again.streams().len(), 1);
         assert_eq!(again.streams()[&3], OriginImage::of(&origin));
         assert_eq!(again.volumes()[0].name, "web");
+        assert_eq!(again.targets(), vec![target(2)]);
+        assert_eq!(again.target_names(), Some(TargetNames { instance: "abc".into(), next: 5_001 }));
     }
 }

@@ -59,6 +59,24 @@ pub fn bind(config: &ControlConfig) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The socket the last worker listened on, kept by the keeper: clients that connected while no
+/// worker ran are answered now instead of refused. `None` if it is not (or no longer) the one
+/// configured at `path`.
+pub fn adopt(fd: std::os::fd::OwnedFd, path: &Path) -> anyhow::Result<Option<UnixListener>> {
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    let bound = listener.local_addr().context("the kept control socket's address")?;
+    let same_file = |a: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+        ino(a).is_some() && ino(a) == ino(path)
+    };
+    if !bound.as_pathname().is_some_and(same_file) {
+        return Ok(None);
+    }
+    listener.set_nonblocking(true).context("the kept control socket")?;
+    Ok(Some(UnixListener::from_std(listener).context("the kept control socket")?))
+}
+
 /// Binds a Unix socket unless a live server answers there; a stale socket file is replaced.
 pub fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {

@@ -9,6 +9,7 @@
 //! to leave cgroups that are no container alone.
 
 mod btf;
+mod events;
 mod probe;
 mod reader;
 mod tracefs;
@@ -31,7 +32,16 @@ use crate::discovery::identity::Identity;
 use crate::host::cgroups;
 use crate::record::Origin;
 use crate::ring::Ring;
+use crate::state::{TargetImage, TargetNames, WorkerState};
 use crate::values::{lock, ByteSize};
+
+pub use probe::{Kept, KEPT_PREFIX};
+
+/// Under a keeper: what it holds of the programs, and the journal the targets are kept in.
+pub struct Keeping {
+    pub programs: Kept,
+    pub state: Arc<WorkerState>,
+}
 
 /// The eBPF source: stdout/stderr pipe writes of watched processes.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
@@ -321,10 +331,13 @@ pub struct PipeSource {
     /// wait until the runtime names them.
     holding: Option<Arc<Holding>>,
     counts: ContainerCounts,
-    /// Target ids are `{instance}-{n}`: `instance` differs at every start of the agent, so a
-    /// `logtap run` that outlived an agent cannot unwatch another run's target.
+    /// Target ids are `{instance}-{n}`: `instance` differs at every start of the agent (not at
+    /// a worker's restart, which keeps the targets), so a `logtap run` that outlived an agent
+    /// cannot unwatch another run's target.
     instance: String,
     next_id: AtomicU64,
+    /// Where the targets are kept for the next worker.
+    kept: Option<Arc<WorkerState>>,
 }
 
 enum Command {
@@ -341,7 +354,7 @@ enum Command {
 impl PipeSource {
     /// A source that is not running (disabled, or the kernel refused the programs).
     pub fn new(framing: Framing, ring: Arc<Ring>, max_capture: u64, status: &str, reason: Option<String>) -> Arc<Self> {
-        Self::with(framing, ring, max_capture, status, reason, None, None)
+        Self::with(framing, ring, max_capture, (status, reason), None, None, None)
     }
 
     /// `running`: the loaded programs' maps, and where the event reader takes commands.
@@ -349,12 +362,14 @@ impl PipeSource {
         framing: Framing,
         ring: Arc<Ring>,
         max_capture: u64,
-        status: &str,
-        reason: Option<String>,
+        (status, reason): (&str, Option<String>),
         holding: Option<Arc<Holding>>,
         running: Option<(Maps, mpsc::Sender<Command>)>,
+        kept: Option<Arc<WorkerState>>,
     ) -> Arc<Self> {
         let (maps, commands) = running.unzip();
+        let names = kept.as_ref().and_then(|k| k.target_names());
+        let (instance, next) = names.map_or_else(|| (instance_name(), 1), |n| (n.instance, n.next));
         Arc::new(Self {
             framing,
             ring,
@@ -373,8 +388,9 @@ impl PipeSource {
             commands,
             holding,
             counts: ContainerCounts::default(),
-            instance: instance_name(),
-            next_id: AtomicU64::new(1),
+            instance,
+            next_id: AtomicU64::new(next),
+            kept,
         })
     }
 
@@ -382,19 +398,24 @@ impl PipeSource {
         lock(&self.state)
     }
 
-    /// Loads and attaches the programs and starts reading their events on a thread of its own. With a `directory`, every container is captured from its first write. On
-    /// failure the source says why in its stats and the agent carries on.
+    /// Loads and attaches the programs (or takes over those the keeper kept attached, with the
+    /// last worker's targets) and starts reading their events on a thread of its own. With a
+    /// `directory`, every container is captured from its first write. On failure the source
+    /// says why in its stats and the agent carries on.
     pub fn start(
         framing: Framing,
         ring: Arc<Ring>,
         max_capture: u64,
         ring_buffer_bytes: u32,
         containers: Option<Arc<Holding>>,
+        keeping: Option<Keeping>,
     ) -> Arc<Self> {
-        let loaded = probe::load(max_capture as u32, ring_buffer_bytes, containers.is_some()).and_then(|loaded| {
-            let root = containers.as_ref().map(|_| cgroups::v2_root()).transpose()?;
-            Ok((loaded, root))
-        });
+        let (programs, state) = keeping.map(|k| (k.programs, k.state)).unzip();
+        let loaded =
+            probe::load(max_capture as u32, ring_buffer_bytes, containers.is_some(), programs).and_then(|loaded| {
+                let root = containers.as_ref().map(|_| cgroups::v2_root()).transpose()?;
+                Ok((loaded, root))
+            });
         match loaded {
             Ok((loaded, root)) => {
                 let (tx, rx) = mpsc::channel(COMMANDS);
@@ -406,7 +427,18 @@ impl PipeSource {
                     knows_pipes: loaded.knows_pipes,
                     pids_watched: loaded.pids_watched,
                 };
-                let source = Self::with(framing, ring, max_capture, "running", None, containers, Some((maps, tx)));
+                let source = Self::with(
+                    framing,
+                    ring,
+                    max_capture,
+                    ("running", None),
+                    containers,
+                    Some((maps, tx)),
+                    state.clone(),
+                );
+                if let Some(state) = &state {
+                    source.restore(state.targets(), loaded.resumed);
+                }
                 if let Some(root) = &root {
                     source.exclude_host_and_self(root);
                 }
@@ -450,6 +482,102 @@ impl PipeSource {
                 warn!("eBPF pipe capture unavailable, volumes keep working: {reason}");
                 Self::new(framing, ring, max_capture, "unavailable", Some(reason))
             }
+        }
+    }
+
+    /// The last worker's targets again, under their slots and ids. `resumed`: the kernel's maps
+    /// are the last worker's and name them already (with the children it followed, and the
+    /// cgroups it skips); otherwise they are written again.
+    fn restore(&self, images: Vec<TargetImage>, resumed: bool) {
+        let mut st = self.lock();
+        if resumed {
+            if let Some(maps) = st.maps.as_ref() {
+                let skipped: Vec<u64> = maps
+                    .cgroups
+                    .iter()
+                    .filter_map(Result::ok)
+                    .filter(|(_, t)| *t == TARGET_EXCLUDED)
+                    .map(|(cg, _)| cg)
+                    .collect();
+                st.excluded.extend(skipped);
+            }
+        }
+        let count = images.len();
+        for image in images {
+            let who = Who {
+                service: image.service.into(),
+                module: image.module.map(Into::into),
+                tenant: image.tenant.into(),
+                container: image.container.map(Arc::new),
+                identified: image.identified,
+            };
+            let target = Arc::new(Target {
+                slot: image.slot,
+                id: image.id,
+                spec: image.spec,
+                who: Mutex::new(who),
+                counters: Arc::default(),
+                cgroups: Mutex::new(image.cgroups),
+                pipes: Mutex::new(StdPipes { pairs: image.pipes }),
+                other_pipe_bytes: AtomicU64::new(0),
+            });
+            if !resumed {
+                if let Err(e) = self.rewatch(&mut st, &target) {
+                    warn!(target = %target.id, "a kept target cannot be watched again: {e:#}");
+                    self.forget_kept(target.slot);
+                    continue;
+                }
+            }
+            st.targets.insert(target.slot, target.clone());
+            if let Some(c) = &target.spec.container {
+                st.containers.insert(c.clone(), target.slot);
+            }
+            let pairs = lock(&target.pipes).pairs.clone();
+            for [stdout, stderr] in pairs {
+                st.add_output(&target, stdout, stderr);
+            }
+        }
+        st.publish_pids_watched();
+        info!(targets = count, resumed, "the last worker's watch targets are taken over");
+    }
+
+    /// Writes a kept target into fresh maps (programs loaded anew).
+    fn rewatch(&self, st: &mut State, t: &Target) -> anyhow::Result<()> {
+        let Some(maps) = st.maps.as_mut() else { bail!("eBPF pipe capture is not running") };
+        if let Some(pid) = t.spec.pid {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                bail!("process {pid} is gone");
+            }
+            maps.pids.insert(pid, t.slot, 0).context("adding the process to the watch map")?;
+        }
+        let cgroup = t.spec.cgroup.as_deref().map(cgroups::id_of).transpose()?;
+        for cg in cgroup.into_iter().chain(lock(&t.cgroups).iter().copied()) {
+            maps.cgroups.insert(cg, t.slot, 0).context("adding the cgroup to the watch map")?;
+        }
+        Ok(())
+    }
+
+    /// The next worker is told of a target as it is now.
+    fn keep(&self, t: &Target) {
+        let Some(kept) = &self.kept else { return };
+        let who = t.who();
+        kept.target(TargetImage {
+            slot: t.slot,
+            id: t.id.clone(),
+            spec: t.spec.clone(),
+            service: who.service.to_string(),
+            module: who.module.as_deref().map(str::to_string),
+            tenant: who.tenant.to_string(),
+            container: who.container.as_deref().cloned(),
+            identified: who.identified,
+            cgroups: lock(&t.cgroups).clone(),
+            pipes: lock(&t.pipes).pairs.clone(),
+        });
+    }
+
+    fn forget_kept(&self, slot: u32) {
+        if let Some(kept) = &self.kept {
+            kept.target_gone(slot);
         }
     }
 
@@ -539,6 +667,7 @@ impl PipeSource {
         }
         let target = self.add_target(&mut st, spec.clone(), who)?;
         st.add_output(&target, stdout, stderr);
+        self.keep(&target);
         st.publish_pids_watched();
         let Some(maps) = st.maps.as_mut() else { bail!("eBPF pipe capture stopped") };
         if let Some(pid) = spec.pid {
@@ -562,9 +691,13 @@ impl PipeSource {
             .set(slot, aya::maps::PerCpuValues::try_from(vec![TargetCounters::default(); cpus])?, 0)
             .context("resetting the target's counters")?;
         maps.knows_pipes.set(slot, 0, 0).context("resetting the target's output pipes")?;
+        let n = self.next_id.fetch_add(1, Relaxed);
+        if let Some(kept) = &self.kept {
+            kept.set_target_names(&TargetNames { instance: self.instance.clone(), next: n + 1 });
+        }
         let target = Arc::new(Target {
             slot,
-            id: format!("{}-{}", self.instance, self.next_id.fetch_add(1, Relaxed)),
+            id: format!("{}-{n}", self.instance),
             spec,
             who: Mutex::new(who),
             counters: Arc::default(),
@@ -634,6 +767,7 @@ impl PipeSource {
             }
         }
         let Some(t) = st.targets.remove(&slot) else { return };
+        self.forget_kept(slot);
         st.remove_output(&t);
         if let Some(c) = &t.spec.container {
             if st.containers.get(c) == Some(&slot) {

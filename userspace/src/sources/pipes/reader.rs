@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use aya::maps::{MapData, RingBuf};
 use logtap_common::{EventHeader, CONTAINERS_TARGET, EVENT_DATA, EVENT_EXIT, EVENT_WRITE_END, HEADER_LEN};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::events::Events;
 use super::{Command, PipeSource, Target, Who};
 use crate::api::TargetSpec;
 use crate::counters::{GroupCounters, StreamCounters};
@@ -171,7 +171,7 @@ impl Reassembly {
 impl PipeSource {
     pub(super) async fn run(
         self: Arc<Self>,
-        events: RingBuf<MapData>,
+        events: Events,
         mut commands: mpsc::Receiver<Command>,
         index: Option<cgroups::Index>,
     ) -> anyhow::Result<()> {
@@ -222,6 +222,7 @@ impl PipeSource {
                         }
                     };
                     self.ring.push(std::mem::take(&mut asm.batch));
+                    events.get_mut().commit();
                     self.publish_held(&mut asm);
                     if let Some(done) = close {
                         let _ = done.send(());
@@ -295,20 +296,24 @@ impl PipeSource {
         }
     }
 
-    /// Reads every waiting event; the records go to the ring in one push.
-    fn drain(&self, events: &mut RingBuf<MapData>, asm: &mut Reassembly) {
+    /// Reads every waiting event; the records go to the ring in one push, and only then is their
+    /// space the kernel's again.
+    fn drain(&self, events: &mut Events, asm: &mut Reassembly) {
         self.read_events(events, asm);
         let batch = std::mem::take(&mut asm.batch);
         self.ring.push(batch);
+        events.commit();
     }
 
-    fn read_events(&self, events: &mut RingBuf<MapData>, asm: &mut Reassembly) {
+    fn read_events(&self, events: &mut Events, asm: &mut Reassembly) {
         asm.stamp = Stamp::now();
-        while let Some(item) = events.next() {
+        loop {
             if asm.batch.len() >= PUSH_EVERY {
                 // A long drain goes out in pieces: the sinks start on it while it is read.
                 self.ring.push(std::mem::take(&mut asm.batch));
+                events.commit();
             }
+            let Some(item) = events.next() else { break };
             let Some(header) = item.get(..HEADER_LEN) else { continue };
             // SAFETY: EventHeader is plain old data; read_unaligned copes with any alignment.
             let mut h: EventHeader = unsafe { std::ptr::read_unaligned(header.as_ptr().cast()) };
@@ -418,6 +423,7 @@ impl PipeSource {
         if let Some((stdout, stderr)) = init_pipes {
             st.add_output(&target, stdout, stderr);
         }
+        self.keep(&target);
         if let Some(maps) = st.maps.as_mut() {
             if let Err(e) = maps.cgroups.insert(cgroup, target.slot, 0) {
                 warn!(cgroup, "cannot add a container's cgroup to the watch map: {e}");
@@ -460,6 +466,7 @@ impl PipeSource {
             return;
         }
         *lock(&t.who) = who.clone();
+        self.keep(&t);
         for s in asm.streams.values_mut().filter(|s| s.target == target) {
             s.lines.origin = reorigin(&s.lines.origin, &who);
         }
