@@ -352,7 +352,18 @@ fn run_command(
     use std::sync::Arc;
 
     let me = std::process::id();
-    let post = |path: &str, body: Vec<u8>| block_on(client::call(socket, Method::POST, path, Some(body)));
+    // A call that got no answer (the agent's worker restarting) is made again, for a while.
+    let post = |path: &str, body: Vec<u8>| {
+        let since = std::time::Instant::now();
+        loop {
+            match block_on(client::call(socket, Method::POST, path, Some(body.clone()))) {
+                Err(e) if client::may_answer_later(&e) && since.elapsed() < UNANSWERED => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                answer => return answer,
+            }
+        }
+    };
     // The command's stdout and stderr are pipes made here, so that the agent knows them before
     // the command writes: writes to any other pipe (`a | b` inside the command) are not its output.
     let (out_read, out_write) = pipe().context("cannot make the command's stdout pipe")?;
@@ -413,9 +424,10 @@ fn run_command(
     let watcher = target.clone().map(|id| {
         let (socket, exited, lost) = (socket.to_path_buf(), exited.clone(), lost.clone());
         std::thread::spawn(move || {
+            let mut failing_since = None;
             while !exited.load(Ordering::Relaxed) {
                 std::thread::sleep(std::time::Duration::from_millis(250));
-                if let Some(why) = capture_stopped(&socket, &id) {
+                if let Some(why) = capture_stopped(&socket, &id, &mut failing_since) {
                     if !exited.load(Ordering::Relaxed) {
                         eprintln!("logtap run: the output is NOT captured from here on: {why}");
                         lost.store(true, Ordering::Relaxed);
@@ -457,10 +469,27 @@ fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
 
 /// Why the agent no longer captures target `id`, if it does not: the agent does not answer, or
 /// it has no such target (it was restarted).
-fn capture_stopped(socket: &std::path::Path, id: &str) -> Option<String> {
-    let asked = block_on(client::call(socket, Method::GET, &format!("/v1/targets/{id}"), None));
-    asked.err().map(|e| format!("{e:#}"))
+/// Why the capture of target `id` stopped, if it did: the agent says the target is gone, no
+/// agent listens, or it has not answered for [`UNANSWERED`] (a restarting worker's keeper holds
+/// the socket, and the next worker answers within that).
+fn capture_stopped(
+    socket: &std::path::Path,
+    id: &str,
+    failing_since: &mut Option<std::time::Instant>,
+) -> Option<String> {
+    let Err(e) = block_on(client::call(socket, Method::GET, &format!("/v1/targets/{id}"), None)) else {
+        *failing_since = None;
+        return None;
+    };
+    if !client::may_answer_later(&e) {
+        return Some(format!("{e:#}"));
+    }
+    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+    (since.elapsed() >= UNANSWERED).then(|| format!("{e:#}"))
 }
+
+/// How long `logtap run` waits for an agent that took a call and did not answer.
+const UNANSWERED: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn bytes(n: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];

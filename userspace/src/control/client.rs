@@ -2,14 +2,41 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 
 use crate::host::http::send;
 
-/// Sends one request and returns the body of a 2xx answer; any other status is an error
+/// The agent answered, with an error: unlike no answer (a worker restarting), this is its word.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: hyper::StatusCode,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Whether a failed call may be answered if made again: the agent took it and did not answer
+/// (its worker died on it; the keeper holds the socket, so the next worker answers). Not when
+/// the agent refused it, or no agent listens.
+pub fn may_answer_later(e: &anyhow::Error) -> bool {
+    if e.downcast_ref::<Refused>().is_some() {
+        return false;
+    }
+    let absent =
+        |io: &std::io::Error| matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound);
+    !e.chain().filter_map(|c| c.downcast_ref::<std::io::Error>()).any(absent)
+}
+
+/// Sends one request and returns the body of a 2xx answer; any other status is a [`Refused`]
 /// carrying the server's message.
 pub async fn call(socket: &Path, method: Method, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<Bytes> {
     let mut req = Request::builder().method(method).uri(path).header(hyper::header::HOST, "logtap");
@@ -25,7 +52,7 @@ pub async fn call(socket: &Path, method: Method, path: &str, body: Option<Vec<u8
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
             .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        bail!("{status}: {message}");
+        return Err(Refused { status, message }.into());
     }
     Ok(bytes)
 }
