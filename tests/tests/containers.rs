@@ -668,3 +668,33 @@ fn nginx_in_a_container_logs_every_request_through_dev_stdout() {
         assert_eq!(c["lost_bytes_total"], 0, "{c}");
     }
 }
+
+/// A container printing a line every 1 ms while the agent's worker is killed five times: the
+/// container's target (its cgroup in the kernel's watch map) outlives every worker, and every
+/// line arrives with the container's identity.
+#[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
+fn a_containers_output_is_captured_across_worker_kills() {
+    let Scene { _turn, agent, podman } = scene("", "");
+    let n = 4_000;
+    let body = format!("i=0; while [ $i -lt {n} ]; do echo \"k-out-$i\"; usleep 1000; i=$((i+1)); done");
+    podman.run(&["-d", "--name", "lt-kept", "-l", "logtap.service=kept", IMAGE, "sh", "-c", &body]);
+    agent.wait_lines("kept", "stdout", 1, WAIT);
+    let mut redelivered = 0;
+    for kill in 0..5 {
+        std::thread::sleep(Duration::from_millis(600));
+        let stats = agent.kill_worker();
+        assert_eq!(stats["restarts"], kill + 1);
+        redelivered += stats["last_restart"]["redelivered_records"].as_u64().unwrap_or(0);
+    }
+    assert_eq!(podman.wait("lt-kept"), 0);
+    let got = records(&agent, "kept", "stdout", n);
+    let mut seen = BTreeSet::new();
+    let firsts: Vec<String> = messages(&got).into_iter().filter(|m| seen.insert(m.clone())).collect();
+    assert_eq!(firsts, numbered("k", "out", n));
+    let twice = (got.len() - n) as u64;
+    assert!(twice <= redelivered, "{twice} lines twice, {redelivered} counted as redelivered");
+    assert!(got.iter().all(|r| r["container"]["name"] == "lt-kept"), "unnamed records");
+    let c = container(&agent, "lt-kept", |_| true);
+    assert_eq!(c["stdout"], "captured", "{c}");
+}

@@ -13,6 +13,7 @@ use logtap_e2e::{log_line, log_lines, Agent, Serving, Setup, Sink};
 use serde_json::Value;
 
 const LINE_WRITER: &str = env!("CARGO_BIN_EXE_line-writer");
+const PIPE_WRITER: &str = env!("CARGO_BIN_EXE_pipe-writer");
 const KILLS: usize = 5;
 /// Each 1 MiB writer's file.
 const BIG: usize = 8 << 20;
@@ -131,8 +132,9 @@ fn a_killed_worker_costs_the_writers_nothing(serving: Serving) {
     eprintln!("across {KILLS} kills: paced writer {}; {dups} bytes twice", out.lines().nth(1).unwrap_or(""));
 }
 
-/// `logtap upgrade` to another binary while a writer appends every 1 ms: the new worker runs
-/// that binary, the writer sees no error, and every line arrives.
+/// `logtap upgrade` to another binary while a writer appends every 1 ms and `logtap run` prints
+/// a line every 1 ms: the new worker runs that binary, the writer sees no error, the run's
+/// target stays, and every line arrives.
 fn an_upgrade_swaps_the_worker_under_a_writer(serving: Serving) {
     let agent = Agent::start(Setup { serving, ..Setup::default() });
     // A "new build": a copy of the binary under another name.
@@ -141,6 +143,7 @@ fn an_upgrade_swaps_the_worker_under_a_writer(serving: Serving) {
     let vol = agent.volume("up");
     let n = 3_000;
     let w = paced(&vol.join("app.log"), n, 80, 1);
+    let printer = Printer::start(&agent, "up-printer", 3_000);
     std::thread::sleep(Duration::from_millis(800));
     let before = agent.worker_pid();
     let out = Command::new(logtap_e2e::logtap_bin())
@@ -166,7 +169,10 @@ fn an_upgrade_swaps_the_worker_under_a_writer(serving: Serving) {
     finished(w, n);
     let got = agent.wait_lines("up", "app", n as usize, Duration::from_secs(60));
     let dups = duplicates(&got, &log_lines(0, n, 80)) * 80;
-    at_most_twice(dups, redelivered(&agent.stats()), 80, 1);
+    let stats = agent.stats();
+    at_most_twice(dups, redelivered(&stats), 80, 1);
+    printer.still_watched(&stats);
+    printer.finished(&agent, redelivered(&stats));
     // A binary that is not there is refused before the worker is touched.
     let out = Command::new(logtap_e2e::logtap_bin())
         .args(["upgrade", "--binary", "/nonexistent/logtap", "--socket"])
@@ -221,6 +227,90 @@ fn a_stalled_sink_and_a_killed_worker_lose_nothing_the_ring_held() {
     }
     let dups = duplicates(&got, &want) * 100;
     at_most_twice(dups, redelivered(&stats), 100, 1);
+}
+
+/// `logtap run --service SERVICE` of a printer: `n` lines of 100 bytes, one every 1 ms.
+struct Printer {
+    run: Child,
+    service: &'static str,
+    n: u64,
+    /// Its target's id.
+    id: Value,
+}
+
+impl Printer {
+    fn start(agent: &Agent, service: &'static str, n: u64) -> Printer {
+        let mut run = Command::new(logtap_e2e::logtap_bin())
+            .args(["run", "--service", service, "--socket"])
+            .arg(&agent.socket)
+            // 100-byte lines at 100 kB/s.
+            .args(["--", PIPE_WRITER, "paced", &n.to_string(), "100", "100000", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("logtap run");
+        for _ in 0..500 {
+            if let Some(t) = Self::live(&agent.stats(), service) {
+                return Printer { run, service, n, id: t["id"].clone() };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = run.kill();
+        let _ = run.wait();
+        panic!("no target for logtap run --service {service}");
+    }
+
+    fn live(stats: &Value, service: &str) -> Option<Value> {
+        let targets = stats["pipes"]["targets"].as_array()?;
+        targets.iter().find(|t| t["service"] == service && t["ended"] == false).cloned()
+    }
+
+    /// The target is there, under the same id, in the stats of a new worker.
+    fn still_watched(&self, stats: &Value) {
+        assert_eq!(stats["pipes"]["status"], "running", "{}", stats["pipes"]);
+        let t = Self::live(stats, self.service).unwrap_or_else(|| panic!("no target {}: {}", self.id, stats["pipes"]));
+        assert_eq!(t["id"], self.id, "the target keeps its id");
+    }
+
+    /// Waits for the run to end: it never said the capture stopped, passed every line through,
+    /// and unwatched its target; every line arrived, at most `redelivered` of them twice.
+    fn finished(self, agent: &Agent, redelivered: u64) {
+        let out = self.run.wait_with_output().expect("logtap run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "logtap run failed: {stderr}");
+        assert!(!stderr.contains("NOT captured"), "logtap run says the capture stopped: {stderr}");
+        let want: Vec<u8> = (0..self.n).flat_map(|i| format!("{i:08}{}\n", "x".repeat(91)).into_bytes()).collect();
+        assert!(out.stdout == want, "logtap run passed {} bytes of {} through", out.stdout.len(), want.len());
+        let got = agent.wait_lines(self.service, "stdout", self.n as usize, Duration::from_secs(60));
+        let dups = duplicates(&got, &want);
+        assert!(dups as u64 <= redelivered, "{dups} lines twice, {redelivered} counted as redelivered");
+        let s = agent.stats();
+        let targets = s["pipes"]["targets"].as_array().expect("targets");
+        let t =
+            targets.iter().find(|t| t["id"] == self.id).unwrap_or_else(|| panic!("target {}: {}", self.id, s["pipes"]));
+        assert_eq!(t["ended"], true, "the run unwatched its target through the last worker");
+        assert_eq!(t["lost_events_total"], 0, "{t}");
+    }
+}
+
+/// `logtap run` printing a line every 1 ms while the worker is killed five times: the eBPF
+/// programs stay attached and capture into the BPF ring buffer while no worker runs, the
+/// target and its id survive every restart, `logtap run` never says the output is lost, and
+/// every line arrives.
+#[test]
+#[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
+fn a_killed_worker_keeps_capturing_logtap_run() {
+    let agent = Agent::start(Setup::default());
+    let printer = Printer::start(&agent, "printer", 5_000);
+    let mut again = 0;
+    for kill in 0..KILLS {
+        std::thread::sleep(Duration::from_millis(600));
+        let stats = agent.kill_worker();
+        assert_eq!(stats["restarts"], kill as u64 + 1);
+        printer.still_watched(&stats);
+        again += redelivered(&stats);
+    }
+    printer.finished(&agent, again);
 }
 
 logtap_e2e::suite!(passthrough: Passthrough, requests: Requests;

@@ -21,7 +21,8 @@
 //!   (`LOGTAP_BASELINE_BIN`, if set) beside this one.
 //!
 //! - restart: a writer appending every 1 ms while the worker is killed 5 times, against no
-//!   restart: write() latency, restart gaps, redelivered and lost lines.
+//!   restart: write() latency, restart gaps, redelivered and lost lines; the same for a
+//!   `logtap run` printer on a pipe.
 //!
 //! Options: `--only volumes|pipes|kafka|containers|identity|stdout|ring|restart`, `--serving passthrough|requests|writeback`
 //! (volumes: one way of serving files), `--lines N` (default 1000000), `--dd-mib N`
@@ -272,6 +273,57 @@ fn restart() {
     }
     table(
         "| serving | kill -9 of the worker | write errors | write() p50 / p99 / max (us) | restart gap p50 / max (ms) | redelivered records | lines lost | lines twice |",
+        &rows,
+    );
+    restart_pipes();
+}
+
+/// `logtap run` of a printer writing a 100-byte line to its stdout pipe every 1 ms, with no
+/// restart and with the worker killed 5 times: lines lost and twice, and whether the run ever
+/// said its capture stopped.
+fn restart_pipes() {
+    let mut rows = Vec::new();
+    let pipe_writer = std::env::current_exe().expect("own path").with_file_name("pipe-writer");
+    for kills in [0usize, 5] {
+        let agent = Agent::start(Setup::default());
+        let n = 6000u64;
+        let run = Command::new(logtap_e2e::logtap_bin())
+            .args(["run", "--service", "printer", "--socket"])
+            .arg(&agent.socket)
+            .arg("--")
+            .arg(&pipe_writer)
+            .args(["paced", &n.to_string(), "100", "100000", "0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("logtap run");
+        let (mut gaps, mut again) = (Vec::new(), 0);
+        std::thread::sleep(Duration::from_millis(200));
+        for _ in 0..kills {
+            std::thread::sleep(Duration::from_millis(1000));
+            let s = agent.kill_worker();
+            gaps.push(s["last_restart"]["gap_ms"].as_f64().unwrap_or(0.0));
+            again += s["last_restart"]["redelivered_records"].as_u64().unwrap_or(0);
+        }
+        let out = run.wait_with_output().expect("logtap run");
+        let stopped = String::from_utf8_lossy(&out.stderr).contains("NOT captured");
+        let got = agent.wait_lines("printer", "stdout", n as usize, Duration::from_secs(60));
+        let distinct: std::collections::HashSet<&Vec<u8>> = got.iter().collect();
+        gaps.sort_by(f64::total_cmp);
+        let gap = if gaps.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.1} / {:.1}", gaps[gaps.len() / 2], gaps[gaps.len() - 1])
+        };
+        rows.push(format!(
+            "| logtap run, 1 line/ms | {kills} | {} | {gap} | {again} | {} | {} |",
+            if stopped { "yes" } else { "no" },
+            n as usize - distinct.len(),
+            got.len() - distinct.len(),
+        ));
+    }
+    table(
+        "| pipe | kill -9 of the worker | run said NOT captured | restart gap p50 / max (ms) | redelivered records | lines lost | lines twice |",
         &rows,
     );
 }
