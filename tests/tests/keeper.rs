@@ -132,47 +132,66 @@ fn a_killed_worker_costs_the_writers_nothing(serving: Serving) {
     eprintln!("across {KILLS} kills: paced writer {}; {dups} bytes twice", out.lines().nth(1).unwrap_or(""));
 }
 
-/// `logtap upgrade` to another binary while a writer appends every 1 ms and `logtap run` prints
-/// a line every 1 ms: the new worker runs that binary, the writer sees no error, the run's
-/// target stays, and every line arrives.
-fn an_upgrade_swaps_the_worker_under_a_writer(serving: Serving) {
-    let agent = Agent::start(Setup { serving, ..Setup::default() });
-    // A "new build": a copy of the binary under another name.
-    let next = agent.dir.path().join("logtap-next");
-    std::fs::copy(logtap_e2e::logtap_bin(), &next).expect("copy the binary");
-    let vol = agent.volume("up");
-    let n = 3_000;
-    let w = paced(&vol.join("app.log"), n, 80, 1);
-    let printer = Printer::start(&agent, "up-printer", 3_000);
-    std::thread::sleep(Duration::from_millis(800));
+/// `logtap upgrade --binary BINARY [--keeper]`; returns the pid of the new worker once it serves.
+fn upgrade(agent: &Agent, binary: &std::path::Path, keeper: bool) -> i32 {
     let before = agent.worker_pid();
-    let out = Command::new(logtap_e2e::logtap_bin())
-        .args(["upgrade", "--binary", next.to_str().unwrap(), "--socket"])
-        .arg(agent.dir.path().join("logtap.sock"))
-        .output()
-        .expect("logtap upgrade");
+    let mut cmd = Command::new(logtap_e2e::logtap_bin());
+    cmd.args(["upgrade", "--binary", binary.to_str().unwrap(), "--socket"]).arg(&agent.socket);
+    if keeper {
+        cmd.arg("--keeper");
+    }
+    let out = cmd.output().expect("logtap upgrade");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut pid = before;
     for _ in 0..500 {
         if let Ok(body) = agent.get("/v1/stats") {
             let s: Value = serde_json::from_slice(&body).unwrap();
-            pid = s["worker_pid"].as_i64().unwrap_or(0) as i32;
-            if pid != before {
-                break;
+            let pid = s["worker_pid"].as_i64().unwrap_or(0) as i32;
+            if pid != before && pid != 0 {
+                return pid;
             }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_ne!(pid, before, "a new worker serves");
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
-    assert_eq!(exe, next, "the new worker runs the new binary");
+    panic!("no new worker serves after the upgrade to {}", binary.display());
+}
+
+/// `logtap upgrade` to another binary, then `logtap upgrade --keeper` to a third, while a
+/// writer appends every 1 ms and `logtap run` prints a line every 1 ms: the new worker runs that
+/// binary, the keeper re-executes itself under its pid, the writer sees no error, the run's
+/// target stays, and every line arrives.
+fn an_upgrade_swaps_the_worker_under_a_writer(serving: Serving) {
+    let agent = Agent::start(Setup { serving, ..Setup::default() });
+    // "New builds": copies of the binary under other names.
+    let next = agent.dir.path().join("logtap-next");
+    let last = agent.dir.path().join("logtap-last");
+    for b in [&next, &last] {
+        std::fs::copy(logtap_e2e::logtap_bin(), b).expect("copy the binary");
+    }
+    let vol = agent.volume("up");
+    let n = 4_000;
+    let w = paced(&vol.join("app.log"), n, 80, 1);
+    let printer = Printer::start(&agent, "up-printer", 4_000);
+    std::thread::sleep(Duration::from_millis(800));
+    let pid = upgrade(&agent, &next, false);
+    let exe = |pid: i32| std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe(pid), next, "the new worker runs the new binary");
+    assert_eq!(exe(agent.pid()), logtap_e2e::logtap_bin(), "the keeper stays");
+    let again = redelivered(&agent.stats());
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = upgrade(&agent, &last, true);
+    assert_eq!(exe(pid), last, "the new worker runs the last binary");
+    assert_eq!(exe(agent.pid()), last, "the keeper re-executed itself into it");
+    let stats = agent.stats();
+    assert_eq!(stats["keeper_pid"], agent.pid(), "under its own pid");
+    assert_eq!(stats["restarts"], 2);
     finished(w, n);
     let got = agent.wait_lines("up", "app", n as usize, Duration::from_secs(60));
     let dups = duplicates(&got, &log_lines(0, n, 80)) * 80;
     let stats = agent.stats();
-    at_most_twice(dups, redelivered(&stats), 80, 1);
+    let again = again + redelivered(&stats);
+    at_most_twice(dups, again, 80, 2);
     printer.still_watched(&stats);
-    printer.finished(&agent, redelivered(&stats));
+    printer.finished(&agent, again);
     // A binary that is not there is refused before the worker is touched.
     let out = Command::new(logtap_e2e::logtap_bin())
         .args(["upgrade", "--binary", "/nonexistent/logtap", "--socket"])
@@ -181,6 +200,10 @@ fn an_upgrade_swaps_the_worker_under_a_writer(serving: Serving) {
         .unwrap();
     assert!(!out.status.success());
     assert_eq!(agent.worker_pid(), pid);
+    // The re-executed keeper stops as the first one would: SIGTERM, drain, unmount, status 0.
+    let mut agent = agent;
+    assert_eq!(agent.stop().code(), Some(0));
+    assert!(!std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(agent.mount.to_str().unwrap()));
 }
 
 /// A sink that cannot write (its pipe is not read) holds records in the ring; the worker is

@@ -85,10 +85,13 @@ pub struct RestartSnapshot {
     pub redelivered_records: u64,
 }
 
-/// What `logtap upgrade` asks for: the binary the next worker runs.
+/// What `logtap upgrade` asks for: the binary the next worker runs, and whether the keeper
+/// re-executes itself into it too.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 pub struct UpgradeSpec {
     pub binary: String,
+    #[serde(default)]
+    pub keeper: bool,
 }
 
 /// What `logtap volume create` asks for.

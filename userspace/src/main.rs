@@ -46,6 +46,10 @@ enum Command {
         /// The binary the next worker runs (default: this one).
         #[arg(long)]
         binary: Option<PathBuf>,
+        /// The keeper too re-executes itself into the binary (same pid; it passes on all it
+        /// holds). A keeper binary that then fails to start takes the mount with it.
+        #[arg(long)]
+        keeper: bool,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -238,15 +242,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker { config } => {
             logtap::daemon::run(load_config(config)?, logtap::keeper::client::KeeperLink::from_env())
         }
-        Command::Upgrade { binary, socket } => {
+        Command::Upgrade { binary, keeper, socket } => {
             let binary = match binary {
                 Some(b) => b,
                 None => std::env::current_exe().context("cannot find this binary")?,
             };
             let binary = binary.canonicalize().with_context(|| format!("{}", binary.display()))?;
-            let body = serde_json::json!({ "binary": binary.to_string_lossy() }).to_string();
+            let body = serde_json::json!({ "binary": binary.to_string_lossy(), "keeper": keeper }).to_string();
             block_on(client::call(&socket.socket, Method::POST, "/v1/upgrade", Some(body.into_bytes())))?;
-            println!("upgrading to {}", binary.display());
+            let what = if keeper { "the keeper and the worker" } else { "the worker" };
+            println!("upgrading {what} to {}", binary.display());
             Ok(())
         }
         Command::Config { command: ConfigCommand::Default } => {

@@ -240,14 +240,14 @@ fn upgrade(control: &Control, spec: &UpgradeSpec) -> Response<Full<Bytes>> {
         return error(StatusCode::BAD_REQUEST, format!("{}: not an absolute path to a file", spec.binary));
     }
     // The keeper stops this worker at once: the answer goes out first.
-    let (keeper, binary) = (keeper.clone(), spec.binary.clone());
+    let (keeper, binary, itself) = (keeper.clone(), spec.binary.clone(), spec.keeper);
     tokio::spawn(async move {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        if let Err(e) = keeper.upgrade(&binary) {
+        if let Err(e) = keeper.upgrade(&binary, itself) {
             warn!("cannot reach the keeper for the upgrade: {e}");
         }
     });
-    json(StatusCode::ACCEPTED, &serde_json::json!({ "binary": spec.binary }))
+    json(StatusCode::ACCEPTED, &serde_json::json!({ "binary": spec.binary, "keeper": spec.keeper }))
 }
 
 /// A JSON request body (`{}` when empty), or the error text.

@@ -54,8 +54,8 @@ impl KeeperLink {
         wire::send(self.socket.as_fd(), &Message::Serving, None)
     }
 
-    pub fn upgrade(&self, binary: &str) -> io::Result<()> {
-        wire::send(self.socket.as_fd(), &Message::Upgrade { binary: binary.into() }, None)
+    pub fn upgrade(&self, binary: &str, keeper: bool) -> io::Result<()> {
+        wire::send(self.socket.as_fd(), &Message::Upgrade { binary: binary.into(), keeper }, None)
     }
 }
 

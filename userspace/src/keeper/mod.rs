@@ -5,13 +5,14 @@
 //! next one at once and hands it all; the mount stays mounted, and its requests wait in the
 //! kernel meanwhile. SIGTERM/SIGINT go to the worker, which drains and unmounts as it always
 //! did; the keeper then exits with its status. If the keeper itself is killed, everything it
-//! held goes, the mount too.
+//! held goes, the mount too. `logtap upgrade --keeper` has it re-execute itself into a new
+//! binary between two workers, passing its fds on through exec.
 
 pub mod client;
 pub mod wire;
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
@@ -36,7 +37,68 @@ const MAX_PAUSE: Duration = Duration::from_secs(5);
 struct Held {
     fds: HashMap<String, OwnedFd>,
     /// `logtap upgrade` asked for this binary as the next worker.
-    upgrade: Option<PathBuf>,
+    upgrade: Option<Upgrade>,
+}
+
+struct Upgrade {
+    binary: PathBuf,
+    /// The keeper re-executes itself into it first.
+    keeper: bool,
+}
+
+/// What a keeper passes on to the binary it re-executes itself into: its fds by name, and the
+/// handover for the next worker.
+const HELD_ENV: &str = "LOGTAP_KEEPER_HELD";
+const HANDOVER_ENV: &str = "LOGTAP_KEEPER_HANDOVER";
+
+/// Replaces this process with `binary` as the keeper (same pid, so the workers' parent and
+/// systemd's main pid stay), passing on what it holds. Returns only if exec failed.
+fn reexec(binary: &Path, held: &Mutex<Held>, handover: &Handover) -> anyhow::Error {
+    let h = lock(held);
+    let mut fds = HashMap::new();
+    for (name, fd) in &h.fds {
+        // SAFETY: clearing close-on-exec of an fd we hold.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) };
+        fds.insert(name.clone(), fd.as_raw_fd());
+    }
+    let (held_json, handover_json) = match (serde_json::to_string(&fds), serde_json::to_string(handover)) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => return anyhow::anyhow!("cannot describe what the keeper holds"),
+    };
+    let e = Command::new(binary)
+        .args(std::env::args_os().skip(1))
+        .env(HELD_ENV, held_json)
+        .env(HANDOVER_ENV, handover_json)
+        .exec();
+    for fd in h.fds.values() {
+        // SAFETY: setting close-on-exec again on an fd we hold.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    anyhow::Error::new(e).context(format!("cannot re-execute the keeper as {}", binary.display()))
+}
+
+/// What the keeper this process was before it re-executed passed on, if it was one.
+fn inherited() -> anyhow::Result<Option<(HashMap<String, OwnedFd>, Handover)>> {
+    let (Some(held), Some(handover)) = (std::env::var_os(HELD_ENV), std::env::var_os(HANDOVER_ENV)) else {
+        return Ok(None);
+    };
+    // Not for the workers.
+    std::env::remove_var(HELD_ENV);
+    std::env::remove_var(HANDOVER_ENV);
+    let held: HashMap<String, i32> =
+        serde_json::from_str(&held.to_string_lossy()).context("what the last keeper passed on")?;
+    let handover: Handover =
+        serde_json::from_str(&handover.to_string_lossy()).context("what the last keeper passed on")?;
+    let mut fds = HashMap::new();
+    for (name, fd) in held {
+        // SAFETY: fcntl on a number: fails on anything that is not an open fd.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+            anyhow::bail!("the last keeper passed on {name} as fd {fd}, which is not open");
+        }
+        // SAFETY: an open fd the last keeper passed on to us alone.
+        fds.insert(name, unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    Ok(Some((fds, handover)))
 }
 
 fn signals() -> libc::sigset_t {
@@ -85,9 +147,9 @@ fn serve(socket: OwnedFd, held: Arc<Mutex<Held>>, handover: Handover, pid: u32) 
             Message::Release { name } => {
                 lock(&held).fds.remove(&name);
             }
-            Message::Upgrade { binary } => {
-                info!(binary, "upgrade: the next worker runs this binary");
-                lock(&held).upgrade = Some(binary.into());
+            Message::Upgrade { binary, keeper } => {
+                info!(binary, keeper, "upgrade: the next worker runs this binary");
+                lock(&held).upgrade = Some(Upgrade { binary: binary.into(), keeper });
                 // SAFETY: signalling our own child.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
@@ -131,9 +193,13 @@ pub fn run(args: Vec<String>, mount: PathBuf) -> anyhow::Result<i32> {
     let set = signals();
     // SAFETY: blocking signals for this thread (and those it starts); they are taken below.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    let held = Arc::new(Mutex::new(Held::default()));
+    let (fds, mut handover) = inherited()?.unwrap_or_default();
+    if !fds.is_empty() {
+        info!(kept = fds.len(), restarts = handover.restarts, "the keeper re-executed itself; it holds what it did");
+    }
+    handover.keeper_pid = std::process::id();
+    let held = Arc::new(Mutex::new(Held { fds, upgrade: None }));
     let mut binary = std::env::current_exe().context("the keeper cannot find its own binary")?;
-    let mut handover = Handover { keeper_pid: std::process::id(), ..Default::default() };
     let mut pause = Duration::from_millis(100);
     let mut stopping = false;
     let mut last_good = binary.clone();
@@ -175,11 +241,6 @@ pub fn run(args: Vec<String>, mount: PathBuf) -> anyhow::Result<i32> {
             error!(binary = %worker.binary.display(), "the upgraded worker did not start; going back to the previous binary");
             binary = last_good.clone();
         }
-        if let Some(next) = upgrade {
-            binary = next;
-        } else {
-            warn!(%exit, "worker exited; starting the next one");
-        }
         if !started {
             std::thread::sleep(pause);
             pause = (pause * 2).min(MAX_PAUSE);
@@ -188,7 +249,16 @@ pub fn run(args: Vec<String>, mount: PathBuf) -> anyhow::Result<i32> {
         }
         handover.restarts += 1;
         handover.exited_at_ns = now_ns();
-        handover.exit = exit;
+        handover.exit = exit.clone();
+        match upgrade {
+            Some(Upgrade { binary: next, keeper: true }) => {
+                info!(binary = %next.display(), "the keeper re-executes itself");
+                error!("{:#}; the next worker runs it, this keeper stays", reexec(&next, &held, &handover));
+                binary = next;
+            }
+            Some(Upgrade { binary: next, keeper: false }) => binary = next,
+            None => warn!(%exit, "worker exited; starting the next one"),
+        }
     }
 }
 

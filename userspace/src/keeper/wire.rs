@@ -25,8 +25,13 @@ pub enum Message {
     /// Worker: everything is up (the mount served, the control socket bound). A worker that
     /// exits before saying so did not start.
     Serving,
-    /// Worker: start `binary` as the next worker and stop this one.
-    Upgrade { binary: String },
+    /// Worker: start `binary` as the next worker and stop this one; with `keeper`, the keeper
+    /// first re-executes itself into it.
+    Upgrade {
+        binary: String,
+        #[serde(default)]
+        keeper: bool,
+    },
 }
 
 /// What the keeper tells a worker it starts.
