@@ -74,10 +74,13 @@ struct Keeping {
 }
 
 impl Keeping {
-    fn keep(&self, name: &str, fd: BorrowedFd<'_>) {
-        if let Err(e) = self.link.keep(name, fd) {
+    /// Whether the keeper took it.
+    fn keep(&self, name: &str, fd: BorrowedFd<'_>) -> bool {
+        let kept = self.link.keep(name, fd);
+        if let Err(e) = &kept {
             warn!(name, "the keeper did not take what a restart needs: {e}");
         }
+        kept.is_ok()
     }
 
     /// The journal kept under `name`, or a fresh one the keeper keeps from now on.
@@ -156,12 +159,14 @@ pub fn run(config: Config, link: Option<KeeperLink>) -> anyhow::Result<()> {
     let mut carried = (0, 0);
     if let (Some(k), Some(state)) = (&mut keeping, &state) {
         if let Some(old) = k.fds.remove(RING) {
-            match ring.take_over(old.as_fd(), &state.streams()) {
+            match ring.take_over(old.as_fd(), state) {
                 Ok(c) => carried = c,
                 Err(e) => error!("cannot read the last worker's ring; what it held is lost: {e}"),
             }
         }
-        k.keep(RING, ring.memfd());
+        if k.keep(RING, ring.memfd()) {
+            state.only_ring(ring.generation());
+        }
     }
     let framing = Framing {
         host: host.as_str().into(),

@@ -103,18 +103,35 @@ pub struct TargetNames {
 #[serde(rename_all = "snake_case")]
 enum Entry {
     Init(Vec<u8>),
-    Stream { id: u32, origin: OriginImage },
-    StreamGone { id: u32 },
+    /// `ring`: the generation of the ring the slot is of (0: written before generations).
+    Stream {
+        #[serde(default)]
+        ring: u64,
+        id: u32,
+        origin: OriginImage,
+    },
+    StreamGone {
+        #[serde(default)]
+        ring: u64,
+        id: u32,
+    },
+    /// Only this ring's origins are needed from here on: it is the one kept.
+    OnlyRing {
+        ring: u64,
+    },
     Volume(VolumeSpec),
     Names(TargetNames),
     Target(TargetImage),
-    TargetGone { slot: u32 },
+    TargetGone {
+        slot: u32,
+    },
 }
 
 #[derive(Default)]
 struct Live {
     init: Vec<u8>,
-    streams: HashMap<u32, OriginImage>,
+    /// Per ring generation and slot.
+    streams: HashMap<(u64, u32), OriginImage>,
     volumes: BTreeMap<String, VolumeSpec>,
     names: Option<TargetNames>,
     targets: BTreeMap<u32, TargetImage>,
@@ -165,17 +182,25 @@ impl WorkerState {
         self.put(Entry::Init(init.to_vec()));
     }
 
-    /// The ring's stream slot `id` now holds `origin`'s records.
-    pub fn stream(&self, id: u32, origin: &Origin) {
-        self.put(Entry::Stream { id, origin: OriginImage::of(origin) });
+    /// Stream slot `id` of ring generation `ring` now holds `origin`'s records.
+    pub fn stream(&self, ring: u64, id: u32, origin: &Origin) {
+        self.put(Entry::Stream { ring, id, origin: OriginImage::of(origin) });
     }
 
-    pub fn stream_gone(&self, id: u32) {
-        self.put(Entry::StreamGone { id });
+    pub fn stream_gone(&self, ring: u64, id: u32) {
+        self.put(Entry::StreamGone { ring, id });
     }
 
-    pub fn streams(&self) -> HashMap<u32, OriginImage> {
-        lock(&self.live).streams.clone()
+    /// The origins of ring generation `ring`'s slots. Two rings' are kept while a worker takes
+    /// over the last one's: until the keeper holds the new ring, the old one is the kept one.
+    pub fn streams(&self, ring: u64) -> HashMap<u32, OriginImage> {
+        let live = lock(&self.live);
+        live.streams.iter().filter(|((r, _), _)| *r == ring).map(|((_, id), o)| (*id, o.clone())).collect()
+    }
+
+    /// The keeper holds ring generation `ring` now: the others' origins go.
+    pub fn only_ring(&self, ring: u64) {
+        self.put(Entry::OnlyRing { ring });
     }
 
     pub fn volume(&self, spec: &VolumeSpec) {
@@ -212,12 +237,13 @@ impl Live {
     fn apply(&mut self, e: Entry) {
         match e {
             Entry::Init(b) => self.init = b,
-            Entry::Stream { id, origin } => {
-                self.streams.insert(id, origin);
+            Entry::Stream { ring, id, origin } => {
+                self.streams.insert((ring, id), origin);
             }
-            Entry::StreamGone { id } => {
-                self.streams.remove(&id);
+            Entry::StreamGone { ring, id } => {
+                self.streams.remove(&(ring, id));
             }
+            Entry::OnlyRing { ring } => self.streams.retain(|(r, _), _| *r == ring),
             Entry::Volume(spec) => {
                 self.volumes.insert(spec.name.clone(), spec);
             }
@@ -233,7 +259,7 @@ impl Live {
 
     fn image(&self) -> Vec<Entry> {
         let mut out = vec![Entry::Init(self.init.clone())];
-        out.extend(self.streams.iter().map(|(&id, origin)| Entry::Stream { id, origin: origin.clone() }));
+        out.extend(self.streams.iter().map(|(&(ring, id), origin)| Entry::Stream { ring, id, origin: origin.clone() }));
         out.extend(self.volumes.values().cloned().map(Entry::Volume));
         out.extend(self.names.clone().map(Entry::Names));
         out.extend(self.targets.values().cloned().map(Entry::Target));
@@ -252,10 +278,13 @@ mod tests {
         state.set_init(b"init");
         let origin = crate::record::tests::origin("app.log");
         for id in 0..20_000 {
-            state.stream(id % 50, &origin);
-            state.stream_gone(id % 50);
+            state.stream(7, id % 50, &origin);
+            state.stream_gone(7, id % 50);
         }
-        state.stream(3, &origin);
+        state.stream(7, 3, &origin);
+        // A worker taking over: the old ring's origins and the new one's side by side, until the
+        // keeper holds the new ring.
+        state.stream(8, 3, &crate::record::tests::origin("other.log"));
         state.volume(&VolumeSpec { name: "web".into(), ..Default::default() });
         let target = |slot| TargetImage {
             slot,
@@ -281,8 +310,12 @@ mod tests {
         // SAFETY: a fresh fd.
         let again = WorkerState::open(Journal::open(unsafe { std::fs::File::from_raw_fd(fd) }).unwrap()).unwrap();
         assert_eq!(again.init(), b"init");
-        assert_eq!(again.streams().len(), 1);
-        assert_eq!(again.streams()[&3], OriginImage::of(&origin));
+        assert_eq!(again.streams(7).len(), 1);
+        assert_eq!(again.streams(7)[&3], OriginImage::of(&origin));
+        assert_eq!(again.streams(8)[&3].path, "other.log");
+        again.only_ring(8);
+        assert!(again.streams(7).is_empty());
+        assert_eq!(again.streams(8).len(), 1);
         assert_eq!(again.volumes()[0].name, "web");
         assert_eq!(again.targets(), vec![target(2)]);
         assert_eq!(again.target_names(), Some(TargetNames { instance: "abc".into(), next: 5_001 }));

@@ -10,6 +10,18 @@ use serde::Deserialize;
 
 /// Locks `m`; a thread that panicked while holding it leaves data that is still consistent
 /// enough to count and serve (every critical section here is a plain update).
+/// 64 random bits (getrandom; the clock if the pool cannot answer, which it does once ready).
+pub fn random_u64() -> u64 {
+    let mut bits = [0u8; 8];
+    // SAFETY: the buffer is valid for its length.
+    let got = unsafe { libc::getrandom(bits.as_mut_ptr().cast(), bits.len(), 0) };
+    if got != bits.len() as isize {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return nanos.as_nanos() as u64;
+    }
+    u64::from_le_bytes(bits)
+}
+
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -248,8 +248,8 @@ impl Ring {
         Self::keeping(capacity, policy, block_timeout, rates, None)
     }
 
-    /// A ring whose streams' origins are kept in `state`, so that another worker can deliver
-    /// what it holds.
+    /// A ring whose streams' origins are kept in `state` (under its generation), so that another
+    /// worker can deliver what it holds.
     pub fn keeping(
         capacity: usize,
         policy: Policy,
@@ -257,14 +257,15 @@ impl Ring {
         rates: Rates,
         state: Option<Arc<WorkerState>>,
     ) -> io::Result<Self> {
-        let region = Region::new(capacity)?;
+        let generation = crate::values::random_u64();
+        let region = Region::new(capacity, generation)?;
         Ok(Self {
             region,
             state: Mutex::new(State {
                 head: Mark::default(),
                 tail: Mark::default(),
                 readers: Vec::new(),
-                owners: Owners::new(rates, state),
+                owners: Owners::new(rates, state.map(|s| (s, generation))),
                 closed: false,
                 stop_waiting_at: None,
                 pushed_records: 0,
@@ -286,6 +287,11 @@ impl Ring {
 
     pub fn capacity(&self) -> usize {
         self.region.capacity()
+    }
+
+    /// The number this ring's stream origins are kept under.
+    pub fn generation(&self) -> u64 {
+        self.region.generation()
     }
 
     /// The memfd holding the ring, for a process that maps it (see [`region::View`]).
@@ -629,11 +635,12 @@ impl Ring {
     }
 
     /// Pushes what an earlier worker's ring (its memfd `old`) still held for some sink: every
-    /// record from the lowest acknowledged position on, with its stream's kept origin. Returns
-    /// the records pushed and those of them some sink had already been handed (delivered
-    /// again now: at least once).
-    pub fn take_over(&self, old: BorrowedFd<'_>, origins: &HashMap<u32, OriginImage>) -> io::Result<(u64, u64)> {
+    /// record from the lowest acknowledged position on, with its stream's origin as `state`
+    /// kept it for that ring's generation. Returns the records pushed and those of them some
+    /// sink had already been handed (delivered again now: at least once).
+    pub fn take_over(&self, old: BorrowedFd<'_>, state: &WorkerState) -> io::Result<(u64, u64)> {
         let view = region::View::open(old)?;
+        let origins = state.streams(view.generation());
         let readers = view.readers();
         let from = readers.iter().map(|r| r.acked).min().unwrap_or(view.tail());
         let handed = readers.iter().map(|r| r.next).max().unwrap_or(from);

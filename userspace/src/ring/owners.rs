@@ -108,12 +108,13 @@ pub struct Owners {
     by_tenant: HashMap<Arc<str>, u32>,
     /// Live streams after the last sweep: the next one is due when there are twice as many.
     swept: usize,
-    /// Where each slot's origin is kept for a worker taking over the ring.
-    state: Option<Arc<WorkerState>>,
+    /// Where each slot's origin is kept for a worker taking over the ring, and the ring's
+    /// generation.
+    state: Option<(Arc<WorkerState>, u64)>,
 }
 
 impl Owners {
-    pub fn new(rates: Rates, state: Option<Arc<WorkerState>>) -> Self {
+    pub fn new(rates: Rates, state: Option<(Arc<WorkerState>, u64)>) -> Self {
         Self {
             rates,
             streams: Vec::new(),
@@ -158,8 +159,8 @@ impl Owners {
         let entry = Stream { origin: origin.clone(), read, source, tenant, last: 0 };
         let id = place(&mut self.streams, &mut self.free, entry);
         self.by_origin.insert(addr, id);
-        if let Some(state) = &self.state {
-            state.stream(id, origin);
+        if let Some((state, ring)) = &self.state {
+            state.stream(*ring, id, origin);
         }
         id
     }
@@ -196,8 +197,8 @@ impl Owners {
             let Some(s) = self.streams[id].take() else { continue };
             self.by_origin.remove(&(Arc::as_ptr(&s.origin) as usize));
             self.free.push(id as u32);
-            if let Some(state) = &self.state {
-                state.stream_gone(id as u32);
+            if let Some((state, ring)) = &self.state {
+                state.stream_gone(*ring, id as u32);
             }
             let slot = &mut self.sources[s.source as usize];
             if let Some(src) = slot {

@@ -103,7 +103,11 @@ struct Slot {
     acked: AtomicU64,
 }
 
-const _: () = assert!(std::mem::size_of::<Shared>() <= PAGE);
+const _: () = assert!(std::mem::size_of::<Shared>() + 8 <= PAGE);
+
+/// Where the shared page holds the ring's generation: a number each ring gets at birth, under
+/// which the worker state keeps its streams' origins (0 in a ring from before generations).
+const GENERATION_AT: usize = PAGE - 8;
 
 pub struct Region {
     fd: OwnedFd,
@@ -126,7 +130,7 @@ fn check(ret: libc::c_int, what: &str) -> io::Result<()> {
 
 impl Region {
     /// A region for at least `capacity` bytes of records (rounded up to whole pages).
-    pub fn new(capacity: usize) -> io::Result<Self> {
+    pub fn new(capacity: usize, generation: u64) -> io::Result<Self> {
         let capacity = capacity.max(PAGE).next_multiple_of(PAGE);
         // SAFETY: a valid C string; the fd is ours from here.
         let fd = unsafe { libc::memfd_create(c"logtap-ring".as_ptr(), libc::MFD_CLOEXEC) };
@@ -142,8 +146,14 @@ impl Region {
             let p = region.base.as_ptr().cast::<u64>();
             p.write(MAGIC);
             p.add(1).write(capacity as u64);
+            region.base.as_ptr().add(GENERATION_AT).cast::<u64>().write(generation);
         }
         Ok(region)
+    }
+
+    pub fn generation(&self) -> u64 {
+        // SAFETY: the shared page is mapped for the region's life; the word is written once.
+        unsafe { self.base.as_ptr().add(GENERATION_AT).cast::<u64>().read() }
     }
 
     pub fn capacity(&self) -> usize {
@@ -297,6 +307,10 @@ impl View {
 
     pub fn head(&self) -> u64 {
         self.region.shared().head.load(Relaxed)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.region.generation()
     }
 
     pub fn tail(&self) -> u64 {

@@ -337,11 +337,17 @@ fn a_new_worker_delivers_what_the_old_ring_held_with_its_origins() {
     // Two more handed out, never acknowledged: the worker dies with them in flight.
     ring.try_read(r, 2, 1 << 20).unwrap();
 
-    let next = Ring::new(1 << 20, Policy::Block, Duration::from_secs(1), Rates::default()).unwrap();
+    // The next worker's ring keeps its origins in the same state, under its own generation: a
+    // worker killed before the keeper holds it leaves the old ring readable as it was.
+    let next =
+        Ring::keeping(1 << 20, Policy::Block, Duration::from_secs(1), Rates::default(), Some(state.clone())).unwrap();
+    assert_ne!(next.generation(), ring.generation());
     let r2 = next.add_reader("files", false);
-    let (pushed, again) = next.take_over(ring.memfd(), &state.streams()).unwrap();
+    next.push(vec![of(&origin("c", "t3"), 0, 5)]);
+    let (pushed, again) = next.take_over(ring.memfd(), &state).unwrap();
     assert_eq!((pushed, again), (8, 2));
     let got = next.try_read(r2, 100, 1 << 20).unwrap().records;
+    let got = &got[1..];
     assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), (2..10).collect::<Vec<_>>());
     assert!(got.iter().all(|r| r.origin.volume.as_ref() == if r.seq % 2 == 0 { "a" } else { "b" }));
     assert_eq!(got[1].origin.tenant.as_ref(), "t2");

@@ -894,15 +894,7 @@ impl PipeSource {
 
 /// A name for this run of the agent: 48 random bits, so that no two runs share target ids.
 fn instance_name() -> String {
-    let mut bits = [0u8; 6];
-    // SAFETY: the buffer is valid for its length. getrandom does not fail for 6 bytes once the
-    // pool is ready; if it did, the clock still makes the name differ between runs.
-    let got = unsafe { libc::getrandom(bits.as_mut_ptr().cast(), bits.len(), 0) };
-    if got != bits.len() as isize {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        bits.copy_from_slice(&nanos.as_nanos().to_le_bytes()[..6]);
-    }
-    bits.iter().map(|b| format!("{b:02x}")).collect()
+    format!("{:012x}", crate::values::random_u64() & ((1 << 48) - 1))
 }
 
 #[cfg(test)]
