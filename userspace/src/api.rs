@@ -83,6 +83,10 @@ pub struct RestartSnapshot {
     pub carried_records: u64,
     /// Of those, records a sink had already been handed (delivered again: at least once).
     pub redelivered_records: u64,
+    /// Pipe output the last worker's eBPF programs captured during the gap that was not read:
+    /// this worker loaded other programs or settings (an upgrade that changed them).
+    #[serde(default)]
+    pub unread_pipe_bytes: u64,
 }
 
 /// What `logtap upgrade` asks for: the binary the next worker runs, and whether the keeper

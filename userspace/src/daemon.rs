@@ -279,6 +279,7 @@ pub fn run(config: Config, link: Option<KeeperLink>) -> anyhow::Result<()> {
                 gap_ms: gap as f64 / 1e6,
                 carried_records: carried.0,
                 redelivered_records: carried.1,
+                unread_pipe_bytes: pipes.unread_at_start(),
             }
         }),
     };

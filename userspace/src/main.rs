@@ -694,6 +694,9 @@ fn render_life(s: &Snapshot) -> String {
             "; last: {}, {:.1} ms to serve again, {} records carried over, {} delivered again",
             r.exit, r.gap_ms, r.carried_records, r.redelivered_records
         );
+        if r.unread_pipe_bytes > 0 {
+            out += &format!(", {} of pipe output not read (other eBPF programs)", bytes(r.unread_pipe_bytes));
+        }
     }
     out + "\n"
 }

@@ -171,6 +171,12 @@ pub fn prometheus(s: &Snapshot) -> String {
             "Records the last restart delivered again (handed to a sink before, not acknowledged).",
             [(String::new(), r.redelivered_records as f64)],
         );
+        out.family(
+            "last_restart_unread_pipe_bytes",
+            "gauge",
+            "Pipe output captured during the last restart's gap and not read (other eBPF programs loaded).",
+            [(String::new(), r.unread_pipe_bytes as f64)],
+        );
     }
     let counters: [Field<CountersSnapshot>; 11] = [
         ("captured_records_total", "counter", "Records captured.", |c| c.captured_records_total),

@@ -338,6 +338,9 @@ pub struct PipeSource {
     next_id: AtomicU64,
     /// Where the targets are kept for the next worker.
     kept: Option<Arc<WorkerState>>,
+    /// What the last worker's programs captured and this worker could not read (it loaded other
+    /// programs).
+    unread_at_start: u64,
 }
 
 enum Command {
@@ -364,10 +367,11 @@ impl PipeSource {
         max_capture: u64,
         (status, reason): (&str, Option<String>),
         holding: Option<Arc<Holding>>,
-        running: Option<(Maps, mpsc::Sender<Command>)>,
+        running: Option<(Maps, mpsc::Sender<Command>, u64)>,
         kept: Option<Arc<WorkerState>>,
     ) -> Arc<Self> {
-        let (maps, commands) = running.unzip();
+        let unread_at_start = running.as_ref().map_or(0, |r| r.2);
+        let (maps, commands) = running.map(|(m, c, _)| (m, c)).unzip();
         let names = kept.as_ref().and_then(|k| k.target_names());
         let (instance, next) = names.map_or_else(|| (instance_name(), 1), |n| (n.instance, n.next));
         Arc::new(Self {
@@ -391,6 +395,7 @@ impl PipeSource {
             instance,
             next_id: AtomicU64::new(next),
             kept,
+            unread_at_start,
         })
     }
 
@@ -433,7 +438,7 @@ impl PipeSource {
                     max_capture,
                     ("running", None),
                     containers,
-                    Some((maps, tx)),
+                    Some((maps, tx, loaded.unread_bytes)),
                     state.clone(),
                 );
                 if let Some(state) = &state {
@@ -868,6 +873,11 @@ impl PipeSource {
             containers,
             targets,
         }
+    }
+
+    /// Bytes the last worker's programs captured that this worker could not read.
+    pub fn unread_at_start(&self) -> u64 {
+        self.unread_at_start
     }
 
     /// A target that is still watched, by id.

@@ -27,6 +27,8 @@ pub struct Loaded {
     pub ebpf: Option<Ebpf>,
     /// Whether the maps are the last worker's: the targets they name are its.
     pub resumed: bool,
+    /// Bytes the last worker's programs captured that were not read: they were replaced.
+    pub unread_bytes: u64,
     pub events: Events,
     pub pids: HashMap<MapData, u32, u32>,
     pub cgroups: HashMap<MapData, u64, u32>,
@@ -282,13 +284,15 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool, kept: Op
         pids_watched: Array::try_from(take(&mut ebpf, "PIDS_WATCHED")?)?,
         ebpf: Some(ebpf),
         resumed: false,
+        unread_bytes: 0,
     };
     if let Some(maps) = last {
         match from_kept(maps, Some(&mut loaded)) {
             Ok(last) => {
                 loaded.resumed = true;
+                loaded.unread_bytes = last.events.unread() as u64;
                 warn!(
-                    unread_bytes = last.events.unread(),
+                    unread_bytes = loaded.unread_bytes,
                     "other eBPF programs or settings than the last worker's: loaded anew with its watch maps; \
                      what the old ones captured while no worker ran is not read"
                 );
@@ -309,6 +313,7 @@ fn from_kept(mut maps: Fds<&'static str, OwnedFd>, into: Option<&mut Loaded>) ->
     let kept = Loaded {
         ebpf: None,
         resumed: true,
+        unread_bytes: 0,
         events: events(take("EVENTS")?)?,
         pids: HashMap::try_from(take("WATCH_PIDS")?)?,
         cgroups: HashMap::try_from(take("WATCH_CGROUPS")?)?,
