@@ -228,6 +228,24 @@ fn latencies(out: &str) -> (u64, u64, u64) {
     (at("p50_us"), at("p99_us"), at("max_us"))
 }
 
+/// `kill -9` of the worker `kills` times, 1 s apart: the restart gaps (p50 / max, ms) and the
+/// records delivered again.
+fn kill_workers(agent: &Agent, kills: usize) -> (String, u64) {
+    let (mut gaps, mut again) = (Vec::new(), 0);
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(1000));
+        let s = agent.kill_worker();
+        gaps.push(s["last_restart"]["gap_ms"].as_f64().unwrap_or(0.0));
+        again += s["last_restart"]["redelivered_records"].as_u64().unwrap_or(0);
+    }
+    gaps.sort_by(f64::total_cmp);
+    let gap = match gaps.last() {
+        None => "-".to_string(),
+        Some(max) => format!("{:.1} / {max:.1}", gaps[gaps.len() / 2]),
+    };
+    (gap, again)
+}
+
 /// A writer appending a 100-byte line every 1 ms to a volume file, with no restart and with the
 /// worker killed (kill -9) 5 times, side by side: write() latency as the writer sees it, the
 /// gap from each kill to the new worker serving, records delivered again, lines lost.
@@ -243,25 +261,13 @@ fn restart() {
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .expect("line-writer");
-            let (mut gaps, mut again) = (Vec::new(), 0);
-            for _ in 0..kills {
-                std::thread::sleep(Duration::from_millis(1000));
-                let s = agent.kill_worker();
-                gaps.push(s["last_restart"]["gap_ms"].as_f64().unwrap_or(0.0));
-                again += s["last_restart"]["redelivered_records"].as_u64().unwrap_or(0);
-            }
+            let (gap, again) = kill_workers(&agent, kills);
             let out = w.wait_with_output().expect("writer");
             let out = String::from_utf8_lossy(&out.stdout).into_owned();
             let ok = out.starts_with(&format!("ok {n}\n"));
             let got = agent.wait_lines("r", "app", n as usize, Duration::from_secs(60));
             let distinct: std::collections::HashSet<&Vec<u8>> = got.iter().collect();
             let (p50, p99, max) = latencies(&out);
-            gaps.sort_by(f64::total_cmp);
-            let gap = if gaps.is_empty() {
-                "-".to_string()
-            } else {
-                format!("{:.1} / {:.1}", gaps[gaps.len() / 2], gaps[gaps.len() - 1])
-            };
             rows.push(format!(
                 "| {} | {kills} | {} | {p50} / {p99} / {max} | {gap} | {again} | {} | {} |",
                 serving.name(),
@@ -297,24 +303,12 @@ fn restart_pipes() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("logtap run");
-        let (mut gaps, mut again) = (Vec::new(), 0);
         std::thread::sleep(Duration::from_millis(200));
-        for _ in 0..kills {
-            std::thread::sleep(Duration::from_millis(1000));
-            let s = agent.kill_worker();
-            gaps.push(s["last_restart"]["gap_ms"].as_f64().unwrap_or(0.0));
-            again += s["last_restart"]["redelivered_records"].as_u64().unwrap_or(0);
-        }
+        let (gap, again) = kill_workers(&agent, kills);
         let out = run.wait_with_output().expect("logtap run");
         let stopped = String::from_utf8_lossy(&out.stderr).contains("NOT captured");
         let got = agent.wait_lines("printer", "stdout", n as usize, Duration::from_secs(60));
         let distinct: std::collections::HashSet<&Vec<u8>> = got.iter().collect();
-        gaps.sort_by(f64::total_cmp);
-        let gap = if gaps.is_empty() {
-            "-".to_string()
-        } else {
-            format!("{:.1} / {:.1}", gaps[gaps.len() / 2], gaps[gaps.len() - 1])
-        };
         rows.push(format!(
             "| logtap run, 1 line/ms | {kills} | {} | {gap} | {again} | {} | {} |",
             if stopped { "yes" } else { "no" },
