@@ -55,6 +55,10 @@ pub struct EventHeader {
 
 pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
 
+/// The version of the event layout (the header, the kinds): bump it with any change to them. A
+/// worker reads the events an earlier worker's programs left only if they share it.
+pub const EVENT_LAYOUT: u32 = 1;
+
 /// Counters per target, one copy per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

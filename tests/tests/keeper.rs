@@ -296,8 +296,8 @@ impl Printer {
     }
 
     /// Waits for the run to end: it never said the capture stopped, passed every line through,
-    /// and unwatched its target; every line arrived, at most `redelivered` of them twice.
-    fn finished(self, agent: &Agent, redelivered: u64) {
+    /// and unwatched its target; every line arrived, at most `twice` of them twice.
+    fn finished(self, agent: &Agent, twice: u64) {
         let out = self.run.wait_with_output().expect("logtap run");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "logtap run failed: {stderr}");
@@ -306,7 +306,7 @@ impl Printer {
         assert!(out.stdout == want, "logtap run passed {} bytes of {} through", out.stdout.len(), want.len());
         let got = agent.wait_lines(self.service, "stdout", self.n as usize, Duration::from_secs(60));
         let dups = duplicates(&got, &want);
-        assert!(dups as u64 <= redelivered, "{dups} lines twice, {redelivered} counted as redelivered");
+        assert!(dups as u64 <= twice, "{dups} lines twice, at most {twice} expected");
         let s = agent.stats();
         let targets = s["pipes"]["targets"].as_array().expect("targets");
         let t =
@@ -338,11 +338,11 @@ fn a_killed_worker_keeps_capturing_logtap_run() {
 
 /// A reload (SIGHUP) with other `[pipes]` settings under a `logtap run` printer: the new worker
 /// loads the programs anew with the old watch maps copied in, so the run's target goes on under
-/// its id; what the old programs captured in the gap is not read, and is counted: never more
-/// lines missing than `last_restart.unread_pipe_bytes` holds events, none twice.
+/// its id, and reads what the old programs captured in the gap first: every line arrives; only
+/// writes made while the new programs attached may arrive twice.
 #[test]
 #[ignore = "privileged: mounts FUSE and loads eBPF as root (cargo xtask test runs it)"]
-fn a_reload_with_other_pipe_settings_keeps_the_targets_and_counts_what_it_could_not_read() {
+fn a_reload_with_other_pipe_settings_keeps_the_targets_and_reads_the_gap() {
     let agent = Agent::start(Setup::default());
     let printer = Printer::start(&agent, "reloaded", 3_000);
     std::thread::sleep(Duration::from_millis(800));
@@ -362,19 +362,9 @@ fn a_reload_with_other_pipe_settings_keeps_the_targets_and_counts_what_it_could_
         std::thread::sleep(Duration::from_millis(20));
     }
     printer.still_watched(&stats);
-    let unread = stats["last_restart"]["unread_pipe_bytes"].as_u64().expect("unread_pipe_bytes");
-    let out = printer.run.wait_with_output().expect("logtap run");
-    assert!(out.status.success());
-    std::thread::sleep(Duration::from_millis(300));
-    agent.wait_idle(Duration::from_secs(30));
-    let got = agent.sink_lines("reloaded", "stdout");
-    let distinct: HashSet<&Vec<u8>> = got.iter().collect();
-    assert_eq!(distinct.len(), got.len(), "no line twice");
-    let missing = printer.n as usize - got.len();
-    // One event per 100-byte write: its 56-byte header, the kernel's 8, the data, 8-aligned.
-    let event = (56 + 8 + 100usize).next_multiple_of(8) as u64;
-    assert!(missing as u64 * event <= unread, "{missing} lines missing, {unread} bytes counted as not read");
-    eprintln!("reload: {missing} lines of the gap not read, {unread} bytes counted");
+    assert_eq!(stats["last_restart"]["unread_pipe_bytes"], 0, "{}", stats["last_restart"]);
+    // Twice: at most the writes of the few ms the new programs took to attach.
+    printer.finished(&agent, 50);
 }
 
 logtap_e2e::suite!(passthrough: Passthrough, requests: Requests;

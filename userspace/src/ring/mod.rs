@@ -294,6 +294,18 @@ impl Ring {
         self.region.generation()
     }
 
+    /// Pushes records read from the BPF ring buffer up to its position `read`, and marks
+    /// that far as pushed (before the reader gives that space back to the kernel).
+    pub fn push_events(&self, batch: Vec<Record>, read: u64) {
+        self.push(batch);
+        self.region.set_events_mark(read);
+    }
+
+    /// How far into the BPF ring buffer the records pushed here (or carried over) reach.
+    pub fn events_mark(&self) -> u64 {
+        self.region.events_mark()
+    }
+
     /// The memfd holding the ring, for a process that maps it (see [`region::View`]).
     pub fn memfd(&self) -> BorrowedFd<'_> {
         self.region.fd()
@@ -663,7 +675,8 @@ impl Ring {
             });
         }
         let n = records.len() as u64;
-        self.push(records);
+        // The old ring's records are this one's now, and with them how far they reach.
+        self.push_events(records, view.events_mark());
         Ok((n, again))
     }
 

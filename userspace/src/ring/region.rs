@@ -14,7 +14,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 
 pub const HEADER: usize = 24;
 pub const ALIGN: usize = 4;
@@ -103,11 +103,14 @@ struct Slot {
     acked: AtomicU64,
 }
 
-const _: () = assert!(std::mem::size_of::<Shared>() + 8 <= PAGE);
+const _: () = assert!(std::mem::size_of::<Shared>() + 16 <= PAGE);
 
 /// Where the shared page holds the ring's generation: a number each ring gets at birth, under
 /// which the worker state keeps its streams' origins (0 in a ring from before generations).
 const GENERATION_AT: usize = PAGE - 8;
+/// Where it holds how far into the BPF ring buffer the records pushed here reach (see
+/// [`Region::set_events_mark`]).
+const EVENTS_MARK_AT: usize = PAGE - 16;
 
 pub struct Region {
     fd: OwnedFd,
@@ -154,6 +157,21 @@ impl Region {
     pub fn generation(&self) -> u64 {
         // SAFETY: the shared page is mapped for the region's life; the word is written once.
         unsafe { self.base.as_ptr().add(GENERATION_AT).cast::<u64>().read() }
+    }
+
+    fn events_mark_word(&self) -> &AtomicU64 {
+        // SAFETY: an aligned word of the shared page, mapped for the region's life.
+        unsafe { &*self.base.as_ptr().add(EVENTS_MARK_AT).cast::<AtomicU64>() }
+    }
+
+    /// The BPF ring buffer's events up to `pos` are in this ring as records: a worker that
+    /// takes over reads on from there, not from what was given back to the kernel before.
+    pub fn set_events_mark(&self, pos: u64) {
+        self.events_mark_word().store(pos, Release);
+    }
+
+    pub fn events_mark(&self) -> u64 {
+        self.events_mark_word().load(Acquire)
     }
 
     pub fn capacity(&self) -> usize {
@@ -311,6 +329,10 @@ impl View {
 
     pub fn generation(&self) -> u64 {
         self.region.generation()
+    }
+
+    pub fn events_mark(&self) -> u64 {
+        self.region.events_mark()
     }
 
     pub fn tail(&self) -> u64 {

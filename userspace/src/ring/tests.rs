@@ -331,7 +331,8 @@ fn a_new_worker_delivers_what_the_old_ring_held_with_its_origins() {
         Ring::keeping(1 << 20, Policy::Block, Duration::from_secs(1), Rates::default(), Some(state.clone())).unwrap();
     let r = ring.add_reader("files", false);
     let (a, b) = (origin("a", "t1"), origin("b", "t2"));
-    ring.push((0..10).map(|i| of(if i % 2 == 0 { &a } else { &b }, i, 5)).collect());
+    // Read from the BPF ring buffer up to 4096: the next worker reads on from there.
+    ring.push_events((0..10).map(|i| of(if i % 2 == 0 { &a } else { &b }, i, 5)).collect(), 4096);
     let first = ring.try_read(r, 2, 1 << 20).unwrap();
     ring.ack(r, first.end);
     // Two more handed out, never acknowledged: the worker dies with them in flight.
@@ -345,6 +346,7 @@ fn a_new_worker_delivers_what_the_old_ring_held_with_its_origins() {
     let r2 = next.add_reader("files", false);
     next.push(vec![of(&origin("c", "t3"), 0, 5)]);
     let (pushed, again) = next.take_over(ring.memfd(), &state).unwrap();
+    assert_eq!(next.events_mark(), 4096, "the mark comes over with the records");
     assert_eq!((pushed, again), (8, 2));
     let got = next.try_read(r2, 100, 1 << 20).unwrap().records;
     let got = &got[1..];

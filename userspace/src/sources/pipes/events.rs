@@ -51,6 +51,8 @@ pub struct Events {
     mask: usize,
     /// Read up to here; committed up to the consumer position.
     read: usize,
+    /// Events from here on are not read (another reader has them).
+    stop: Option<usize>,
 }
 
 // SAFETY: the mappings are owned by this reader and used through `&mut self` only.
@@ -67,7 +69,7 @@ impl Events {
         let fd = map.fd().as_fd().as_raw_fd();
         let consumer = Mapping::new(fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
         let producer = Mapping::new(fd, page + 2 * size, libc::PROT_READ, page)?;
-        let mut events = Self { map, consumer, producer, page, mask: size - 1, read: 0 };
+        let mut events = Self { map, consumer, producer, page, mask: size - 1, read: 0, stop: None };
         events.read = events.consumer_pos().load(Ordering::Acquire);
         Ok(events)
     }
@@ -86,7 +88,7 @@ impl Events {
     /// until [`commit`](Self::commit).
     pub fn next(&mut self) -> Option<&[u8]> {
         loop {
-            if self.read == self.producer_pos() {
+            if self.read == self.producer_pos() || self.stop.is_some_and(|stop| self.read >= stop) {
                 return None;
             }
             let at = self.page + (self.read & self.mask);
@@ -104,6 +106,30 @@ impl Events {
                 // whatever runs past the end of the first (no event is larger than the buffer).
                 return Some(unsafe { std::slice::from_raw_parts(self.producer.ptr.as_ptr().add(at + HEADER), data) });
             }
+        }
+    }
+
+    /// These events up to now only: what comes later is another reader's (the programs that
+    /// took over capture it into their own buffer).
+    pub fn until_now(mut self) -> Self {
+        self.stop = Some(self.producer_pos());
+        self
+    }
+
+    /// Where reading is, as the ring marks it: `None` for a reader that stops early (an
+    /// earlier worker's buffer, not the one the ring's mark is of).
+    pub fn mark(&self) -> Option<u64> {
+        self.stop.is_none().then_some(self.read as u64)
+    }
+
+    /// Reads on from `pos`: what lies before it is pushed already (a worker died before it gave
+    /// it back). Ignored unless it lies between what is read and what the kernel wrote.
+    pub fn skip_to(&mut self, pos: u64) {
+        let pos = pos as usize;
+        let ahead = pos.wrapping_sub(self.read);
+        if ahead > 0 && ahead <= self.producer_pos().wrapping_sub(self.read) {
+            tracing::info!(bytes = ahead, "BPF ring buffer events already pushed by the last worker are skipped");
+            self.read = pos;
         }
     }
 

@@ -448,6 +448,13 @@ impl PipeSource {
                     source.exclude_host_and_self(root);
                 }
                 let index = root.map(cgroups::Index::new);
+                // What the last worker pushed before it died is in the ring: read on past it.
+                let (mut events, mut earlier) = (loaded.events, loaded.earlier);
+                match earlier.as_mut() {
+                    Some(earlier) => earlier.skip_to(source.ring.events_mark()),
+                    None if loaded.kept_events => events.skip_to(source.ring.events_mark()),
+                    None => {}
+                }
                 let s = source.clone();
                 let ebpf = loaded.ebpf;
                 // Its own thread: reading cgroups and /proc, and pushing into a full ring under
@@ -458,7 +465,7 @@ impl PipeSource {
                     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
                     let read = rt
                         .context("cannot start the event reader's runtime")
-                        .and_then(|rt| rt.block_on(s.clone().run(loaded.events, rx, index)));
+                        .and_then(|rt| rt.block_on(s.clone().run(events, earlier, rx, index)));
                     if let Err(e) = read {
                         warn!("the eBPF event reader stopped: {e:#}");
                         let mut st = s.lock();

@@ -27,8 +27,14 @@ pub struct Loaded {
     pub ebpf: Option<Ebpf>,
     /// Whether the maps are the last worker's: the targets they name are its.
     pub resumed: bool,
-    /// Bytes the last worker's programs captured that were not read: they were replaced.
+    /// Whether `events` is the last worker's BPF ring buffer (the ring's mark is of it).
+    pub kept_events: bool,
+    /// Bytes the last worker's programs captured that were not read: they were replaced by
+    /// programs of another event layout.
     pub unread_bytes: u64,
+    /// What the last worker's programs captured up to when this worker's took over, to be
+    /// read first (they were replaced by programs of the same event layout).
+    pub earlier: Option<Events>,
     pub events: Events,
     pub pids: HashMap<MapData, u32, u32>,
     pub cgroups: HashMap<MapData, u64, u32>,
@@ -125,15 +131,16 @@ impl Kept {
         MAPS.iter().map(|m| Some((*m, self.fds.remove(&name(m))?))).collect()
     }
 
-    /// The maps of other programs or settings than `fingerprint`'s, kept whole.
-    fn take_other(&mut self, fingerprint: &str) -> Option<Fds<&'static str, OwnedFd>> {
+    /// The maps of other programs or settings than `fingerprint`'s, kept whole, with their
+    /// fingerprint.
+    fn take_other(&mut self, fingerprint: &str) -> Option<(String, Fds<&'static str, OwnedFd>)> {
         let others: std::collections::BTreeSet<String> = self
             .fds
             .keys()
             .filter_map(|n| n.strip_prefix(KEPT_PREFIX)?.split_once('/').map(|(f, _)| f.to_string()))
             .filter(|f| f != fingerprint)
             .collect();
-        others.iter().find_map(|f| self.take(f))
+        others.into_iter().find_map(|f| Some((f.clone(), self.take(&f)?)))
     }
 
     /// Lets go of what an earlier worker kept that this one does not use (other programs or
@@ -165,7 +172,7 @@ fn fingerprint(settings: &Settings, ring_buffer_bytes: u32) -> String {
     OBJECT.hash(&mut h);
     format!("{settings:?}").hash(&mut h);
     ring_buffer_bytes.hash(&mut h);
-    format!("{:016x}", h.finish())
+    format!("e{}-{:016x}", logtap_common::EVENT_LAYOUT, h.finish())
 }
 
 /// A new fd for a link (aya's `FdLink` does not lend its own).
@@ -214,15 +221,23 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool, kept: Op
     let mut kept = kept;
     if let Some(k) = kept.as_mut() {
         if let Some(maps) = k.take(&fingerprint) {
-            let loaded = from_kept(maps, None)?;
+            let loaded = from_kept(maps)?;
             k.release_others(Some(&fingerprint));
             info!("the eBPF programs kept attached by the keeper are taken over");
             return Ok(loaded);
         }
     }
     // Other programs or settings than the last worker's: its watch maps are copied into the
-    // new programs' before its programs detach.
-    let last = kept.as_mut().and_then(|k| k.take_other(&fingerprint));
+    // new programs' before they attach, and what its programs captured up to then is read first.
+    let last = kept.as_mut().and_then(|k| k.take_other(&fingerprint)).map(|(f, maps)| (f, from_kept(maps)));
+    let last = match last {
+        Some((f, Ok(old))) => Some((f, old)),
+        Some((_, Err(e))) => {
+            warn!("the last worker's eBPF maps cannot be read (its targets are watched again from their definitions): {e:#}");
+            None
+        }
+        None => None,
+    };
     let mut ebpf = EbpfLoader::new()
         // No CO-RE relocations to do (offsets come from our own BTF reader above), so aya
         // need not parse the whole kernel BTF: that cost tens of MiB of peak memory.
@@ -231,6 +246,7 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool, kept: Op
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(OBJECT)
         .context("the kernel refused the eBPF object")?;
+    let copied = last.as_ref().map(|(_, old)| copy_watch(old, &mut ebpf));
     let mut links = Vec::new();
     for (name, category, event) in PROGRAMS {
         let program: &mut TracePoint = ebpf
@@ -284,16 +300,23 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool, kept: Op
         pids_watched: Array::try_from(take(&mut ebpf, "PIDS_WATCHED")?)?,
         ebpf: Some(ebpf),
         resumed: false,
+        kept_events: false,
         unread_bytes: 0,
+        earlier: None,
     };
-    if let Some(maps) = last {
-        match from_kept(maps, Some(&mut loaded)) {
-            Ok(last) => {
+    if let (Some((theirs, old)), Some(copied)) = (last, copied) {
+        match copied {
+            Ok(()) if layout(&theirs) == layout(&fingerprint) => {
                 loaded.resumed = true;
-                loaded.unread_bytes = last.events.unread() as u64;
+                loaded.earlier = Some(old.events.until_now());
+                info!("other eBPF programs or settings than the last worker's: loaded anew with its watch maps; its events are read first");
+            }
+            Ok(()) => {
+                loaded.resumed = true;
+                loaded.unread_bytes = old.events.unread() as u64;
                 warn!(
                     unread_bytes = loaded.unread_bytes,
-                    "other eBPF programs or settings than the last worker's: loaded anew with its watch maps; \
+                    "the last worker's eBPF programs had another event layout: loaded anew with its watch maps; \
                      what the old ones captured while no worker ran is not read"
                 );
             }
@@ -306,13 +329,14 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool, kept: Op
     Ok(loaded)
 }
 
-/// The maps a worker kept; with `into`, their targets are copied into those of newly loaded
-/// programs (the types are checked: a map whose key or value changed size is refused).
-fn from_kept(mut maps: Fds<&'static str, OwnedFd>, into: Option<&mut Loaded>) -> anyhow::Result<Loaded> {
+/// The maps a worker kept.
+fn from_kept(mut maps: Fds<&'static str, OwnedFd>) -> anyhow::Result<Loaded> {
     let mut take = |name: &str| maps.remove(name).context(name.to_string()).and_then(|fd| map_of(fd, name));
-    let kept = Loaded {
+    Ok(Loaded {
         ebpf: None,
         resumed: true,
+        kept_events: true,
+        earlier: None,
         unread_bytes: 0,
         events: events(take("EVENTS")?)?,
         pids: HashMap::try_from(take("WATCH_PIDS")?)?,
@@ -321,24 +345,43 @@ fn from_kept(mut maps: Fds<&'static str, OwnedFd>, into: Option<&mut Loaded>) ->
         output_pipes: HashMap::try_from(take("OUTPUT_PIPES")?)?,
         knows_pipes: Array::try_from(take("KNOWS_PIPES")?)?,
         pids_watched: Array::try_from(take("PIDS_WATCHED")?)?,
-    };
-    if let Some(to) = into {
-        for (k, v) in kept.output_pipes.iter().filter_map(Result::ok) {
-            to.output_pipes.insert(k, v, 0).context("copying OUTPUT_PIPES")?;
-        }
-        for slot in 0..logtap_common::MAX_TARGETS {
-            to.knows_pipes.set(slot, kept.knows_pipes.get(&slot, 0)?, 0).context("copying KNOWS_PIPES")?;
-            to.counters.set(slot, kept.counters.get(&slot, 0)?, 0).context("copying COUNTERS")?;
-        }
-        for (k, v) in kept.pids.iter().filter_map(Result::ok) {
-            to.pids.insert(k, v, 0).context("copying WATCH_PIDS")?;
-        }
-        for (k, v) in kept.cgroups.iter().filter_map(Result::ok) {
-            to.cgroups.insert(k, v, 0).context("copying WATCH_CGROUPS")?;
-        }
-        to.pids_watched.set(0, kept.pids_watched.get(&0, 0)?, 0).context("copying PIDS_WATCHED")?;
+    })
+}
+
+/// Copies the targets of `old`'s maps into the maps of programs loaded but not attached yet
+/// (the types are checked: a map whose key or value changed size is refused).
+fn copy_watch(old: &Loaded, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    fn to<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Map> {
+        ebpf.map_mut(name).with_context(|| format!("map {name} is missing"))
     }
-    Ok(kept)
+    let mut pipes: HashMap<_, u64, u32> = HashMap::try_from(to(ebpf, "OUTPUT_PIPES")?)?;
+    for (k, v) in old.output_pipes.iter().filter_map(Result::ok) {
+        pipes.insert(k, v, 0).context("copying OUTPUT_PIPES")?;
+    }
+    let mut knows: Array<_, u32> = Array::try_from(to(ebpf, "KNOWS_PIPES")?)?;
+    for slot in 0..logtap_common::MAX_TARGETS {
+        knows.set(slot, old.knows_pipes.get(&slot, 0)?, 0).context("copying KNOWS_PIPES")?;
+    }
+    let mut counters: PerCpuArray<_, TargetCounters> = PerCpuArray::try_from(to(ebpf, "COUNTERS")?)?;
+    for slot in 0..logtap_common::MAX_TARGETS {
+        counters.set(slot, old.counters.get(&slot, 0)?, 0).context("copying COUNTERS")?;
+    }
+    let mut pids: HashMap<_, u32, u32> = HashMap::try_from(to(ebpf, "WATCH_PIDS")?)?;
+    for (k, v) in old.pids.iter().filter_map(Result::ok) {
+        pids.insert(k, v, 0).context("copying WATCH_PIDS")?;
+    }
+    let mut cgroups: HashMap<_, u64, u32> = HashMap::try_from(to(ebpf, "WATCH_CGROUPS")?)?;
+    for (k, v) in old.cgroups.iter().filter_map(Result::ok) {
+        cgroups.insert(k, v, 0).context("copying WATCH_CGROUPS")?;
+    }
+    let mut watched: Array<_, u32> = Array::try_from(to(ebpf, "PIDS_WATCHED")?)?;
+    watched.set(0, old.pids_watched.get(&0, 0)?, 0).context("copying PIDS_WATCHED")?;
+    Ok(())
+}
+
+/// The event layout a fingerprint names.
+fn layout(fingerprint: &str) -> &str {
+    fingerprint.split_once('-').map_or("", |(l, _)| l)
 }
 
 #[cfg(test)]
@@ -377,8 +420,8 @@ mod tests {
         let mut kept = Kept::new(released.clone(), fds);
         assert!(kept.take("new").is_none());
         assert!(kept.take("torn").is_none(), "a set without its links is not reused");
-        let old = kept.take_other("new").expect("the whole set of other settings");
-        assert_eq!(old.len(), MAPS.len());
+        let (fingerprint, old) = kept.take_other("new").expect("the whole set of other settings");
+        assert_eq!((fingerprint.as_str(), old.len()), ("old", MAPS.len()));
         assert!(kept.release_others(Some("new")));
         let mut let_go = released.0.lock().unwrap().clone();
         let_go.sort();

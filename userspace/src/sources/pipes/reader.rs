@@ -172,6 +172,7 @@ impl PipeSource {
     pub(super) async fn run(
         self: Arc<Self>,
         events: Events,
+        earlier: Option<Events>,
         mut commands: mpsc::Receiver<Command>,
         index: Option<cgroups::Index>,
     ) -> anyhow::Result<()> {
@@ -181,6 +182,11 @@ impl PipeSource {
             .map_err(|e| e.into_parts().1)
             .context("polling the BPF ring buffer")?;
         let mut asm = Reassembly::new(index);
+        // What the replaced programs of the last worker captured comes before this worker's.
+        if let Some(mut earlier) = earlier {
+            self.drain(&mut earlier, &mut asm);
+            debug!("the last worker's events are read");
+        }
         // The kernel wakes us only when a lot is waiting; this timer collects the rest.
         let mut drain = tokio::time::interval(Duration::from_millis(10));
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -221,8 +227,7 @@ impl PipeSource {
                             Some(done)
                         }
                     };
-                    self.ring.push(std::mem::take(&mut asm.batch));
-                    events.get_mut().commit();
+                    self.push_read(std::mem::take(&mut asm.batch), events.get_mut());
                     self.publish_held(&mut asm);
                     if let Some(done) = close {
                         let _ = done.send(());
@@ -300,8 +305,15 @@ impl PipeSource {
     /// space the kernel's again.
     fn drain(&self, events: &mut Events, asm: &mut Reassembly) {
         self.read_events(events, asm);
-        let batch = std::mem::take(&mut asm.batch);
-        self.ring.push(batch);
+        self.push_read(std::mem::take(&mut asm.batch), events);
+    }
+
+    /// Records of events read: pushed, with how far they reach, before their space goes back.
+    fn push_read(&self, batch: Vec<Record>, events: &mut Events) {
+        match events.mark() {
+            Some(read) => self.ring.push_events(batch, read),
+            None => self.ring.push(batch),
+        }
         events.commit();
     }
 
@@ -310,8 +322,7 @@ impl PipeSource {
         loop {
             if asm.batch.len() >= PUSH_EVERY {
                 // A long drain goes out in pieces: the sinks start on it while it is read.
-                self.ring.push(std::mem::take(&mut asm.batch));
-                events.commit();
+                self.push_read(std::mem::take(&mut asm.batch), events);
             }
             let Some(item) = events.next() else { break };
             let Some(header) = item.get(..HEADER_LEN) else { continue };
