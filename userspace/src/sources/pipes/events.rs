@@ -53,7 +53,14 @@ pub struct Events {
     read: usize,
     /// Events from here on are not read (another reader has them).
     stop: Option<usize>,
+    /// While programs of two workers were attached at once, both captured the same writes:
+    /// the old buffer keeps copies of what it read from `.0` on; the new one drops events before
+    /// `.0` that match a copy, once per copy.
+    copies: Option<(usize, Copies)>,
 }
+
+/// Events as bytes, with how many times each was seen.
+pub type Copies = std::collections::HashMap<Vec<u8>, u32>;
 
 // SAFETY: the mappings are owned by this reader and used through `&mut self` only.
 unsafe impl Send for Events {}
@@ -69,7 +76,7 @@ impl Events {
         let fd = map.fd().as_fd().as_raw_fd();
         let consumer = Mapping::new(fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
         let producer = Mapping::new(fd, page + 2 * size, libc::PROT_READ, page)?;
-        let mut events = Self { map, consumer, producer, page, mask: size - 1, read: 0, stop: None };
+        let mut events = Self { map, consumer, producer, page, mask: size - 1, read: 0, stop: None, copies: None };
         events.read = events.consumer_pos().load(Ordering::Acquire);
         Ok(events)
     }
@@ -100,20 +107,60 @@ impl Events {
                 return None;
             }
             let data = (len & !(BUSY | DISCARD)) as usize;
+            let pos = self.read;
             self.read += (HEADER + data).next_multiple_of(8);
-            if len & DISCARD == 0 {
-                // SAFETY: the data follows its header; the second copy of the data pages holds
-                // whatever runs past the end of the first (no event is larger than the buffer).
-                return Some(unsafe { std::slice::from_raw_parts(self.producer.ptr.as_ptr().add(at + HEADER), data) });
+            if len & DISCARD != 0 {
+                continue;
             }
+            // SAFETY: the data follows its header; the second copy of the data pages holds
+            // whatever runs past the end of the first (no event is larger than the buffer).
+            let event = unsafe { std::slice::from_raw_parts(self.producer.ptr.as_ptr().add(at + HEADER), data) };
+            match (&mut self.copies, self.stop) {
+                // The old buffer: keep a copy of what both captured.
+                (Some((from, copies)), Some(_)) if pos >= *from => *copies.entry(event.to_vec()).or_default() += 1,
+                // The new one: what the old buffer delivered already is dropped.
+                (Some((until, copies)), None) if pos < *until => {
+                    if let Some(n) = copies.get_mut(event).filter(|n| **n > 0) {
+                        *n -= 1;
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            return Some(event);
         }
     }
 
-    /// These events up to now only: what comes later is another reader's (the programs that
-    /// took over capture it into their own buffer).
-    pub fn until_now(mut self) -> Self {
-        self.stop = Some(self.producer_pos());
+    /// Where the kernel has written up to.
+    pub fn head(&self) -> usize {
+        self.producer_pos()
+    }
+
+    /// The events up to `stop` only (what comes later is the programs' that replaced these),
+    /// keeping copies of those from `from` on (both captured them).
+    pub fn replaced(mut self, from: usize, stop: usize) -> Self {
+        self.stop = Some(stop);
+        self.copies = Some((from, Copies::new()));
         self
+    }
+
+    /// The copies a replaced buffer kept.
+    pub fn take_copies(&mut self) -> Copies {
+        self.copies.take().map(|(_, c)| c).unwrap_or_default()
+    }
+
+    /// Events before `until` that match a copy [`add_copies`](Self::add_copies) gives were
+    /// delivered from the replaced programs' buffer: they are dropped, once per copy.
+    pub fn drop_copies_before(&mut self, until: usize) {
+        self.copies = Some((until, Copies::new()));
+    }
+
+    pub fn add_copies(&mut self, copies: Copies) {
+        if let Some((_, mine)) = self.copies.as_mut() {
+            for (event, n) in copies {
+                *mine.entry(event).or_default() += n;
+            }
+        }
     }
 
     /// Where reading is, as the ring marks it: `None` for a reader that stops early (an
@@ -141,6 +188,12 @@ impl Events {
     /// Gives the kernel back the space of every event read.
     pub fn commit(&mut self) {
         self.consumer_pos().store(self.read, Ordering::Release);
+    }
+}
+
+impl Events {
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.map.fd().as_fd()
     }
 }
 

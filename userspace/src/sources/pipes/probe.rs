@@ -247,6 +247,8 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool, kept: Op
         .load(OBJECT)
         .context("the kernel refused the eBPF object")?;
     let copied = last.as_ref().map(|(_, old)| copy_watch(old, &mut ebpf));
+    // From here until all are attached, both workers' programs may capture a write.
+    let both_from = last.as_ref().map(|(_, old)| old.events.head());
     let mut links = Vec::new();
     for (name, category, event) in PROGRAMS {
         let program: &mut TracePoint = ebpf
@@ -273,9 +275,17 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool, kept: Op
         more.fd().context("writev_more has no fd")?.try_clone().context("duplicating the fd of writev_more")?;
     let mut jump = ProgramArray::try_from(ebpf.map_mut("JUMP").context("map JUMP is missing")?)?;
     jump.set(0, &more_fd, 0).context("filling the JUMP table")?;
+    let events = events(ebpf.take_map("EVENTS").context("map EVENTS is missing")?)?;
+    // Where each buffer is once all are attached: the old one is read up to here, the new one
+    // holds what both captured before its own mark.
+    let both_until = last.as_ref().map(|(_, old)| (old.events.head(), events.head()));
     if let Some(k) = &kept {
         // Links last: a set is reused only when it is whole.
         for name in MAPS {
+            if name == "EVENTS" {
+                k.keep(format!("{KEPT_PREFIX}{fingerprint}/map/{name}"), events.fd())?;
+                continue;
+            }
             let fd = ebpf.map(name).with_context(|| format!("map {name} is missing"))?;
             let fd = match fd {
                 Map::RingBuf(d) | Map::HashMap(d) | Map::PerCpuArray(d) | Map::Array(d) | Map::ProgramArray(d) => {
@@ -291,7 +301,7 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool, kept: Op
     }
     let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} is missing"));
     let mut loaded = Loaded {
-        events: events(take(&mut ebpf, "EVENTS")?)?,
+        events,
         pids: HashMap::try_from(take(&mut ebpf, "WATCH_PIDS")?)?,
         cgroups: HashMap::try_from(take(&mut ebpf, "WATCH_CGROUPS")?)?,
         counters: PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?,
@@ -304,11 +314,14 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool, kept: Op
         unread_bytes: 0,
         earlier: None,
     };
-    if let (Some((theirs, old)), Some(copied)) = (last, copied) {
+    if let (Some((theirs, old)), Some(copied), Some(from), Some((old_until, new_until))) =
+        (last, copied, both_from, both_until)
+    {
         match copied {
             Ok(()) if layout(&theirs) == layout(&fingerprint) => {
                 loaded.resumed = true;
-                loaded.earlier = Some(old.events.until_now());
+                loaded.earlier = Some(old.events.replaced(from, old_until));
+                loaded.events.drop_copies_before(new_until);
                 info!("other eBPF programs or settings than the last worker's: loaded anew with its watch maps; its events are read first");
             }
             Ok(()) => {

@@ -185,7 +185,10 @@ impl PipeSource {
         // What the replaced programs of the last worker captured comes before this worker's.
         if let Some(mut earlier) = earlier {
             self.drain(&mut earlier, &mut asm);
-            debug!("the last worker's events are read");
+            // What both workers' programs captured is delivered once.
+            let copies = earlier.take_copies();
+            debug!(both = copies.len(), "the last worker's events are read");
+            events.get_mut().add_copies(copies);
         }
         // The kernel wakes us only when a lot is waiting; this timer collects the rest.
         let mut drain = tokio::time::interval(Duration::from_millis(10));
