@@ -236,6 +236,14 @@ struct State {
 }
 
 impl State {
+    /// A target is watched under its slot (and, for a container, its container's id).
+    fn insert(&mut self, target: Arc<Target>) {
+        if let Some(c) = &target.spec.container {
+            self.containers.insert(c.clone(), target.slot);
+        }
+        self.targets.insert(target.slot, target);
+    }
+
     /// `stdout` and `stderr` become `target`'s output pipes, here and in the kernel, before
     /// the kernel sees its first write: only then does the kernel go by pipe identity.
     fn add_output(&mut self, target: &Target, stdout: Option<u64>, stderr: Option<u64>) {
@@ -540,10 +548,7 @@ impl PipeSource {
                     continue;
                 }
             }
-            st.targets.insert(target.slot, target.clone());
-            if let Some(c) = &target.spec.container {
-                st.containers.insert(c.clone(), target.slot);
-            }
+            st.insert(target.clone());
             let pairs = lock(&target.pipes).pairs.clone();
             for [stdout, stderr] in pairs {
                 st.add_output(&target, stdout, stderr);
@@ -717,10 +722,7 @@ impl PipeSource {
             pipes: Mutex::default(),
             other_pipe_bytes: AtomicU64::new(0),
         });
-        st.targets.insert(slot, target.clone());
-        if let Some(c) = &target.spec.container {
-            st.containers.insert(c.clone(), slot);
-        }
+        st.insert(target.clone());
         Ok(target)
     }
 

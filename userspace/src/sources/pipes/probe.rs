@@ -246,9 +246,13 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool, kept: Op
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(OBJECT)
         .context("the kernel refused the eBPF object")?;
-    let copied = last.as_ref().map(|(_, old)| copy_watch(old, &mut ebpf));
-    // From here until all are attached, both workers' programs may capture a write.
-    let both_from = last.as_ref().map(|(_, old)| old.events.head());
+    // From where the old buffer is now until all are attached, both workers' programs may
+    // capture a write.
+    let last = last.map(|(f, old)| {
+        let copied = copy_watch(&old, &mut ebpf);
+        let from = old.events.head();
+        (f, old, copied, from)
+    });
     let mut links = Vec::new();
     for (name, category, event) in PROGRAMS {
         let program: &mut TracePoint = ebpf
@@ -278,7 +282,7 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool, kept: Op
     let events = events(ebpf.take_map("EVENTS").context("map EVENTS is missing")?)?;
     // Where each buffer is once all are attached: the old one is read up to here, the new one
     // holds what both captured before its own mark.
-    let both_until = last.as_ref().map(|(_, old)| (old.events.head(), events.head()));
+    let (old_until, new_until) = (last.as_ref().map(|(_, old, ..)| old.events.head()), events.head());
     if let Some(k) = &kept {
         // Links last: a set is reused only when it is whole.
         for name in MAPS {
@@ -314,9 +318,7 @@ pub fn load(max_capture: u32, ring_buffer_bytes: u32, containers: bool, kept: Op
         unread_bytes: 0,
         earlier: None,
     };
-    if let (Some((theirs, old)), Some(copied), Some(from), Some((old_until, new_until))) =
-        (last, copied, both_from, both_until)
-    {
+    if let (Some((theirs, old, copied, from)), Some(old_until)) = (last, old_until) {
         match copied {
             Ok(()) if layout(&theirs) == layout(&fingerprint) => {
                 loaded.resumed = true;
