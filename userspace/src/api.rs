@@ -36,6 +36,9 @@ pub struct VolumeSnapshot {
     pub name: String,
     pub service: String,
     pub labels: BTreeMap<String, String>,
+    /// Whose records its files hold (given at creation); empty: the mounting container's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
     /// The container that mounts it (its identity goes on the volume's records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<crate::api::Container>,
@@ -70,6 +73,34 @@ pub struct Snapshot {
     pub restarts: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart: Option<RestartSnapshot>,
+    /// The tenant keys (absent when encryption is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionSnapshot>,
+}
+
+/// The key directory as the agent read it last.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EncryptionSnapshot {
+    pub keys: String,
+    pub tenants: Vec<TenantKeysSnapshot>,
+    /// Files that are not usable keys: their tenants are never sent in clear.
+    pub refused: Vec<RefusedKeySnapshot>,
+    /// Times the directory changed and was read again.
+    pub reloads_total: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TenantKeysSnapshot {
+    pub tenant: String,
+    /// The key that seals the tenant's records now.
+    pub sealing_key: String,
+    pub key_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RefusedKeySnapshot {
+    pub file: String,
+    pub reason: String,
 }
 
 /// How the worker before this one ended and how this one took over.
@@ -106,6 +137,9 @@ pub struct VolumeSpec {
     pub service: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Whose records its files hold, whichever container mounts it (its key seals them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// Owner and mode of the volume's directory (e.g. for a container's non-root user);
     /// not part of its identity.
     #[serde(default)]
@@ -122,9 +156,11 @@ pub enum SpecError {
     Name(String, String),
     #[error("invalid service name {0:?}: {1}")]
     Service(String, String),
+    #[error("invalid tenant {0:?}: {1}")]
+    Tenant(String, String),
     #[error("invalid label {0:?}: keys are 1 to 128 of ASCII letters, digits, '.', '_', '-' and '/'")]
     Label(String),
-    #[error("volume {0:?} exists with another service or labels")]
+    #[error("volume {0:?} exists with another service, tenant or labels")]
     Conflict(String),
 }
 
@@ -133,6 +169,9 @@ impl VolumeSpec {
         Name::parse(&self.name).map_err(|e| SpecError::Name(self.name.clone(), e.to_string()))?;
         if let Some(s) = &self.service {
             Name::parse(s).map_err(|e| SpecError::Service(s.clone(), e.to_string()))?;
+        }
+        if let Some(t) = &self.tenant {
+            Name::parse(t).map_err(|e| SpecError::Tenant(t.clone(), e.to_string()))?;
         }
         for k in self.labels.keys() {
             let ok = !k.is_empty() && k.len() <= 128 && k.chars().all(|c| is_name_char(c) || c == '/');

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::discovery::DiscoveryConfig;
+use crate::encryption::EncryptionConfig;
 use crate::ring::RingConfig;
 use crate::sinks::files::FilesSinkConfig;
 use crate::sinks::SinkConfig;
@@ -45,6 +46,8 @@ pub struct Config {
     pub control: ControlConfig,
     pub pipes: PipesConfig,
     pub discovery: DiscoveryConfig,
+    /// Per-tenant sealing of records on their way into the sinks.
+    pub encryption: EncryptionConfig,
     /// Named sinks; all of them receive every record.
     pub sinks: BTreeMap<String, SinkConfig>,
 }
@@ -68,6 +71,7 @@ impl Default for Config {
             control: ControlConfig::default(),
             pipes: PipesConfig::default(),
             discovery: DiscoveryConfig::default(),
+            encryption: EncryptionConfig::default(),
             sinks: BTreeMap::from([("files".to_string(), SinkConfig::Files(FilesSinkConfig::default()))]),
         }
     }
@@ -122,6 +126,7 @@ impl Config {
             }
         }
         self.discovery.validate()?;
+        self.encryption.validate()?;
         if !self.control.socket.is_absolute() {
             return Err(format!("control.socket must be an absolute path, not {:?}", self.control.socket));
         }

@@ -280,6 +280,8 @@ impl Histogram {
 pub const TOPICS_KEPT: usize = 1024;
 /// Where the topics past [`TOPICS_KEPT`] are counted.
 pub const OTHER_TOPICS: &str = "(other topics)";
+/// Where the tenants past [`TOPICS_KEPT`] are counted.
+pub const OTHER_TENANTS: &str = "(other tenants)";
 
 /// What a sink counts.
 #[derive(Debug, Default)]
@@ -304,6 +306,9 @@ pub struct SinkCounters {
     pub split_records: AtomicU64,
     /// Delivered per topic (Kafka).
     topics: Mutex<BTreeMap<String, Arc<Delivered>>>,
+    /// With encryption on: per tenant, what was sealed, sent in clear or dropped for want of
+    /// a key.
+    tenants: Mutex<BTreeMap<String, Arc<Sealing>>>,
     /// From capture to delivery.
     pub latency: Histogram,
 }
@@ -313,6 +318,48 @@ pub struct SinkCounters {
 pub struct Delivered {
     pub records: AtomicU64,
     pub bytes: AtomicU64,
+}
+
+/// What encryption did with one tenant's records in one sink.
+#[derive(Debug, Default)]
+pub struct Sealing {
+    /// Delivered sealed (bytes: the values before sealing).
+    pub sealed: Delivered,
+    /// Delivered in clear because the tenant has no key (`without_key = "plaintext"`).
+    pub plaintext: Delivered,
+    /// Not sent: no usable key, and policy said drop (or a wait that shutdown ended).
+    pub dropped: Delivered,
+    /// Gauge: held until the tenant's key is there (`required_without_key = "wait"`).
+    pub waiting_records: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SealingSnapshot {
+    pub sealed_records_total: u64,
+    pub sealed_bytes_total: u64,
+    pub plaintext_records_total: u64,
+    pub plaintext_bytes_total: u64,
+    pub dropped_records_total: u64,
+    pub dropped_bytes_total: u64,
+    pub waiting_records: u64,
+}
+
+impl Delivered {
+    pub fn add(&self, records: u64, bytes: u64) {
+        self.records.fetch_add(records, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+    }
+}
+
+/// The entry of `key` in a table keyed by names that come from records (topics, tenants):
+/// past [`TOPICS_KEPT`] entries the rest share the entry `other`, so the table stays bounded.
+fn bounded<T: Default>(table: &Mutex<BTreeMap<String, Arc<T>>>, key: &str, other: &str) -> Arc<T> {
+    let mut table = lock(table);
+    if let Some(d) = table.get(key) {
+        return d.clone();
+    }
+    let key = if table.len() < TOPICS_KEPT { key } else { other };
+    table.entry(key.to_string()).or_default().clone()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -338,12 +385,12 @@ impl SinkCounters {
     /// records' identities, so past [`TOPICS_KEPT`] of them the rest count together under
     /// [`OTHER_TOPICS`] and the list stays bounded.
     pub fn topic(&self, topic: &str) -> Arc<Delivered> {
-        let mut topics = lock(&self.topics);
-        if let Some(d) = topics.get(topic) {
-            return d.clone();
-        }
-        let key = if topics.len() < TOPICS_KEPT { topic } else { OTHER_TOPICS };
-        topics.entry(key.to_string()).or_default().clone()
+        bounded(&self.topics, topic, OTHER_TOPICS)
+    }
+
+    /// The encryption counters of one tenant (`""`: records of no tenant), bounded like topics.
+    pub fn tenant(&self, tenant: &str) -> Arc<Sealing> {
+        bounded(&self.tenants, tenant, OTHER_TENANTS)
     }
 
     pub fn snapshot(&self) -> SinkSnapshot {
@@ -370,6 +417,21 @@ impl SinkCounters {
                     (t.clone(), d)
                 })
                 .collect(),
+            encryption: lock(&self.tenants)
+                .iter()
+                .map(|(t, s)| {
+                    let snapshot = SealingSnapshot {
+                        sealed_records_total: s.sealed.records.load(Relaxed),
+                        sealed_bytes_total: s.sealed.bytes.load(Relaxed),
+                        plaintext_records_total: s.plaintext.records.load(Relaxed),
+                        plaintext_bytes_total: s.plaintext.bytes.load(Relaxed),
+                        dropped_records_total: s.dropped.records.load(Relaxed),
+                        dropped_bytes_total: s.dropped.bytes.load(Relaxed),
+                        waiting_records: s.waiting_records.load(Relaxed),
+                    };
+                    (t.clone(), snapshot)
+                })
+                .collect(),
             latency: self.latency.snapshot(),
         }
     }
@@ -393,6 +455,9 @@ pub struct SinkSnapshot {
     pub split_records_total: u64,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub topics: BTreeMap<String, DeliveredSnapshot>,
+    /// With encryption on, per tenant (`""`: records of no tenant).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub encryption: BTreeMap<String, SealingSnapshot>,
     /// Capture to delivery (for Kafka: to the broker's acknowledgement).
     pub latency: LatencySnapshot,
 }

@@ -154,7 +154,8 @@ pub fn run(config: Config, link: Option<KeeperLink>) -> anyhow::Result<()> {
 
     // Every task stops on this one token, at the end of shutdown.
     let stop = CancellationToken::new();
-    let sinks = sinks::start(&config.sinks, &host, &ring)?;
+    let encryption = config.encryption.start().context("encryption")?;
+    let sinks = sinks::start(&config.sinks, &host, &ring, encryption.clone())?;
     // What the last worker's ring held for the sinks goes first; then this ring is the kept one.
     let mut carried = (0, 0);
     if let (Some(k), Some(state)) = (&mut keeping, &state) {
@@ -296,10 +297,10 @@ pub fn run(config: Config, link: Option<KeeperLink>) -> anyhow::Result<()> {
         host.clone(),
         ring.clone(),
         sinks.counters,
-        source.clone(),
-        pipes.clone(),
+        Sources { volumes: source.clone(), pipes: pipes.clone() },
         discovery,
         life,
+        encryption.map(|e| e.keys.clone()),
     ));
 
     let control = Arc::new(Control {

@@ -3,7 +3,8 @@
 //! The path of a line: a write into a FUSE volume (crate `logtap-fusefs`) or to a stdout pipe
 //! (crate `logtap-ebpf`) -> [`sources::volume`] or [`sources::pipes`] -> [`framer`] ->
 //! [`record`] -> the one [`ring`] -> [`sinks`]. [`discovery`] follows the container runtime and
-//! tells the sources whose records are whose. [`stats`] counts every stage; [`control`] serves
+//! tells the sources whose records are whose; [`encryption`] seals each tenant's records with
+//! its key on their way into the sinks. [`stats`] counts every stage; [`control`] serves
 //! the stats and the volume API over a Unix socket (and the Docker volume plugin); [`daemon`]
 //! wires it all from the [`config`].
 
@@ -13,6 +14,7 @@ pub mod control;
 pub mod counters;
 pub mod daemon;
 pub mod discovery;
+pub mod encryption;
 pub mod framer;
 pub mod host;
 pub mod keeper;

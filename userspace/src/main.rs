@@ -9,6 +9,7 @@ use hyper::Method;
 use logtap::api::{DiscoverySnapshot, Snapshot, Stdout, TargetSpec, UnwatchSpec, VolumeSnapshot, VolumeSpec};
 use logtap::config::{self, Config};
 use logtap::control::client;
+use logtap::encryption::keys::KeySet;
 
 #[derive(Parser)]
 #[command(name = "logtap", version, about = "Diskless container log capture")]
@@ -108,6 +109,44 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Make and list tenant keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Print the values of sealed records (files sink lines, or Kafka values back to back);
+    /// exits non-zero, with the count, if any record does not open.
+    Decrypt {
+        #[command(flatten)]
+        keys: KeysArg,
+        /// The tenant whose stream this is: a record of another tenant fails.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Files to read; `-` or none: standard input.
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct KeysArg {
+    /// The key directory (files TENANT.KEYID.key).
+    #[arg(long, env = "LOGTAP_KEYS", default_value = "/etc/logtap/keys")]
+    keys: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a new key for a tenant (it seals the tenant's records from now on) and print its id.
+    New {
+        tenant: String,
+        #[command(flatten)]
+        keys: KeysArg,
+    },
+    /// List the tenants, their key ids, and the files that are not usable keys.
+    List {
+        #[command(flatten)]
+        keys: KeysArg,
+    },
 }
 
 /// The identity of captured pipe records.
@@ -139,6 +178,9 @@ enum VolumeCommand {
         /// Service of its records (default: the volume name).
         #[arg(long)]
         service: Option<String>,
+        /// Tenant of its records, whichever container mounts it (its key seals them).
+        #[arg(long)]
+        tenant: Option<String>,
         /// A label KEY=VALUE (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
@@ -259,10 +301,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config { command: ConfigCommand::Check { file } } => {
-            Config::load(&file)?;
+            let config = Config::load(&file)?;
+            if config.encryption.enabled() {
+                let keys = KeySet::load(&config.encryption.keys)?;
+                for r in &keys.refused {
+                    eprintln!("{}: refused: {}", r.file.display(), r.reason);
+                }
+                if !keys.refused.is_empty() {
+                    bail!("{} key files refused in {}", keys.refused.len(), config.encryption.keys.display());
+                }
+            }
             println!("{}: ok", file.display());
             Ok(())
         }
+        Command::Keys { command: KeysCommand::New { tenant, keys } } => {
+            let (id, path) = logtap::encryption::keys::new_key(&keys.keys, &tenant)?;
+            eprintln!("made {}", path.display());
+            println!("{id}");
+            Ok(())
+        }
+        Command::Keys { command: KeysCommand::List { keys } } => {
+            let set = KeySet::load(&keys.keys)?;
+            print!("{}", render_keys(&set.snapshot(&keys.keys, 0)));
+            Ok(())
+        }
+        Command::Decrypt { keys, tenant, files } => decrypt(&keys.keys, tenant.as_deref(), &files),
         Command::Stats { socket, json } => {
             let body = block_on(client::call(&socket.socket, Method::GET, "/v1/stats", None))?;
             if json {
@@ -323,10 +386,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Volume { command: VolumeCommand::Create { name, service, labels, owner, mode, socket } } => {
+        Command::Volume { command: VolumeCommand::Create { name, service, tenant, labels, owner, mode, socket } } => {
             let spec = VolumeSpec {
                 name,
                 service,
+                tenant,
                 labels: labels.into_iter().collect(),
                 uid: owner.map(|o| o.0),
                 gid: owner.and_then(|o| o.1),
@@ -341,6 +405,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `logtap decrypt`: every file (or stdin) through one decryptor; any failure fails the command.
+fn decrypt(keys: &std::path::Path, tenant: Option<&str>, files: &[PathBuf]) -> anyhow::Result<()> {
+    use logtap::encryption::decrypt::{Decrypted, Decryptor};
+    let set = KeySet::load(keys)?;
+    for r in &set.refused {
+        eprintln!("logtap: {}: refused: {}", r.file.display(), r.reason);
+    }
+    let out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut d = Decryptor { keys: &set, tenant, out, errors: std::io::stderr(), done: Decrypted::default() };
+    let stdin = [PathBuf::from("-")];
+    for file in if files.is_empty() { &stdin[..] } else { files } {
+        if file.as_os_str() == "-" {
+            d.read("stdin", std::io::stdin().lock()).context("reading stdin")?;
+        } else {
+            let f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+            d.read(&file.display().to_string(), std::io::BufReader::with_capacity(1 << 20, f))
+                .with_context(|| format!("reading {}", file.display()))?;
+        }
+    }
+    std::io::Write::flush(&mut d.out).context("writing the values")?;
+    if d.done.failed > 0 {
+        bail!("{} of {} records did not decrypt", d.done.failed, d.done.failed + d.done.opened);
+    }
+    Ok(())
 }
 
 /// `logtap run`: the agent watches this process, the command is forked from it (and so is
@@ -764,6 +854,26 @@ fn render_stats(s: &Snapshot) -> String {
                 bytes(d.delivered_bytes_total)
             );
         }
+        for (tenant, t) in &k.encryption {
+            let name = if tenant.is_empty() { "(none)" } else { tenant };
+            let mut line =
+                format!("  tenant {name}: sealed {} records ({})", t.sealed_records_total, bytes(t.sealed_bytes_total));
+            if t.plaintext_records_total > 0 {
+                line += &format!(", IN CLEAR {} records (no key)", t.plaintext_records_total);
+            }
+            if t.dropped_records_total > 0 {
+                line += &format!(
+                    ", DROPPED {} records ({}) without a usable key",
+                    t.dropped_records_total,
+                    bytes(t.dropped_bytes_total)
+                );
+            }
+            if t.waiting_records > 0 {
+                line += &format!(", {} waiting for a key", t.waiting_records);
+            }
+            out += &line;
+            out += "\n";
+        }
         if !k.errors_by_kind.is_empty() {
             let kinds: Vec<String> = k.errors_by_kind.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
             out += &format!("  errors by kind: {}\n", kinds.join(", "));
@@ -771,6 +881,28 @@ fn render_stats(s: &Snapshot) -> String {
         if let Some(e) = &k.last_error {
             out += &format!("  last error: {e}\n");
         }
+    }
+    if let Some(e) = &s.encryption {
+        out += "\n";
+        out += &render_keys(e);
+    }
+    out
+}
+
+/// The key directory: each tenant's keys, and what was refused.
+fn render_keys(e: &logtap::api::EncryptionSnapshot) -> String {
+    let mut out = format!("keys: {} ({} tenants, {} refused files)\n", e.keys, e.tenants.len(), e.refused.len());
+    for t in &e.tenants {
+        out += &format!(
+            "  {}: seals with {} ({} keys: {})\n",
+            t.tenant,
+            t.sealing_key,
+            t.key_ids.len(),
+            t.key_ids.join(", ")
+        );
+    }
+    for r in &e.refused {
+        out += &format!("  REFUSED {}: {}\n", r.file, r.reason);
     }
     out
 }

@@ -9,11 +9,13 @@ use crate::api::{
     ContainerSnapshot, ContainersSnapshot, DiscoverySnapshot, PipesSnapshot, ReaderSnapshot, RestartSnapshot,
     RingSnapshot, Snapshot, TargetSnapshot, TenantSnapshot, VolumeSnapshot,
 };
-use crate::counters::{CountersSnapshot, DeliveredSnapshot, SinkCounters, SinkSnapshot};
+use crate::counters::{CountersSnapshot, DeliveredSnapshot, SealingSnapshot, SinkCounters, SinkSnapshot};
 use crate::discovery::Discovery;
+use crate::encryption::keys::Keys;
 use crate::ring::Ring;
 use crate::sources::pipes::PipeSource;
 use crate::sources::volume::VolumeSource;
+use crate::sources::Sources;
 
 /// The worker's place in the keeper's life.
 #[derive(Debug, Clone, Default)]
@@ -32,6 +34,7 @@ pub struct Report {
     volumes: Arc<VolumeSource>,
     pipes: Arc<PipeSource>,
     discovery: Option<Arc<Discovery>>,
+    keys: Option<Arc<Keys>>,
 }
 
 impl Report {
@@ -39,12 +42,13 @@ impl Report {
         host: String,
         ring: Arc<Ring>,
         sinks: Vec<Arc<SinkCounters>>,
-        volumes: Arc<VolumeSource>,
-        pipes: Arc<PipeSource>,
+        sources: Sources,
         discovery: Option<Arc<Discovery>>,
         life: Life,
+        keys: Option<Arc<Keys>>,
     ) -> Self {
-        Self { host, started: Instant::now(), ring, sinks, volumes, pipes, discovery, life }
+        let Sources { volumes, pipes } = sources;
+        Self { host, started: Instant::now(), ring, sinks, volumes, pipes, discovery, life, keys }
     }
 
     /// The runtime followed and its containers, with what was captured and lost of each.
@@ -77,6 +81,7 @@ impl Report {
             worker_pid: std::process::id(),
             restarts: self.life.restarts,
             last_restart: self.life.last_restart.clone(),
+            encryption: self.keys.as_ref().map(|k| k.snapshot()),
         }
     }
 }
@@ -396,6 +401,39 @@ pub fn prometheus(s: &Snapshot) -> String {
             .map(|(q, v)| (labels(&[("sink", &k.name), ("quantile", q)]), v))
     });
     out.family("sink_latency_seconds", "summary", "Capture-to-delivery latency.", latency);
+    let sealing: [Field<SealingSnapshot>; 7] = [
+        ("sealed_records_total", "counter", "Records delivered sealed with the tenant's key.", |t| {
+            t.sealed_records_total
+        }),
+        ("sealed_bytes_total", "counter", "Bytes (before sealing) delivered sealed.", |t| t.sealed_bytes_total),
+        ("plaintext_records_total", "counter", "Records delivered in clear: the tenant has no key.", |t| {
+            t.plaintext_records_total
+        }),
+        ("plaintext_bytes_total", "counter", "Bytes delivered in clear: the tenant has no key.", |t| {
+            t.plaintext_bytes_total
+        }),
+        ("dropped_records_total", "counter", "Records not sent: no usable key and the policy drops.", |t| {
+            t.dropped_records_total
+        }),
+        ("dropped_bytes_total", "counter", "Bytes not sent: no usable key and the policy drops.", |t| {
+            t.dropped_bytes_total
+        }),
+        ("waiting_records", "gauge", "Records held until the tenant's key is there.", |t| t.waiting_records),
+    ];
+    let rows: Vec<(String, &SealingSnapshot)> = s
+        .sinks
+        .iter()
+        .flat_map(|k| k.encryption.iter().map(move |(t, d)| (labels(&[("sink", &k.name), ("tenant", t)]), d)))
+        .collect();
+    out.table("sink_tenant_", &sealing, &rows);
+    if let Some(e) = &s.encryption {
+        let keys = e.tenants.iter().map(|t| (labels(&[("tenant", &t.tenant)]), t.key_ids.len() as f64));
+        out.family("tenant_keys", "gauge", "Usable keys of each tenant in the key directory.", keys);
+        let refused = [(String::new(), e.refused.len() as f64)];
+        out.family("refused_key_files", "gauge", "Files of the key directory that are not usable keys.", refused);
+        let reloads = [(String::new(), e.reloads_total as f64)];
+        out.family("key_reloads_total", "counter", "Times the key directory changed and was read again.", reloads);
+    }
     out.0
 }
 
@@ -417,7 +455,7 @@ mod tests {
         let pipes = PipeSource::new(framing, ring.clone(), 100, "disabled", None);
         let sink = Arc::new(SinkCounters::new("out\"x", "stdout"));
         sink.delivered_records.fetch_add(3, Relaxed);
-        let report = Report::new("h".into(), ring, vec![sink], volumes, pipes, None, Life::default());
+        let report = Report::new("h".into(), ring, vec![sink], Sources { volumes, pipes }, None, Life::default(), None);
         let text = prometheus(&report.snapshot());
         assert!(text.contains("logtap_sink_delivered_records_total{sink=\"out\\\"x\"} 3"), "{text}");
         assert!(text.contains("# TYPE logtap_ring_capacity_bytes gauge"));
@@ -435,7 +473,8 @@ mod tests {
         let pipes = PipeSource::new(framing, ring.clone(), 100, "disabled", None);
         let sink = Arc::new(SinkCounters::new("s", "stdout"));
         ring.add_reader("s", false);
-        let report = Report::new("h".into(), ring, vec![sink.clone()], volumes, pipes, None, Life::default());
+        let report =
+            Report::new("h".into(), ring, vec![sink.clone()], Sources { volumes, pipes }, None, Life::default(), None);
         let text = prometheus(&report.snapshot());
         for k in counters_of(&CountersSnapshot::default()) {
             for family in ["volume", "file"] {

@@ -18,6 +18,7 @@ const LOGTAP: &[&str] = &[
     "keeper",
     "discovery",
     "sources",
+    "encryption",
     "sinks",
     "config",
     "report",

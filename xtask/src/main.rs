@@ -88,6 +88,22 @@ fn apt_install(packages: &[(&str, &str)]) -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// A Python package from PyPI the tests use (cryptography: an independent reader of sealed
+/// records), installed only when `python3` cannot import it.
+fn python_module(module: &str) -> anyhow::Result<()> {
+    let import = || Command::new("python3").args(["-c", &format!("import {module}")]).status();
+    if import().is_ok_and(|s| s.success()) {
+        return Ok(());
+    }
+    say(&format!("installing the Python package {module} from PyPI"));
+    let plain = Command::new("python3").args(["-m", "pip", "install", "-q", module]).status();
+    // A distribution's own Python refuses pip (PEP 668) unless told.
+    if !plain.is_ok_and(|s| s.success()) {
+        sh(Command::new("python3").args(["-m", "pip", "install", "-q", "--break-system-packages", module]))?;
+    }
+    Ok(())
+}
+
 fn rustup_components(components: &[&str]) -> anyhow::Result<()> {
     let installed = Command::new("rustup").args(["component", "list", "--installed"]).output();
     let installed = installed.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
@@ -166,6 +182,7 @@ fn setup() -> anyhow::Result<()> {
         ("wrk", "wrk"),
         ("logrotate", "logrotate"),
     ])?;
+    python_module("cryptography")?;
     rustup_components(&["rustfmt", "clippy"])?;
     ebpf_toolchain()?;
     say("setup done");

@@ -92,7 +92,8 @@ async fn handle(req: Request<Incoming>, plugin: Arc<Plugin>) -> Result<Response<
     })
 }
 
-/// Create options: `service`, `label=k=v,k2=v2` or `label.k=v`, `uid`, `gid`, `mode` (octal).
+/// Create options: `service`, `tenant`, `label=k=v,k2=v2` or `label.k=v`, `uid`, `gid`, `mode`
+/// (octal).
 fn spec_of(name: &str, opts: &HashMap<String, String>) -> Result<VolumeSpec, String> {
     let mut labels = BTreeMap::new();
     let mut spec = VolumeSpec { name: name.to_string(), ..Default::default() };
@@ -102,6 +103,7 @@ fn spec_of(name: &str, opts: &HashMap<String, String>) -> Result<VolumeSpec, Str
     for (k, v) in opts {
         match k.as_str() {
             "service" => spec.service = Some(v.clone()),
+            "tenant" => spec.tenant = Some(v.clone()),
             "uid" => spec.uid = Some(number(k, v, 10)?),
             "gid" => spec.gid = Some(number(k, v, 10)?),
             "mode" => spec.mode = Some(number(k, v, 8)?),
@@ -115,7 +117,7 @@ fn spec_of(name: &str, opts: &HashMap<String, String>) -> Result<VolumeSpec, Str
                 Some(lk) => {
                     labels.insert(lk.to_string(), v.clone());
                 }
-                None => return Err(format!("unknown option {k:?}: use service, label, uid, gid or mode")),
+                None => return Err(format!("unknown option {k:?}: use service, tenant, label, uid, gid or mode")),
             },
         }
     }
@@ -228,6 +230,7 @@ mod tests {
     fn create_options() {
         let opts: HashMap<String, String> = [
             ("service", "shop"),
+            ("tenant", "acme"),
             ("label", "team=pay,tier=1"),
             ("label.env", "prod"),
             ("uid", "1000"),
@@ -238,6 +241,7 @@ mod tests {
         .collect();
         let s = spec_of("web", &opts).unwrap();
         assert_eq!(s.service.as_deref(), Some("shop"));
+        assert_eq!(s.tenant.as_deref(), Some("acme"));
         assert_eq!(s.uid, Some(1000));
         assert_eq!(s.mode, Some(0o777));
         assert_eq!(s.labels.len(), 3);

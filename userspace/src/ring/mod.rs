@@ -631,6 +631,10 @@ impl Ring {
         self.readable.notify_waiters();
     }
 
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// Waits until every required reader has acknowledged every record, or `deadline`.
     /// Returns the records still unacknowledged.
     pub fn wait_drained(&self, deadline: Instant) -> u64 {

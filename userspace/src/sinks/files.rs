@@ -1,6 +1,8 @@
 //! The files sink: `{dir}/{service}/{module}.{YYYYMMDD}`, one record per line (its bytes, or its
 //! JSON envelope with the identity), the day taken in the configured time zone (the Flume
-//! consumer layout).
+//! consumer layout). Sealed records go to their tenant's own directory,
+//! `{dir}/tenants/{tenant}/{service}/{module}.{YYYYMMDD}`, one per line in standard base64
+//! (`logtap decrypt` reads them).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -11,8 +13,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 
-use super::{Delivery, DeliveryError, Sink};
-use crate::record::Record;
+use base64::Engine;
+
+use super::{Delivery, DeliveryError, Outgoing, Sink};
+use crate::encryption::sealed::Sealer;
 use crate::sinks::Format;
 use crate::values::Timezone;
 
@@ -74,10 +78,19 @@ pub struct FilesSink {
     dir: PathBuf,
     tz: chrono_tz::Tz,
     format: Format,
-    open: HashMap<(Arc<str>, Arc<str>), OpenFile>,
+    /// By sealed tenant (none for records in clear), service and module.
+    open: HashMap<FileKey, OpenFile>,
     /// One record's JSON line, reused.
     json: Vec<u8>,
+    /// One sealed record and its base64 line, reused.
+    sealed: Vec<u8>,
+    line: String,
 }
+
+type FileKey = (Option<Arc<str>>, Arc<str>, Arc<str>);
+
+/// Where sealed records go, below the sink's directory: `tenants/{tenant}/`.
+pub const TENANTS_DIR: &str = "tenants";
 
 /// A name made safe as one path component: no separators, no leading dot, bounded length.
 pub fn path_component(name: &str) -> String {
@@ -97,6 +110,8 @@ impl FilesSink {
             format: config.format,
             open: HashMap::new(),
             json: Vec::new(),
+            sealed: Vec::new(),
+            line: String::new(),
         })
     }
 
@@ -105,12 +120,18 @@ impl FilesSink {
         utc.with_timezone(&self.tz).format("%Y%m%d").to_string()
     }
 
-    pub fn path_for(dir: &Path, service: &str, module: &str, day: &str) -> PathBuf {
-        dir.join(path_component(service)).join(format!("{}.{day}", path_component(module)))
+    /// The file of a service's module on a day; of a tenant's sealed records with `tenant`.
+    pub fn path_for(dir: &Path, tenant: Option<&str>, service: &str, module: &str, day: &str) -> PathBuf {
+        let base = match tenant {
+            Some(t) => dir.join(TENANTS_DIR).join(path_component(t)),
+            None => dir.to_path_buf(),
+        };
+        base.join(path_component(service)).join(format!("{}.{day}", path_component(module)))
     }
 
-    fn writer(&mut self, r: &Record, day: String) -> anyhow::Result<&mut OpenFile> {
-        let key = (r.origin.service.clone(), r.origin.module.clone());
+    fn writer(&mut self, o: &Outgoing, day: String) -> anyhow::Result<&mut OpenFile> {
+        let r = &o.record;
+        let key = (o.key.as_ref().map(|k| k.tenant.clone()), r.origin.service.clone(), r.origin.module.clone());
         let stale = self.open.get(&key).is_some_and(|f| f.day != day);
         if stale {
             if let Some(mut old) = self.open.remove(&key) {
@@ -121,7 +142,7 @@ impl FilesSink {
             if self.open.len() >= MAX_OPEN {
                 self.close_least_recent()?;
             }
-            let path = Self::path_for(&self.dir, &key.0, &key.1, &day);
+            let path = Self::path_for(&self.dir, key.0.as_deref(), &key.1, &key.2, &day);
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
             }
@@ -158,30 +179,53 @@ impl FilesSink {
         Ok(())
     }
 
-    fn write(&mut self, records: &[Record]) -> Result<(), DeliveryError> {
+    fn write(&mut self, records: &[Outgoing]) -> Result<(), DeliveryError> {
         let format = self.format;
         let mut json = std::mem::take(&mut self.json);
+        let mut sealed = std::mem::take(&mut self.sealed);
+        let mut line = std::mem::take(&mut self.line);
+        let mut sealer = Sealer::new();
         let mut at = 0;
         while at < records.len() {
-            // A run: records of one stream captured within the same second share a file.
+            // A run: records of one stream and key captured within the same second share a file.
             let first = &records[at];
-            let secs =
-                |r: &Record| r.captured_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let secs = |o: &Outgoing| {
+                o.record.captured_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+            };
             let second = secs(first);
-            let run =
-                records[at..].iter().take_while(|r| Arc::ptr_eq(&r.origin, &first.origin) && secs(r) == second).count();
+            let same_key = |o: &Outgoing| match (&o.key, &first.key) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            };
+            let run = records[at..]
+                .iter()
+                .take_while(|o| Arc::ptr_eq(&o.record.origin, &first.record.origin) && same_key(o) && secs(o) == second)
+                .count();
             // What is buffered is not yet delivered: on error the whole batch is offered again.
             let fail = |error: anyhow::Error| DeliveryError::after(0, records.len(), error);
-            let day = self.day(first.captured_at);
+            let day = self.day(first.record.captured_at);
             let f = self.writer(first, day).map_err(fail)?;
             f.last_used = Instant::now();
-            for r in &records[at..at + run] {
-                let written = match format {
-                    Format::Raw => f.writer.write_all(&r.bytes).and_then(|()| f.writer.write_all(b"\n")),
+            for o in &records[at..at + run] {
+                let r = &o.record;
+                let value: &[u8] = match format {
+                    Format::Raw => &r.bytes,
                     Format::Json => {
                         json.clear();
-                        r.to_json_line(&mut json);
-                        f.writer.write_all(&json)
+                        r.to_json(&mut json);
+                        &json
+                    }
+                };
+                let written = match &o.key {
+                    None => f.writer.write_all(value).and_then(|()| f.writer.write_all(b"\n")),
+                    Some(key) => {
+                        sealed.clear();
+                        line.clear();
+                        sealer.seal(key, r, value, &mut sealed).and_then(|()| {
+                            base64::engine::general_purpose::STANDARD.encode_string(&sealed, &mut line);
+                            line.push('\n');
+                            f.writer.write_all(line.as_bytes())
+                        })
                     }
                 };
                 written.map_err(|e| fail(anyhow::Error::new(e).context("writing a record")))?;
@@ -189,13 +233,15 @@ impl FilesSink {
             at += run;
         }
         self.json = json;
+        self.sealed = sealed;
+        self.line = line;
         // Buffered lines of earlier records may be lost with the error: offer the whole batch again.
         self.flush_all().map_err(|error| DeliveryError::after(0, records.len(), error))
     }
 }
 
 impl Sink for FilesSink {
-    fn deliver(&mut self, records: &[Record]) -> Delivery {
+    fn deliver(&mut self, records: &[Outgoing]) -> Delivery {
         // Plain blocking file I/O, done before returning: this sink runs on its own thread.
         Box::pin(std::future::ready(self.write(records)))
     }
@@ -246,7 +292,7 @@ mod tests {
         a.captured_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_706_731_200);
         let mut b = record(&[0xff, b'x']);
         b.captured_at = a.captured_at;
-        sink.write(&[a, b]).unwrap();
+        sink.write(&[Outgoing::clear(a), Outgoing::clear(b)]).unwrap();
         let text = std::fs::read(dir.path().join("svc/app.20240201")).unwrap();
         assert_eq!(text, b"first\n\xffx\n");
     }
@@ -274,7 +320,7 @@ mod tests {
             module: "stdout".into(),
             path: "stdout".into(),
         });
-        sink.write(&[r]).unwrap();
+        sink.write(&[Outgoing::clear(r)]).unwrap();
         let text = std::fs::read_to_string(dir.path().join("svc/stdout.19700101")).unwrap();
         let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
         assert_eq!(v["message"], "hello");

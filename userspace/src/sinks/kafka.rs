@@ -5,9 +5,13 @@
 //! (`host`, `service`, `module`, `path`; `volume` for volume records, `pid` for pipe records),
 //! the value raw (the line) or the JSON envelope, the capture time as its timestamp.
 //!
+//! A sealed record (its tenant has a key) is the value: the raw line or the JSON envelope,
+//! sealed; headers `enc` (the algorithm) and `key_id` say so, the identity headers stay in clear
+//! for routing.
+//!
 //! The size rule: a value longer than `max_message_bytes` is split into parts that fit, sent in
-//! order under the same key (raw parts carry a `part` header `i/n`; JSON parts have
-//! `"split": true`), counted as split. A message the broker still refuses as too large (its
+//! order under the same key (raw and sealed parts carry a `part` header `i/n`, to be joined
+//! before decrypting; JSON parts have `"split": true`), counted as split. A message the broker still refuses as too large (its
 //! limit is lower than ours) or as an invalid record is rejected: dropped and counted, because
 //! no retry could succeed and it would hold the ring. Every other failure is retried.
 
@@ -24,8 +28,9 @@ use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, PurgeConfig};
 use tracing::{debug, error, warn};
 
-use super::{Delivery, DeliveryError, Outcome, Sink};
+use super::{Delivery, DeliveryError, Outcome, Outgoing, Sink};
 use crate::counters::{Delivered, SinkCounters};
+use crate::encryption::sealed::{Sealer, ALGORITHM};
 use crate::record::{Field, Origin, Part, Record, Template};
 use crate::sinks::Format;
 use crate::values::{lock, ByteSize, Dur};
@@ -200,6 +205,12 @@ impl Tracker {
         self.outcomes[index].fetch_max(outcome as u8, Ordering::AcqRel);
         lock(&self.first_error).get_or_insert_with(|| error.to_string());
         self.finish();
+    }
+
+    /// A record that cannot become a message at all.
+    fn reject(&self, index: usize, error: &str) {
+        self.outcomes[index].fetch_max(Outcome::Rejected as u8, Ordering::AcqRel);
+        lock(&self.first_error).get_or_insert_with(|| error.to_string());
     }
 
     /// Serves the producer's callbacks (on this thread: no polling thread, and messages are
@@ -455,6 +466,7 @@ pub struct KafkaSink {
     max_value: usize,
     routes: HashMap<usize, Arc<Route>>,
     json: Vec<u8>,
+    sealed: Vec<u8>,
     failures: Arc<AtomicU32>,
 }
 
@@ -485,6 +497,7 @@ impl KafkaSink {
             max_value: usize::try_from(config.max_message_bytes.0)?,
             routes: HashMap::new(),
             json: Vec::new(),
+            sealed: Vec::new(),
             failures: Arc::default(),
         })
     }
@@ -511,20 +524,19 @@ impl KafkaSink {
         route
     }
 
-    /// Hands one message to librdkafka; a failure it reports at once counts like a failed
-    /// delivery report.
-    fn send(&self, tracker: &Arc<Tracker>, index: usize, route: &Route, value: &[u8], at: i64, part: Option<&str>) {
+    /// Hands one message to librdkafka, with `extra` headers after the route's; a failure it
+    /// reports at once counts like a failed delivery report.
+    fn send(&self, tracker: &Arc<Tracker>, index: usize, route: &Route, value: &[u8], at: i64, extra: &[(&str, &str)]) {
         tracker.pending.fetch_add(1, Ordering::AcqRel);
         let opaque = Box::new(Report { tracker: tracker.clone(), index, topic: route.delivered.clone() });
         let mut message =
             BaseRecord::with_opaque_to(&route.topic, opaque).key(&route.key[..]).payload(value).timestamp(at);
-        match (&route.headers, part) {
-            (Some(h), Some(p)) => message = message.headers(h.clone().insert(Header { key: "part", value: Some(p) })),
-            (Some(h), None) => message = message.headers(h.clone()),
-            (None, Some(p)) => {
-                message = message.headers(OwnedHeaders::new().insert(Header { key: "part", value: Some(p) }))
+        if route.headers.is_some() || !extra.is_empty() {
+            let mut h = route.headers.clone().unwrap_or_default();
+            for (key, value) in extra {
+                h = h.insert(Header { key, value: Some(*value) });
             }
-            (None, None) => {}
+            message = message.headers(h);
         }
         loop {
             match self.producer.send(message) {
@@ -539,34 +551,73 @@ impl KafkaSink {
         }
     }
 
-    fn send_record(&mut self, tracker: &Arc<Tracker>, index: usize, r: &Record) {
+    /// Sends `value` as one message, or as parts with a `part` header `i/n` when it is longer
+    /// than the limit.
+    fn send_parts(
+        &self,
+        tracker: &Arc<Tracker>,
+        index: usize,
+        route: &Route,
+        value: &[u8],
+        at: i64,
+        extra: &[(&str, &str)],
+    ) {
+        if value.len() <= self.max_value {
+            return self.send(tracker, index, route, value, at, extra);
+        }
+        self.counters.split_records.fetch_add(1, Ordering::Relaxed);
+        let pieces = cut(value, value.len().div_ceil(self.max_value));
+        for (i, range) in pieces.iter().enumerate() {
+            let part = format!("{}/{}", i + 1, pieces.len());
+            let headers: Vec<(&str, &str)> = extra.iter().copied().chain([("part", part.as_str())]).collect();
+            self.send(tracker, index, route, &value[range.clone()], at, &headers);
+        }
+    }
+
+    fn send_record(&mut self, tracker: &Arc<Tracker>, sealer: &mut Sealer, index: usize, o: &Outgoing) {
+        let r = &o.record;
         let route = self.route(&r.origin);
         let at = r.captured_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-        match self.format {
-            Format::Raw if r.bytes.len() <= self.max_value => self.send(tracker, index, &route, &r.bytes, at, None),
-            Format::Raw => {
-                self.counters.split_records.fetch_add(1, Ordering::Relaxed);
-                let pieces = cut(&r.bytes, r.bytes.len().div_ceil(self.max_value));
-                for (i, range) in pieces.iter().enumerate() {
-                    let part = format!("{}/{}", i + 1, pieces.len());
-                    self.send(tracker, index, &route, &r.bytes[range.clone()], at, Some(&part));
+        let mut json = std::mem::take(&mut self.json);
+        if let Some(key) = &o.key {
+            let value: &[u8] = match self.format {
+                Format::Raw => &r.bytes,
+                Format::Json => {
+                    json.clear();
+                    r.to_json(&mut json);
+                    &json
                 }
+            };
+            let mut sealed = std::mem::take(&mut self.sealed);
+            sealed.clear();
+            match sealer.seal(key, r, value, &mut sealed) {
+                Ok(()) => {
+                    let extra = [("enc", ALGORITHM), ("key_id", &*key.id)];
+                    self.send_parts(tracker, index, &route, &sealed, at, &extra);
+                }
+                // Only a value beyond 4 GiB cannot be sealed: no retry could succeed.
+                Err(e) => tracker.reject(index, &e.to_string()),
             }
+            self.sealed = sealed;
+            self.json = json;
+            return;
+        }
+        match self.format {
+            Format::Raw => self.send_parts(tracker, index, &route, &r.bytes, at, &[]),
             Format::Json => {
-                let mut json = std::mem::take(&mut self.json);
                 json.clear();
                 r.to_json(&mut json);
                 if json.len() <= self.max_value {
-                    self.send(tracker, index, &route, &json, at, None);
+                    self.send(tracker, index, &route, &json, at, &[]);
                 } else {
                     self.counters.split_records.fetch_add(1, Ordering::Relaxed);
                     for piece in self.json_parts(r, json.len()) {
-                        self.send(tracker, index, &route, &piece, at, None);
+                        self.send(tracker, index, &route, &piece, at, &[]);
                     }
                 }
-                self.json = json;
             }
         }
+        self.json = json;
     }
 
     /// JSON envelopes of the pieces of `r`, each within the limit: escaping makes the size of
@@ -593,7 +644,7 @@ impl KafkaSink {
 }
 
 impl Sink for KafkaSink {
-    fn deliver(&mut self, records: &[Record]) -> Delivery {
+    fn deliver(&mut self, records: &[Outgoing]) -> Delivery {
         let failures = self.failures.load(Ordering::Relaxed);
         let reset = if let Some((code, reason)) = self.producer.client().fatal_error() {
             Some(format!("fatal producer error {code:?}: {reason}"))
@@ -618,8 +669,9 @@ impl Sink for KafkaSink {
             }
         }
         let tracker = Arc::new(Tracker::new(records.len(), self.failures.clone()));
-        for (index, r) in records.iter().enumerate() {
-            self.send_record(&tracker, index, r);
+        let mut sealer = Sealer::new();
+        for (index, o) in records.iter().enumerate() {
+            self.send_record(&tracker, &mut sealer, index, o);
         }
         tracker.finish();
         // Reports of earlier batches, and room in librdkafka's queue.

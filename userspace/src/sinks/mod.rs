@@ -1,6 +1,7 @@
 //! Sinks: where records go. A sink is one type implementing [`Sink`]; [`start`] gives each
 //! configured sink its own reader of the ring and its own thread, so a slow or blocking
-//! destination holds back only itself.
+//! destination holds back only itself. With encryption on, the runner decides once per record
+//! whether it goes out sealed, in clear, or not at all ([`Outgoing`]); the sink seals.
 
 pub mod files;
 pub mod kafka;
@@ -16,7 +17,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use tracing::{info, warn};
 
-use crate::counters::SinkCounters;
+use crate::counters::{Sealing, SinkCounters};
+use crate::encryption::keys::TenantKey;
+use crate::encryption::{Encryption, Treatment};
 use crate::record::Record;
 use crate::ring::{Batch, Mark, ReaderId, Ring};
 use crate::values::lock;
@@ -65,11 +68,24 @@ impl DeliveryError {
 /// A delivery under way: resolves when the destination has the records.
 pub type Delivery = Pin<Box<dyn Future<Output = Result<(), DeliveryError>> + Send>>;
 
+/// A record on its way to one sink: sealed with `key`, or sent in clear.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub record: Record,
+    pub key: Option<Arc<TenantKey>>,
+}
+
+impl Outgoing {
+    pub fn clear(record: Record) -> Self {
+        Self { record, key: None }
+    }
+}
+
 pub trait Sink: Send + 'static {
     /// Starts delivering records in order; the returned future resolves when all of them are
     /// at the destination (Ok), or says what became of each. Deliveries may overlap: the next
     /// one can start before the previous resolves.
-    fn deliver(&mut self, records: &[Record]) -> Delivery;
+    fn deliver(&mut self, records: &[Outgoing]) -> Delivery;
 }
 
 /// Starts every configured sink, each reading the ring from now on. Returns the threads of
@@ -139,6 +155,7 @@ pub fn start(
     sinks: &std::collections::BTreeMap<String, SinkConfig>,
     host: &str,
     ring: &Arc<Ring>,
+    encryption: Option<Arc<Encryption>>,
 ) -> anyhow::Result<Started> {
     let mut started = Started { counters: Vec::new(), required: Vec::new() };
     for (name, config) in sinks {
@@ -146,14 +163,12 @@ pub fn start(
         started.counters.push(counters.clone());
         let reader = ring.add_reader(name, config.optional());
         let context = || format!("sink {name}");
+        let runner = Runner { ring: ring.clone(), reader, counters: counters.clone(), encryption: encryption.clone() };
         let thread = match config {
-            SinkConfig::Files(c) => {
-                spawn(name, files::FilesSink::new(c).with_context(context)?, ring, reader, counters)
-            }
-            SinkConfig::Stdout(_) => spawn(name, stdout::StdoutSink::new(), ring, reader, counters),
+            SinkConfig::Files(c) => spawn(name, files::FilesSink::new(c).with_context(context)?, runner),
+            SinkConfig::Stdout(_) => spawn(name, stdout::StdoutSink::new(), runner),
             SinkConfig::Kafka(c) => {
-                let sink = kafka::KafkaSink::new(c, host, counters.clone()).with_context(context)?;
-                spawn(name, sink, ring, reader, counters)
+                spawn(name, kafka::KafkaSink::new(c, host, counters).with_context(context)?, runner)
             }
         }
         .with_context(|| format!("cannot start sink {name}"))?;
@@ -165,24 +180,25 @@ pub fn start(
     Ok(started)
 }
 
-fn spawn<S: Sink>(
-    name: &str,
-    sink: S,
-    ring: &Arc<Ring>,
-    reader: ReaderId,
-    counters: Arc<SinkCounters>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let ring = ring.clone();
+/// What runs one sink: its reader of the ring, its counters, and the encryption policy.
+pub struct Runner {
+    pub ring: Arc<Ring>,
+    pub reader: ReaderId,
+    pub counters: Arc<SinkCounters>,
+    pub encryption: Option<Arc<Encryption>>,
+}
+
+fn spawn<S: Sink>(name: &str, sink: S, runner: Runner) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name(format!("sink-{name}")).spawn(move || {
         yield_to_capture();
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
-                tracing::error!(sink = %counters.name, "cannot start the sink's runtime: {e}");
+                tracing::error!(sink = %runner.counters.name, "cannot start the sink's runtime: {e}");
                 return;
             }
         };
-        rt.block_on(run(sink, ring, reader, counters));
+        rt.block_on(runner.run(sink));
     })
 }
 
@@ -202,15 +218,42 @@ fn yield_to_capture() {
     }
 }
 
-fn delivered<'a>(counters: &SinkCounters, records: impl Iterator<Item = &'a Record>) {
+/// The encryption counters of consecutive records of one tenant, looked up once per run.
+struct TenantRun {
+    tenant: Option<Arc<str>>,
+    counters: Option<Arc<Sealing>>,
+}
+
+impl TenantRun {
+    fn new() -> Self {
+        Self { tenant: None, counters: None }
+    }
+
+    fn of(&mut self, sink: &SinkCounters, tenant: &Arc<str>) -> &Sealing {
+        if !self.tenant.as_ref().is_some_and(|t| Arc::ptr_eq(t, tenant)) {
+            self.tenant = Some(tenant.clone());
+            self.counters = None;
+        }
+        self.counters.get_or_insert_with(|| sink.tenant(tenant))
+    }
+}
+
+fn delivered<'a>(counters: &SinkCounters, encrypting: bool, records: impl Iterator<Item = &'a Outgoing>) {
     let now = SystemTime::now();
     let mut bytes = 0;
     // Records of one capture batch share their time: one histogram update per run.
     let mut run: Option<(SystemTime, u64)> = None;
     let mut n_records = 0;
-    for r in records {
+    let mut tenant = TenantRun::new();
+    for o in records {
+        let r = &o.record;
         n_records += 1;
         bytes += r.bytes.len() as u64;
+        match &o.key {
+            Some(k) => tenant.of(counters, &k.tenant).sealed.add(1, r.bytes.len() as u64),
+            None if encrypting => tenant.of(counters, &r.origin.tenant).plaintext.add(1, r.bytes.len() as u64),
+            None => {}
+        }
         match &mut run {
             Some((at, n)) if *at == r.captured_at => *n += 1,
             _ => {
@@ -231,7 +274,7 @@ fn delivered<'a>(counters: &SinkCounters, records: impl Iterator<Item = &'a Reco
 struct InFlight {
     /// The ring's mark after the batch: acknowledged when the batch is done.
     end: Mark,
-    records: Vec<Record>,
+    records: Vec<Outgoing>,
     bytes: usize,
     delivery: Delivery,
     /// The batch failed at least once: no new batches start until it is through.
@@ -250,81 +293,129 @@ async fn front(in_flight: &mut VecDeque<InFlight>) -> Result<(), DeliveryError> 
     }
 }
 
-/// Reads, delivers (several batches at once), acknowledges in ring order; retries failures
-/// with backoff until the ring closes and everything is delivered.
-async fn run<S: Sink>(mut sink: S, ring: Arc<Ring>, reader: ReaderId, counters: Arc<SinkCounters>) {
-    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    let mut bytes_in_flight = 0;
-    let mut closed = false;
-    let mut backoff = Duration::from_millis(50);
-    let max_bytes = (ring.capacity() / 2).min(MAX_BYTES_IN_FLIGHT);
-    while !(closed && in_flight.is_empty()) {
-        let room = !closed
-            && in_flight.len() < MAX_BATCHES_IN_FLIGHT
-            && bytes_in_flight < max_bytes
-            && !in_flight.front().is_some_and(|f| f.retrying);
-        let event = tokio::select! {
-            biased;
-            done = front(&mut in_flight) => Event::Done(done),
-            batch = ring.read(reader, BATCH_RECORDS, BATCH_BYTES), if room => Event::Read(batch),
-        };
-        match event {
-            Event::Read(None) => closed = true,
-            Event::Read(Some(batch)) => {
-                let end = batch.end;
-                let bytes = batch.records.iter().map(|r| r.bytes.len()).sum();
-                let delivery = sink.deliver(&batch.records);
-                bytes_in_flight += bytes;
-                in_flight.push_back(InFlight { end, records: batch.records, bytes, delivery, retrying: false });
+/// Longest pause between two looks for a key that records wait for.
+const MAX_KEY_WAIT: Duration = Duration::from_secs(1);
+
+impl Runner {
+    /// Decides once per record how it goes out, counting what is dropped. Records waiting for
+    /// their tenant's key hold the batch (delivery stays in ring order) until the key is there,
+    /// or the ring closes (then they are dropped and counted).
+    async fn plan(&self, records: Vec<Record>) -> Vec<Outgoing> {
+        let Some(e) = &self.encryption else { return records.into_iter().map(Outgoing::clear).collect() };
+        let mut pause = Duration::from_millis(50);
+        let mut waited: Vec<Arc<Sealing>> = Vec::new();
+        let treatments = loop {
+            let set = e.keys.current();
+            let treatments: Vec<Treatment> = records.iter().map(|r| e.treat(&set, &r.origin.tenant)).collect();
+            for w in waited.drain(..) {
+                w.waiting_records.store(0, Relaxed);
             }
-            Event::Done(result) => {
-                let Some(f) = in_flight.front_mut() else { continue };
-                let mut finished = true;
-                match result {
-                    Ok(()) => {
-                        delivered(&counters, f.records.iter());
-                        backoff = Duration::from_millis(50);
-                    }
-                    Err(DeliveryError { outcomes, error }) => {
-                        let mut retry = Vec::new();
-                        let mut done = Vec::new();
-                        for (record, outcome) in
-                            f.records.drain(..).zip(outcomes.iter().chain(std::iter::repeat(&Outcome::Retry)))
-                        {
-                            match outcome {
-                                Outcome::Delivered => done.push(record),
-                                Outcome::Rejected => {
-                                    counters.rejected_records.fetch_add(1, Relaxed);
-                                    counters.rejected_bytes.fetch_add(record.bytes.len() as u64, Relaxed);
-                                }
-                                Outcome::Retry => retry.push(record),
-                            }
-                        }
-                        delivered(&counters, done.iter());
-                        let message = format!("{error:#}");
-                        *lock(&counters.last_error) = Some(message.clone());
-                        if !retry.is_empty() {
-                            counters.errors.fetch_add(1, Relaxed);
-                            counters.retried_records.fetch_add(retry.len() as u64, Relaxed);
-                            warn!(sink = %counters.name, records = retry.len(), retry_in = ?backoff, "delivery failed: {message}");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(MAX_BACKOFF);
-                            f.delivery = sink.deliver(&retry);
-                            f.records = retry;
-                            f.retrying = true;
-                            finished = false;
-                        }
-                    }
+            if !treatments.iter().any(|t| matches!(t, Treatment::Wait)) || self.ring.is_closed() {
+                break treatments;
+            }
+            for (r, _) in records.iter().zip(&treatments).filter(|(_, t)| matches!(t, Treatment::Wait)) {
+                let tenant = self.counters.tenant(&r.origin.tenant);
+                if !waited.iter().any(|w| Arc::ptr_eq(w, &tenant)) {
+                    waited.push(tenant.clone());
                 }
-                if finished {
-                    if let Some(f) = in_flight.pop_front() {
-                        bytes_in_flight -= f.bytes;
-                        ring.ack(reader, f.end);
-                    }
+                tenant.waiting_records.fetch_add(1, Relaxed);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_KEY_WAIT);
+        };
+        let mut tenant = TenantRun::new();
+        let mut out = Vec::with_capacity(records.len());
+        for (record, treatment) in records.into_iter().zip(treatments) {
+            match treatment {
+                Treatment::Clear => out.push(Outgoing { record, key: None }),
+                Treatment::Seal(key) => out.push(Outgoing { record, key: Some(key) }),
+                Treatment::Drop | Treatment::Wait => {
+                    tenant.of(&self.counters, &record.origin.tenant).dropped.add(1, record.bytes.len() as u64)
                 }
             }
         }
-        counters.in_flight_records.store(in_flight.iter().map(|f| f.records.len() as u64).sum(), Relaxed);
+        out
+    }
+
+    /// Reads, delivers (several batches at once), acknowledges in ring order; retries
+    /// failures with backoff until the ring closes and everything is delivered.
+    async fn run<S: Sink>(self, mut sink: S) {
+        let Runner { ring, reader, counters, .. } = &self;
+        let encrypting = self.encryption.is_some();
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut bytes_in_flight = 0;
+        let mut closed = false;
+        let mut backoff = Duration::from_millis(50);
+        let max_bytes = (ring.capacity() / 2).min(MAX_BYTES_IN_FLIGHT);
+        while !(closed && in_flight.is_empty()) {
+            let room = !closed
+                && in_flight.len() < MAX_BATCHES_IN_FLIGHT
+                && bytes_in_flight < max_bytes
+                && !in_flight.front().is_some_and(|f| f.retrying);
+            let event = tokio::select! {
+                biased;
+                done = front(&mut in_flight) => Event::Done(done),
+                batch = ring.read(*reader, BATCH_RECORDS, BATCH_BYTES), if room => Event::Read(batch),
+            };
+            match event {
+                Event::Read(None) => closed = true,
+                Event::Read(Some(batch)) => {
+                    let end = batch.end;
+                    let records = self.plan(batch.records).await;
+                    let bytes = records.iter().map(|o| o.record.bytes.len()).sum();
+                    let delivery = sink.deliver(&records);
+                    bytes_in_flight += bytes;
+                    in_flight.push_back(InFlight { end, records, bytes, delivery, retrying: false });
+                }
+                Event::Done(result) => {
+                    let Some(f) = in_flight.front_mut() else { continue };
+                    let mut finished = true;
+                    match result {
+                        Ok(()) => {
+                            delivered(counters, encrypting, f.records.iter());
+                            backoff = Duration::from_millis(50);
+                        }
+                        Err(DeliveryError { outcomes, error }) => {
+                            let mut retry = Vec::new();
+                            let mut done = Vec::new();
+                            for (o, outcome) in
+                                f.records.drain(..).zip(outcomes.iter().chain(std::iter::repeat(&Outcome::Retry)))
+                            {
+                                match outcome {
+                                    Outcome::Delivered => done.push(o),
+                                    Outcome::Rejected => {
+                                        counters.rejected_records.fetch_add(1, Relaxed);
+                                        counters.rejected_bytes.fetch_add(o.record.bytes.len() as u64, Relaxed);
+                                    }
+                                    Outcome::Retry => retry.push(o),
+                                }
+                            }
+                            delivered(counters, encrypting, done.iter());
+                            let message = format!("{error:#}");
+                            *lock(&counters.last_error) = Some(message.clone());
+                            if !retry.is_empty() {
+                                counters.errors.fetch_add(1, Relaxed);
+                                counters.retried_records.fetch_add(retry.len() as u64, Relaxed);
+                                warn!(sink = %counters.name, records = retry.len(), retry_in = ?backoff, "delivery failed: {message}");
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(MAX_BACKOFF);
+                                f.delivery = sink.deliver(&retry);
+                                f.records = retry;
+                                f.retrying = true;
+                                finished = false;
+                            }
+                        }
+                    }
+                    if finished {
+                        if let Some(f) = in_flight.pop_front() {
+                            bytes_in_flight -= f.bytes;
+                            ring.ack(*reader, f.end);
+                        }
+                    }
+                }
+            }
+            counters.in_flight_records.store(in_flight.iter().map(|f| f.records.len() as u64).sum(), Relaxed);
+        }
     }
 }
 
@@ -343,8 +434,8 @@ mod tests {
     }
 
     impl Sink for Scripted {
-        fn deliver(&mut self, records: &[Record]) -> Delivery {
-            self.offered.lock().unwrap().push(records.iter().map(|r| r.bytes[0]).collect());
+        fn deliver(&mut self, records: &[Outgoing]) -> Delivery {
+            self.offered.lock().unwrap().push(records.iter().map(|o| o.record.bytes[0]).collect());
             let result = match self.script.pop_front() {
                 Some(outcomes) => Err(DeliveryError { outcomes, error: anyhow::anyhow!("scripted") }),
                 None => Ok(()),
@@ -367,7 +458,8 @@ mod tests {
         };
         let counters = Arc::new(SinkCounters::new("s", "test"));
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(run(sink, ring.clone(), reader, counters.clone()));
+        let runner = Runner { ring: ring.clone(), reader, counters: counters.clone(), encryption: None };
+        rt.block_on(runner.run(sink));
         assert_eq!(*offered.lock().unwrap(), vec![vec![1, 2, 3, 4], vec![3]]);
         let s = counters.snapshot();
         assert_eq!((s.delivered_records_total, s.rejected_records_total, s.retried_records_total), (3, 1, 1));

@@ -1,9 +1,12 @@
-//! The stdout sink: one JSON line per record on the agent's stdout, for debugging and pipes.
+//! The stdout sink: one JSON line per record on the agent's stdout, for debugging and pipes; a
+//! sealed record is its base64 line, as in the files sink.
 
 use std::io::Write;
 
-use super::{Delivery, DeliveryError, Sink};
-use crate::record::Record;
+use base64::Engine;
+
+use super::{Delivery, DeliveryError, Outgoing, Sink};
+use crate::encryption::sealed::Sealer;
 
 /// `type = "stdout"`.
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
@@ -14,11 +17,13 @@ pub struct StdoutSinkConfig {
 
 pub struct StdoutSink {
     buf: Vec<u8>,
+    json: Vec<u8>,
+    sealed: Vec<u8>,
 }
 
 impl StdoutSink {
     pub fn new() -> Self {
-        Self { buf: Vec::with_capacity(1 << 20) }
+        Self { buf: Vec::with_capacity(1 << 20), json: Vec::new(), sealed: Vec::new() }
     }
 }
 
@@ -29,16 +34,28 @@ impl Default for StdoutSink {
 }
 
 impl Sink for StdoutSink {
-    fn deliver(&mut self, records: &[Record]) -> Delivery {
+    fn deliver(&mut self, records: &[Outgoing]) -> Delivery {
         Box::pin(std::future::ready(self.write(records)))
     }
 }
 
 impl StdoutSink {
-    fn write(&mut self, records: &[Record]) -> Result<(), DeliveryError> {
+    fn write(&mut self, records: &[Outgoing]) -> Result<(), DeliveryError> {
         self.buf.clear();
-        for r in records {
-            r.to_json_line(&mut self.buf);
+        let mut sealer = Sealer::new();
+        for o in records {
+            let Some(key) = &o.key else {
+                o.record.to_json_line(&mut self.buf);
+                continue;
+            };
+            self.json.clear();
+            self.sealed.clear();
+            o.record.to_json(&mut self.json);
+            let fail = |e| DeliveryError::after(0, records.len(), anyhow::Error::new(e).context("sealing a record"));
+            sealer.seal(key, &o.record, &self.json, &mut self.sealed).map_err(fail)?;
+            let mut line = base64::engine::general_purpose::STANDARD.encode(&self.sealed).into_bytes();
+            line.push(b'\n');
+            self.buf.extend_from_slice(&line);
         }
         // A blocking write: this sink has its own thread, and a reader that stops reading
         // stalls this sink only.

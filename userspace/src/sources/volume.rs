@@ -38,6 +38,8 @@ pub struct Volume {
     /// Given when the volume was made (else the service is the volume name).
     service_explicit: bool,
     pub labels: BTreeMap<String, String>,
+    /// Given when the volume was made; empty: the tenant of the container that mounts it.
+    pub tenant: Arc<str>,
     counters: Arc<GroupCounters>,
 }
 
@@ -171,9 +173,10 @@ impl VolumeSource {
     pub fn define(&self, spec: &VolumeSpec) -> Result<Arc<Volume>, SpecError> {
         spec.validate()?;
         let service: Arc<str> = spec.service.as_deref().unwrap_or(&spec.name).into();
+        let tenant: Arc<str> = spec.tenant.as_deref().unwrap_or("").into();
         let mut volumes = self.lock();
         if let Some(v) = volumes.get(&spec.name) {
-            if v.service == service && v.labels == spec.labels {
+            if v.service == service && v.labels == spec.labels && v.tenant == tenant {
                 return Ok(v.clone());
             }
             return Err(SpecError::Conflict(spec.name.clone()));
@@ -183,6 +186,7 @@ impl VolumeSource {
             service,
             service_explicit: spec.service.is_some(),
             labels: spec.labels.clone(),
+            tenant,
             counters: Arc::default(),
         });
         volumes.insert(spec.name.clone(), v.clone());
@@ -202,6 +206,7 @@ impl VolumeSource {
                 service: name.into(),
                 service_explicit: false,
                 labels: BTreeMap::new(),
+                tenant: "".into(),
                 counters: Arc::default(),
             })
         })
@@ -272,7 +277,11 @@ impl VolumeSource {
             service,
             module: module_of(file_name).into(),
             path: path.into(),
-            tenant: link.as_ref().map_or_else(|| "".into(), |c| c.tenant.clone()),
+            // A volume made for a tenant holds that tenant's records, whoever mounts it.
+            tenant: match &link {
+                Some(c) if volume.tenant.is_empty() => c.tenant.clone(),
+                _ => volume.tenant.clone(),
+            },
             container: link.map(|c| c.container.clone()),
             counters,
         })
@@ -288,6 +297,7 @@ impl VolumeSource {
                 name: v.name.to_string(),
                 service: v.service.to_string(),
                 labels: v.labels.clone(),
+                tenant: v.tenant.to_string(),
                 container: self.link_of(&v.name).map(|c| Container::clone(&c.container)),
                 totals: v.counters.totals.snapshot(),
                 files: v.counters.streams(),
