@@ -97,7 +97,7 @@ impl EncryptionConfig {
         }
         let keys = Keys::open(&self.keys)?;
         keys.watch()?;
-        Ok(Some(Arc::new(Encryption { config: self.clone(), keys })))
+        Ok(Some(Arc::new(Encryption::new(self.clone(), keys))))
     }
 }
 
@@ -120,6 +120,10 @@ pub struct Encryption {
 }
 
 impl Encryption {
+    pub fn new(config: EncryptionConfig, keys: Arc<Keys>) -> Self {
+        Self { config, keys }
+    }
+
     /// What happens to a record of `tenant` under the keys of `set` (one set per batch, so
     /// that a batch sees one state of the directory).
     pub fn treat(&self, set: &KeySet, tenant: &str) -> Treatment {
@@ -151,7 +155,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn encryption(dir: &std::path::Path, config: EncryptionConfig) -> Encryption {
-        Encryption { config, keys: Keys::open(dir).unwrap() }
+        Encryption::new(config, Keys::open(dir).unwrap())
     }
 
     fn name(t: &Treatment) -> String {

@@ -470,4 +470,66 @@ mod tests {
             "everything acknowledged"
         );
     }
+
+    /// Offers nothing but notes what it was handed: first byte and key id.
+    struct Noting(Arc<Mutex<Vec<(u8, Option<String>)>>>);
+
+    impl Sink for Noting {
+        fn deliver(&mut self, records: &[Outgoing]) -> Delivery {
+            let mut seen = self.0.lock().unwrap();
+            seen.extend(records.iter().map(|o| (o.record.bytes[0], o.key.as_ref().map(|k| k.id.to_string()))));
+            Box::pin(std::future::ready(Ok(())))
+        }
+    }
+
+    #[test]
+    fn records_waiting_for_their_key_go_out_sealed_once_it_is_there_and_dropped_ones_are_counted() {
+        use crate::encryption::keys::Keys;
+        use crate::encryption::{EncryptionConfig, Missing, WithoutKey};
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keys::open(dir.path()).unwrap();
+        let config = EncryptionConfig {
+            keys: dir.path().into(),
+            without_key: WithoutKey::Drop,
+            required: vec!["bank".into()],
+            required_without_key: Missing::Wait,
+            ..Default::default()
+        };
+        let encryption = Some(Arc::new(Encryption::new(config, keys.clone())));
+        let ring = Arc::new(Ring::new(1 << 20, Policy::Block, Duration::from_secs(1), Rates::default()).unwrap());
+        let reader = ring.add_reader("s", false);
+        let of = |tenant: &str, b: u8| {
+            let mut r = record(&[b]);
+            r.origin = Arc::new(crate::record::Origin { tenant: tenant.into(), ..(*r.origin).clone() });
+            r
+        };
+        ring.push(vec![of("bank", 1), of("other", 2), of("bank", 3)]);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let counters = Arc::new(SinkCounters::new("s", "test"));
+        let runner = Runner { ring: ring.clone(), reader, counters: counters.clone(), encryption };
+        let sink = Noting(seen.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(runner.run(sink));
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(seen.lock().unwrap().is_empty(), "nothing goes out before the bank's key");
+        assert_eq!(counters.snapshot().encryption["bank"].waiting_records, 2);
+
+        let key = dir.path().join("bank.k1.key");
+        std::fs::write(&key, [3; 32]).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        keys.reload();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while seen.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ring.close();
+        thread.join().unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![(1, Some("k1".into())), (3, Some("k1".into()))]);
+        let s = counters.snapshot().encryption;
+        assert_eq!((s["bank"].sealed_records_total, s["bank"].waiting_records), (2, 0));
+        assert_eq!((s["other"].dropped_records_total, s["other"].sealed_records_total), (1, 0));
+    }
 }
