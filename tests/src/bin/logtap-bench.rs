@@ -24,7 +24,11 @@
 //!   restart: write() latency, restart gaps, redelivered and lost lines; the same for a
 //!   `logtap run` printer on a pipe.
 //!
-//! Options: `--only volumes|pipes|kafka|containers|identity|stdout|ring|restart`, `--serving passthrough|requests|writeback`
+//! - encryption: a tenant's volume written with 100-byte and with 1 KiB lines into the files
+//!   sink, sealed with the tenant's key and in clear, rounds alternating: the worker's CPU per
+//!   GB delivered.
+//!
+//! Options: `--only volumes|pipes|kafka|containers|identity|stdout|ring|restart|encryption`, `--serving passthrough|requests|writeback`
 //! (volumes: one way of serving files), `--lines N` (default 1000000), `--dd-mib N`
 //! (default 256), `--rounds N` (default 3), `--containers N` (default 20), `--rate-mb N` (total
 //! MB/s, default 20), `--seconds N` (default 10).
@@ -214,6 +218,76 @@ fn main() {
     if run("restart") {
         restart();
     }
+    if run("encryption") {
+        encryption(&a);
+    }
+}
+
+/// The worker's CPU seconds per GB delivered for `n` lines of `len` bytes into a volume of
+/// tenant `bench`, with the tenant's key (`sealed`) or without encryption, into the files sink
+/// or (with a broker's address) the Kafka sink.
+fn sealing_round(tmpfs: &Tmpfs, keys: &Path, sealed: bool, n: usize, len: usize, broker: Option<&str>) -> f64 {
+    let encryption = if sealed { format!("[encryption]\nkeys = \"{}\"\n", keys.display()) } else { String::new() };
+    let out = tmpfs.0.join(format!("out-{sealed}-{len}"));
+    let (sink, name) = match broker {
+        Some(b) => (Sink::Kafka { brokers: b.into(), settings: "topic = \"bench\"\n".into() }, "kafka"),
+        None => (Sink::Files, "files"),
+    };
+    let setup = Setup {
+        sink,
+        extra: format!("[discovery]\nenabled = false\n[pipes]\nenabled = false\n{encryption}"),
+        out: Some(out.clone()),
+        // All of a round fits in the volume's memory: none of it is dropped while the sink
+        // catches up.
+        volume_memory: "1GiB".into(),
+        ..Setup::default()
+    };
+    let agent = Agent::start(setup);
+    agent.post("/v1/volumes", &serde_json::json!({ "name": "bench", "tenant": "bench" })).expect("volume");
+    let pid = agent.worker_pid();
+    let cpu0 = cpu_seconds(pid);
+    write_buffered(&agent.mount.join("bench/app.log"), n, len);
+    let k = agent.wait_delivered(name, n as u64, Duration::from_secs(300));
+    let cpu = cpu_seconds(pid) - cpu0;
+    assert_eq!(k["delivered_records_total"], n as u64, "every line delivered (sealed: {sealed}, {len} bytes)");
+    if sealed {
+        assert_eq!(k["encryption"]["bench"]["sealed_records_total"], n as u64, "every line sealed");
+    }
+    drop(agent);
+    std::fs::remove_dir_all(&out).ok();
+    cpu / ((n * len) as f64 / 1e9)
+}
+
+fn encryption(a: &Args) {
+    use logtap_e2e::broker::Broker;
+    let tmpfs = Tmpfs::new(&std::env::temp_dir().join("logtap-bench-sealing"));
+    let keys = tmpfs.0.join("keys");
+    let made = Command::new(logtap_e2e::logtap_bin())
+        .args(["keys", "new", "bench", "--keys"])
+        .arg(&keys)
+        .output()
+        .expect("logtap keys new");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let broker = Broker::start();
+    broker.create_topic("bench", 1);
+    let mut rows = Vec::new();
+    for (sink, address) in [("files", None), ("kafka", Some(broker.address()))] {
+        // About 200 MB a round.
+        for (len, n) in [(100, a.lines * 2), (1024, a.lines / 5)] {
+            let (mut clear, mut sealed) = (Vec::new(), Vec::new());
+            for _ in 0..a.rounds {
+                clear.push(sealing_round(&tmpfs, &keys, false, n, len, address.as_deref()));
+                sealed.push(sealing_round(&tmpfs, &keys, true, n, len, address.as_deref()));
+            }
+            let (c, s) = (median(clear), median(sealed));
+            rows.push(format!(
+                "| {sink} | {len}-byte lines ({n}, {:.2} GB) | {c:.2} s/GB | {s:.2} s/GB | {:+.0} % |",
+                (n * len) as f64 / 1e9,
+                100.0 * (s / c - 1.0)
+            ));
+        }
+    }
+    table("| sink | lines into a tenant's volume | in clear | sealed | sealed vs clear |", &rows);
 }
 
 /// The line-writer binary, beside this one.

@@ -13,8 +13,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 
-use base64::Engine;
-
 use super::{Delivery, DeliveryError, Outgoing, Sink};
 use crate::encryption::sealed::Sealer;
 use crate::sinks::Format;
@@ -222,7 +220,7 @@ impl FilesSink {
                         sealed.clear();
                         line.clear();
                         sealer.seal(key, r, value, &mut sealed).and_then(|()| {
-                            base64::engine::general_purpose::STANDARD.encode_string(&sealed, &mut line);
+                            base64_simd::STANDARD.encode_append(&sealed, &mut line);
                             line.push('\n');
                             f.writer.write_all(line.as_bytes())
                         })

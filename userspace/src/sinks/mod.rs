@@ -471,8 +471,11 @@ mod tests {
         );
     }
 
-    /// Offers nothing but notes what it was handed: first byte and key id.
-    struct Noting(Arc<Mutex<Vec<(u8, Option<String>)>>>);
+    /// First byte and key id of each record a sink was handed.
+    type Handed = Arc<Mutex<Vec<(u8, Option<String>)>>>;
+
+    /// Delivers at once and notes what it was handed.
+    struct Noting(Handed);
 
     impl Sink for Noting {
         fn deliver(&mut self, records: &[Outgoing]) -> Delivery {

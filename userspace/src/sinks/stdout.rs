@@ -3,8 +3,6 @@
 
 use std::io::Write;
 
-use base64::Engine;
-
 use super::{Delivery, DeliveryError, Outgoing, Sink};
 use crate::encryption::sealed::Sealer;
 
@@ -53,9 +51,8 @@ impl StdoutSink {
             o.record.to_json(&mut self.json);
             let fail = |e| DeliveryError::after(0, records.len(), anyhow::Error::new(e).context("sealing a record"));
             sealer.seal(key, &o.record, &self.json, &mut self.sealed).map_err(fail)?;
-            let mut line = base64::engine::general_purpose::STANDARD.encode(&self.sealed).into_bytes();
-            line.push(b'\n');
-            self.buf.extend_from_slice(&line);
+            base64_simd::STANDARD.encode_append(&self.sealed, &mut self.buf);
+            self.buf.push(b'\n');
         }
         // A blocking write: this sink has its own thread, and a reader that stops reading
         // stalls this sink only.
