@@ -36,25 +36,24 @@ def open_sealed(data, keys):
         raise ValueError("no magic")
     if data[4] != 1:
         raise ValueError("unknown algorithm %d" % data[4])
-    at, fields = 5, []
+    timestamp, seq, length = struct.unpack_from(">QQI", data, 5)
+    salt = data[25:41]
+    nonce = data[41:53]
+    at, fields = 53, []
     for _ in range(6):
         (n,) = struct.unpack_from(">H", data, at)
         fields.append(data[at + 2 : at + 2 + n].decode("utf-8"))
         at += 2 + n
     tenant, key_id, host, service, module, path = fields
-    timestamp, seq = struct.unpack_from(">QQ", data, at)
-    salt = data[at + 16 : at + 32]
-    nonce = data[at + 32 : at + 44]
-    (length,) = struct.unpack_from(">I", data, at + 44)
-    aad_end = at + 48
-    ciphertext = data[aad_end : aad_end + length]
-    if len(ciphertext) != length or aad_end + length != len(data):
+    identity = data[53:at]
+    ciphertext = data[at : at + length]
+    if len(ciphertext) != length or at + length != len(data):
         raise ValueError("wrong length")
     secret = keys.get((tenant, key_id))
     if secret is None:
         raise ValueError("no key %s.%s" % (tenant, key_id))
-    record_key = HKDF(algorithm=SHA256(), length=32, salt=salt, info=INFO).derive(secret)
-    value = AESGCM(record_key).decrypt(nonce, ciphertext, data[:aad_end])
+    record_key = HKDF(algorithm=SHA256(), length=32, salt=salt, info=INFO + identity).derive(secret)
+    value = AESGCM(record_key).decrypt(nonce, ciphertext, data[:25])
     return {
         "tenant": tenant,
         "key_id": key_id,

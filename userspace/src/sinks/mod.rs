@@ -306,7 +306,15 @@ impl Runner {
         let mut waited: Vec<Arc<Sealing>> = Vec::new();
         let treatments = loop {
             let set = e.keys.current();
-            let treatments: Vec<Treatment> = records.iter().map(|r| e.treat(&set, &r.origin.tenant)).collect();
+            // Records of one stream come in runs: one decision per run.
+            let mut last: Option<(&Arc<crate::record::Origin>, Treatment)> = None;
+            let treatments: Vec<Treatment> = records
+                .iter()
+                .map(|r| match &last {
+                    Some((o, t)) if Arc::ptr_eq(o, &r.origin) => t.clone(),
+                    _ => last.insert((&r.origin, e.treat(&set, &r.origin.tenant))).1.clone(),
+                })
+                .collect();
             for w in waited.drain(..) {
                 w.waiting_records.store(0, Relaxed);
             }
