@@ -130,21 +130,12 @@ impl<O: Write, E: Write> Decryptor<'_, O, E> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
     use std::sync::Arc;
 
     use super::*;
+    use crate::encryption::keys::tests::keyset;
     use crate::encryption::sealed::Sealer;
     use crate::record::tests::record;
-
-    fn keyset(dir: &std::path::Path, keys: &[(&str, &str, u8)]) -> KeySet {
-        for (tenant, id, byte) in keys {
-            let p = dir.join(format!("{tenant}.{id}.key"));
-            std::fs::write(&p, [*byte; 32]).unwrap();
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        }
-        KeySet::load(dir).unwrap()
-    }
 
     fn run(keys: &KeySet, tenant: Option<&str>, input: &[u8]) -> (String, String, Decrypted) {
         let mut d = Decryptor { keys, tenant, out: Vec::new(), errors: Vec::new(), done: Decrypted::default() };

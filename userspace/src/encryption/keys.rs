@@ -368,9 +368,17 @@ fn log_refused(set: &KeySet) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// The key set of `dir` after writing keys of (tenant, id, every byte) there, mode 0600.
+    pub fn keyset(dir: &Path, keys: &[(&str, &str, u8)]) -> KeySet {
+        for (tenant, id, byte) in keys {
+            write_key(dir, &format!("{tenant}.{id}.key"), &[*byte; KEY_BYTES], 0o600);
+        }
+        KeySet::load(dir).unwrap()
+    }
 
     fn write_key(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> PathBuf {
         let p = dir.join(name);

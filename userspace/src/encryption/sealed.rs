@@ -270,17 +270,8 @@ pub fn open(keys: &KeySet, data: &[u8]) -> Result<(Identity, Vec<u8>, usize), Op
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encryption::keys::tests::keyset;
     use crate::record::tests::record;
-
-    fn keyset(dir: &std::path::Path, keys: &[(&str, &str, u8)]) -> KeySet {
-        use std::os::unix::fs::PermissionsExt;
-        for (tenant, id, byte) in keys {
-            let p = dir.join(format!("{tenant}.{id}.key"));
-            std::fs::write(&p, [*byte; 32]).unwrap();
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        }
-        KeySet::load(dir).unwrap()
-    }
 
     #[test]
     fn what_is_sealed_opens_with_its_key_only_and_any_change_fails() {
