@@ -632,6 +632,9 @@ fn render_volumes(volumes: &[VolumeSnapshot]) -> String {
     );
     for v in volumes {
         out += &row(&v.name, &v.service, &v.totals);
+        if !v.tenant.is_empty() {
+            out += &format!("  tenant {}\n", v.tenant);
+        }
         for (path, c) in &v.files {
             out += &row(&format!("  {path}"), "", c);
         }

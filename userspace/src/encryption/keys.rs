@@ -171,6 +171,14 @@ impl KeySet {
         Ok(set)
     }
 
+    /// Per tenant, its key ids with their bytes.
+    fn contents(&self) -> BTreeMap<&str, Vec<(&str, &[u8; KEY_BYTES])>> {
+        self.tenants
+            .iter()
+            .map(|(t, keys)| (t.as_str(), keys.iter().map(|(id, k)| (id.as_str(), k.secret())).collect()))
+            .collect()
+    }
+
     /// The key that seals `tenant`'s records now: its greatest key id.
     pub fn sealing(&self, tenant: &str) -> Option<&Arc<TenantKey>> {
         self.tenants.get(tenant).and_then(|keys| keys.values().next_back())
@@ -294,8 +302,8 @@ impl Keys {
             Err(e) => return warn!("{e:#}; keeping the keys read before"),
         };
         let old = self.current();
-        let ids = |s: &KeySet| s.tenants.iter().map(|(t, k)| (t.clone(), k.keys().cloned().collect())).collect();
-        let (before, after): (BTreeMap<String, Vec<String>>, BTreeMap<String, Vec<String>>) = (ids(&old), ids(&set));
+        // A key file rewritten under the same name counts as a change too.
+        let (before, after) = (old.contents(), set.contents());
         if before == after && old.refused == set.refused {
             return;
         }
@@ -437,6 +445,9 @@ pub(crate) mod tests {
         store.reload();
         assert_eq!(&*store.current().sealing("acme").unwrap().id, second.as_str());
         assert!(store.current().get("acme", &first).is_some(), "the older key stays for decryption");
+        std::fs::write(keys.join(format!("acme.{second}.key")), [9; KEY_BYTES]).unwrap();
+        store.reload();
+        assert_eq!(store.current().sealing("acme").unwrap().secret(), &[9; KEY_BYTES], "a key rewritten in place");
         assert!(new_key(&keys, "../x").is_err());
     }
 }
