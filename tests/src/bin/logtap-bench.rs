@@ -25,8 +25,9 @@
 //!   `logtap run` printer on a pipe.
 //!
 //! - encryption: a tenant's volume written with 100-byte and with 1 KiB lines into the files
-//!   sink, sealed with the tenant's key and in clear, rounds alternating: the worker's CPU per
-//!   GB delivered.
+//!   and the Kafka sinks, sealed with the tenant's key and in clear, rounds alternating: the
+//!   worker's CPU per GB delivered (Kafka's sealed rounds also with compression off), and the
+//!   CPU per GB of sealing alone, in the bench's own thread.
 //!
 //! Options: `--only volumes|pipes|kafka|containers|identity|stdout|ring|restart|encryption`, `--serving passthrough|requests|writeback`
 //! (volumes: one way of serving files), `--lines N` (default 1000000), `--dd-mib N`
@@ -225,12 +226,15 @@ fn main() {
 
 /// The worker's CPU seconds per GB delivered for `n` lines of `len` bytes into a volume of
 /// tenant `bench`, with the tenant's key (`sealed`) or without encryption, into the files sink
-/// or (with a broker's address) the Kafka sink.
-fn sealing_round(tmpfs: &Tmpfs, keys: &Path, sealed: bool, n: usize, len: usize, broker: Option<&str>) -> f64 {
+/// or (with a broker's address) the Kafka sink with `compression`.
+fn sealing_round(tmpfs: &Tmpfs, keys: &Path, sealed: bool, n: usize, len: usize, kafka: Option<(&str, &str)>) -> f64 {
     let encryption = if sealed { format!("[encryption]\nkeys = \"{}\"\n", keys.display()) } else { String::new() };
     let out = tmpfs.0.join(format!("out-{sealed}-{len}"));
-    let (sink, name) = match broker {
-        Some(b) => (Sink::Kafka { brokers: b.into(), settings: "topic = \"bench\"\n".into() }, "kafka"),
+    let (sink, name) = match kafka {
+        Some((brokers, compression)) => {
+            let settings = format!("topic = \"bench\"\ncompression = \"{compression}\"\n");
+            (Sink::Kafka { brokers: brokers.into(), settings }, "kafka")
+        }
         None => (Sink::Files, "files"),
     };
     let setup = Setup {
@@ -270,24 +274,92 @@ fn encryption(a: &Args) {
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let broker = Broker::start();
     broker.create_topic("bench", 1);
+    let address = broker.address();
     let mut rows = Vec::new();
-    for (sink, address) in [("files", None), ("kafka", Some(broker.address()))] {
+    // Sealed values do not compress: the Kafka sink's lz4 only costs CPU on them, so the sealed
+    // rounds also run with compression off, against the same clear rounds (lz4, the default).
+    let sinks = [("files", None, None), ("kafka", Some("lz4"), Some("none"))];
+    for (sink, compression, sealed_compression) in sinks {
+        let on = |c: Option<&'static str>| c.map(|c| (address.as_str(), c));
         // About 200 MB a round.
         for (len, n) in [(100, a.lines * 2), (1024, a.lines / 5)] {
-            let (mut clear, mut sealed) = (Vec::new(), Vec::new());
+            let (mut clear, mut sealed, mut uncompressed) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..a.rounds {
-                clear.push(sealing_round(&tmpfs, &keys, false, n, len, address.as_deref()));
-                sealed.push(sealing_round(&tmpfs, &keys, true, n, len, address.as_deref()));
+                clear.push(sealing_round(&tmpfs, &keys, false, n, len, on(compression)));
+                sealed.push(sealing_round(&tmpfs, &keys, true, n, len, on(compression)));
+                if sealed_compression.is_some() {
+                    uncompressed.push(sealing_round(&tmpfs, &keys, true, n, len, on(sealed_compression)));
+                }
             }
             let (c, s) = (median(clear), median(sealed));
+            let alone = sealing_alone(&keys, n, len);
+            let change = |x: f64| format!("{:+.0} %", 100.0 * (x / c - 1.0));
+            let off = if uncompressed.is_empty() {
+                "-".to_string()
+            } else {
+                let u = median(uncompressed);
+                format!("{u:.2} s/GB ({})", change(u))
+            };
             rows.push(format!(
-                "| {sink} | {len}-byte lines ({n}, {:.2} GB) | {c:.2} s/GB | {s:.2} s/GB | {:+.0} % |",
+                "| {sink} | {len}-byte lines ({n}, {:.2} GB) | {c:.2} s/GB | {s:.2} s/GB | {} | {off} | {alone:.2} s/GB ({:.0} % of clear) |",
                 (n * len) as f64 / 1e9,
-                100.0 * (s / c - 1.0)
+                change(s),
+                100.0 * alone / c,
             ));
         }
     }
-    table("| sink | lines into a tenant's volume | in clear | sealed | sealed vs clear |", &rows);
+    table(
+        "| sink | lines into a tenant's volume | in clear | sealed | sealed vs clear | sealed, compression off | sealing alone |",
+        &rows,
+    );
+}
+
+/// CPU seconds per GB that `Sealer::seal` alone takes on this thread for `n` records of `len`
+/// bytes of one stream, a new sealer per sink batch of 4096 records as in the agent: the
+/// floor that any per-record sealing adds, before encoding and writing the larger output.
+fn sealing_alone(keys: &Path, n: usize, len: usize) -> f64 {
+    use logtap::encryption::{keys::KeySet, sealed::Sealer};
+    use logtap::record::{Origin, Record};
+    let set = KeySet::load(keys).expect("the bench's keys");
+    let key = set.sealing("bench").expect("the bench's key").clone();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let origin = std::sync::Arc::new(Origin {
+        host: host.trim().into(),
+        pid: 0,
+        volume: "bench".into(),
+        service: "bench".into(),
+        module: "app".into(),
+        path: "app.log".into(),
+        tenant: "bench".into(),
+        container: None,
+        counters: logtap::counters::StreamCounters::detached(),
+    });
+    let mut record = Record {
+        captured_at: std::time::SystemTime::now(),
+        origin,
+        seq: 0,
+        bytes: vec![b'x'; len].into(),
+        split: false,
+        unterminated: false,
+    };
+    let mut out = Vec::new();
+    let started = thread_cpu_seconds();
+    for batch in 0..n.div_ceil(4096) {
+        let mut sealer = Sealer::new();
+        for seq in batch * 4096..n.min((batch + 1) * 4096) {
+            record.seq = seq as u64;
+            out.clear();
+            sealer.seal(&key, &record, &record.bytes, &mut out).expect("seal");
+        }
+    }
+    (thread_cpu_seconds() - started) / ((n * len) as f64 / 1e9)
+}
+
+fn thread_cpu_seconds() -> f64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 /// The line-writer binary, beside this one.
