@@ -276,8 +276,8 @@ fn encryption(a: &Args) {
     broker.create_topic("bench", 1);
     let address = broker.address();
     let mut rows = Vec::new();
-    // Sealed values do not compress: the Kafka sink's lz4 only costs CPU on them, so the sealed
-    // rounds also run with compression off, against the same clear rounds (lz4, the default).
+    // Sealed values do not compress, so the sealed rounds also run with compression off (what
+    // lz4 costs on them), against the same clear rounds (lz4, the default).
     let sinks = [("files", None, None), ("kafka", Some("lz4"), Some("none"))];
     for (sink, compression, sealed_compression) in sinks {
         let on = |c: Option<&'static str>| c.map(|c| (address.as_str(), c));
@@ -315,7 +315,7 @@ fn encryption(a: &Args) {
 }
 
 /// CPU seconds per GB that `Sealer::seal` alone takes on this thread for `n` records of `len`
-/// bytes of one stream, a new sealer per sink batch of 4096 records as in the agent: the
+/// bytes of one stream, a new sealer per sink batch (`BATCH_RECORDS`) as in the agent: the
 /// floor that any per-record sealing adds, before encoding and writing the larger output.
 fn sealing_alone(keys: &Path, n: usize, len: usize) -> f64 {
     use logtap::encryption::{keys::KeySet, sealed::Sealer};
@@ -344,9 +344,10 @@ fn sealing_alone(keys: &Path, n: usize, len: usize) -> f64 {
     };
     let mut out = Vec::new();
     let started = thread_cpu_seconds();
-    for batch in 0..n.div_ceil(4096) {
+    let batch_records = logtap::sinks::BATCH_RECORDS;
+    for batch in 0..n.div_ceil(batch_records) {
         let mut sealer = Sealer::new();
-        for seq in batch * 4096..n.min((batch + 1) * 4096) {
+        for seq in batch * batch_records..n.min((batch + 1) * batch_records) {
             record.seq = seq as u64;
             out.clear();
             sealer.seal(&key, &record, &record.bytes, &mut out).expect("seal");

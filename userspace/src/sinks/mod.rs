@@ -28,7 +28,7 @@ use kafka::KafkaSinkConfig;
 use stdout::StdoutSinkConfig;
 
 /// Records per batch handed to a sink.
-const BATCH_RECORDS: usize = 4096;
+pub const BATCH_RECORDS: usize = 4096;
 /// About how many bytes per batch.
 const BATCH_BYTES: usize = 4 << 20;
 /// Batches a sink may have in delivery at once: what keeps a network sink busy while earlier
